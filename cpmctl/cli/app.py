@@ -1,0 +1,75 @@
+"""The `cpmctl` command: one Typer app, one module per command group. Each command parses its arguments, calls
+one function of the core library and renders the result (rich, or one JSON object per result with --json)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import click
+import typer
+
+from cpmctl import CpmctlError, __version__
+from cpmctl.cli import common
+
+app = typer.Typer(
+    name="cpmctl",
+    help="Train, compress, tune and serve CPM-Ant-family Chinese language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"cpmctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
+    pass
+
+
+def _register() -> None:
+    # Command groups register themselves here as they are built; a group that is not built is simply absent.
+    from cpmctl.cli import data, generate, model
+
+    app.add_typer(model.app, name="model")
+    app.add_typer(data.app, name="data")
+    app.command("generate")(generate.generate)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    warnings.filterwarnings("ignore", message=".*pkg_resources.*")
+    try:
+        rv = app(args=argv, standalone_mode=False)
+        sys.exit(rv if isinstance(rv, int) else common.EXIT_OK)
+    except CpmctlError as e:
+        common.err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        common.err.print("interrupted")
+        sys.exit(common.EXIT_INTERRUPTED)
+    except FileNotFoundError as e:
+        common.err.print(f"[red]error:[/red] file not found: {e.filename}")
+        sys.exit(common.EXIT_BAD_INPUT)
+    except torch_oom() as e:
+        common.err.print(f"[red]error:[/red] out of memory ({str(e).splitlines()[0][:120]}); lower the batch size")
+        sys.exit(common.EXIT_FAILURE)
+
+
+def torch_oom():
+    import torch
+
+    return torch.OutOfMemoryError

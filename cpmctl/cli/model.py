@@ -1,0 +1,107 @@
+"""`cpmctl model init|info|convert`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from cpmctl import CpmctlError
+from cpmctl.cli.common import emit_json, err, format_count, out, require_file
+from cpmctl.model.ant import build_model, param_counts
+from cpmctl.model.checkpoint import convert as convert_checkpoint
+from cpmctl.model.checkpoint import detect_format, read_config, save_native
+from cpmctl.model.config import canonical_name, resolve_config
+from cpmctl.model.tokenizer import CPMAntTokenizer
+
+app = typer.Typer(help="Create, inspect and convert CPM-Ant checkpoints.", no_args_is_help=True)
+
+
+@app.command()
+def init(
+    config: str = typer.Option(..., "--config", help="Ladder name (10b, 7b, mini-10b, ...) or a config JSON file."),
+    vocab: Path = typer.Option(..., "--vocab", help="Vocabulary file (ant.txt or one built by `cpmctl data vocab`)."),
+    out_dir: Path = typer.Option(..., "--out", help="Output checkpoint directory (native format)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the initialisation."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """A randomly initialised model (the original init: std 1 before folding) in the native format."""
+    cfg = resolve_config(config)
+    tokenizer = CPMAntTokenizer(require_file(vocab, "vocab file"))
+    if tokenizer.vocab_size != cfg.vocab_size:
+        # The vocabulary defines the embedding size of a new model.
+        err.print(f"vocab_size {cfg.vocab_size} -> {tokenizer.vocab_size} (from {vocab})")
+        cfg.vocab_size = tokenizer.vocab_size
+    counts = param_counts(cfg)
+    if counts["total"] > 2e9:
+        raise CpmctlError(f"{config}: {format_count(counts['total'])} parameters is too large to initialise here; "
+                          "initialise on the training cluster")
+    model = build_model(cfg, seed=seed)
+    save_native(model, out_dir, vocab=vocab)
+    result = {"out": str(out_dir), "config": config, "seed": seed, **{f"params_{k}": v for k, v in counts.items()}}
+    if json_out:
+        emit_json(result)
+    else:
+        out.print(f"initialised {config} ({format_count(counts['total'])} parameters, seed {seed}) -> {out_dir}")
+
+
+def describe(path_or_name: str) -> dict:
+    path = Path(path_or_name)
+    if path.exists():
+        cfg, fmt = read_config(path)
+    else:
+        cfg, fmt = resolve_config(path_or_name), "config"
+    counts = param_counts(cfg)
+    return {
+        "path": str(path_or_name),
+        "format": fmt,
+        "ladder": canonical_name(path_or_name),
+        "vocab_size": cfg.vocab_size,
+        "dim_model": cfg.dim_model,
+        "num_layers": cfg.num_layers,
+        "attention_layers_kept": cfg.num_attention_kept,
+        "ffn_layers_kept": cfg.num_ffn_kept,
+        "num_heads": cfg.num_heads,
+        "dim_head": cfg.dim_head,
+        "dim_ff": cfg.dim_ff,
+        "dtype": "fp16" if cfg.half else "fp32",
+        "params_total": counts["total"],
+        "params_embedding": counts["embedding"],
+        "params_non_embedding": counts["non_embedding"],
+    }
+
+
+@app.command()
+def info(
+    path: str = typer.Argument(..., help="A checkpoint (any format), a config JSON file, or a ladder name."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Config, kept layers, heads, dim_ff and parameter counts (computed from the config, no weights loaded)."""
+    d = describe(path)
+    if json_out:
+        emit_json(d)
+        return
+    table = Table(title=f"{path} ({d['format']})", show_header=False)
+    for k, v in d.items():
+        if k in ("path",):
+            continue
+        table.add_row(k, format_count(v) + f" ({v:,})" if k.startswith("params_") else str(v))
+    out.print(table)
+
+
+@app.command()
+def convert(
+    path: Path = typer.Argument(..., help="Source checkpoint (native dir, original .pt, or HF directory)."),
+    to: str = typer.Option(..., "--to", help="Target format: native, original or hf."),
+    out_path: Path = typer.Option(..., "--out", help="Output directory (native, hf) or .pt file (original)."),
+    vocab: Path = typer.Option(None, "--vocab", help="Vocab file to store with the output."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Convert between formats. native <-> original is a lossless re-container (bit-exact in any dtype)."""
+    src_fmt = detect_format(path)
+    result = convert_checkpoint(path, to, out_path, vocab=vocab)
+    if json_out:
+        emit_json({"source": str(path), "source_format": src_fmt, "format": to, "out": str(result)})
+    else:
+        out.print(f"{path} ({src_fmt}) -> {result} ({to})")

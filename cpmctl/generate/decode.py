@@ -1,0 +1,290 @@
+"""Greedy, beam and sampling decoding with the original's behaviour (shared/reference/cpm-ant.md section 6).
+
+Inputs: 32 prompt slots of task 2, then [<s>] + encode(text); segment 0 / 2; context all True. Rows are
+left-padded AFTER the prompt slots; pads get their own span so nothing sees them. Generated tokens are fed through
+the KV cache with context False, which is what a cached step computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from cpmctl import CpmctlError
+from cpmctl.model.ant import CPMAnt, KVCache
+from cpmctl.model.tokenizer import BOS, EOS, NEWLINE, PAD, CPMAntTokenizer
+
+GENERATION_TASK = 2
+TEXT_SEGMENT = 2
+
+
+@dataclass
+class GenerationConfig:
+    decode: str = "beam"  # beam | sample | greedy
+    beam_size: int = 3
+    top_k: int = 0
+    top_p: float = 0.9
+    temperature: float = 0.9
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 100
+    seed: int | None = None
+    # Ban eos and newline at the first step (the original does it for beam and sampling). None = by decode mode.
+    ban_first_step: bool | None = None
+
+    def validate(self) -> None:
+        if self.decode not in ("beam", "sample", "greedy"):
+            raise CpmctlError(f"--decode must be beam, sample or greedy, got '{self.decode}'")
+        if self.beam_size < 1:
+            raise CpmctlError(f"--beam-size must be >= 1, got {self.beam_size}")
+        if self.max_new_tokens < 1:
+            raise CpmctlError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.repetition_penalty < 1.0:
+            raise CpmctlError(f"--repetition-penalty must be >= 1.0, got {self.repetition_penalty}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise CpmctlError(f"--top-p must be in [0, 1], got {self.top_p}")
+        if self.temperature <= 0:
+            raise CpmctlError(f"--temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise CpmctlError(f"--top-k must be >= 0, got {self.top_k}")
+
+    @property
+    def bans_first_step(self) -> bool:
+        return self.decode != "greedy" if self.ban_first_step is None else self.ban_first_step
+
+
+@dataclass
+class GenerationResult:
+    prompt: str
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+
+
+# ----- inputs --------------------------------------------------------------------------------------------------
+def prompt_ids(model_config, task_id: int) -> list[int]:
+    """Unified ids of the prompt slots of a task: vocab_size + 32 * task_id + j."""
+    p = model_config.prompt_length
+    return [model_config.vocab_size + p * task_id + j for j in range(p)]
+
+
+def build_inputs(model: CPMAnt, token_lists: list[list[int]], task_id: int = GENERATION_TASK, device=None) -> dict:
+    """Batch of generation inputs, left-padded after the prompt slots."""
+    config = model.config
+    device = device or model.input_embedding.weight.device
+    p = config.prompt_length
+    width = max(len(t) for t in token_lists)
+    rows, segs, spans = [], [], []
+    for tokens in token_lists:
+        pad = width - len(tokens)
+        rows.append(prompt_ids(config, task_id) + [PAD] * pad + tokens)
+        segs.append([0] * p + [0] * pad + [TEXT_SEGMENT] * len(tokens))
+        spans.append([0] * p + [1] * pad + [0] * len(tokens))
+    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    ids = t(rows)
+    return {"input": ids, "segment": t(segs), "span": t(spans), "context": torch.ones_like(ids, dtype=torch.bool)}
+
+
+def encode_prompt(tokenizer: CPMAntTokenizer, text: str) -> list[int]:
+    return [BOS] + tokenizer.encode_for_model(text)
+
+
+# ----- logits processing ---------------------------------------------------------------------------------------
+def apply_repetition_penalty(logits: torch.Tensor, generated: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """CTRL penalty on tokens generated so far: logit * p if negative, else logit / p (each token once)."""
+    if penalty == 1.0 or generated is None or generated.shape[1] == 0:
+        return logits
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, generated, True)
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """The original's filter: keep the top k; keep the smallest prefix whose probability mass exceeds top_p."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]))[0][..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p > 0.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        remove = cumulative > top_p
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return logits
+
+
+def _ban_first(logits: torch.Tensor) -> torch.Tensor:
+    logits[:, EOS] = float("-inf")
+    logits[:, NEWLINE] = float("-inf")
+    return logits
+
+
+# ----- decoding loops ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _prefill(model: CPMAnt, inputs: dict, extra: int) -> tuple[torch.Tensor, KVCache]:
+    b, n = inputs["input"].shape
+    cache = KVCache.allocate(model, b, n + extra)
+    logits = model(inputs["input"], inputs["segment"], inputs["context"], inputs["span"], cache=cache, last_only=True)
+    return logits[:, -1].float(), cache
+
+
+@torch.no_grad()
+def _step(model: CPMAnt, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    rows = tokens.shape[0]
+    segment = torch.full((rows, 1), TEXT_SEGMENT, dtype=torch.long, device=tokens.device)
+    context = torch.zeros(rows, 1, dtype=torch.bool, device=tokens.device)
+    logits = model(tokens[:, None], segment, context, torch.zeros_like(segment), cache=cache)
+    return logits[:, -1].float()
+
+
+def greedy(model, inputs, cfg: GenerationConfig, on_token: Callable | None = None) -> list[list[int]]:
+    b = inputs["input"].shape[0]
+    logits, cache = _prefill(model, inputs, cfg.max_new_tokens + 1)
+    out = torch.empty(b, 0, dtype=torch.long, device=logits.device)
+    done = torch.zeros(b, dtype=torch.bool, device=logits.device)
+    results: list[list[int] | None] = [None] * b
+    for i in range(cfg.max_new_tokens):
+        if i == 0 and cfg.bans_first_step:
+            logits = _ban_first(logits)
+        logits = apply_repetition_penalty(logits, out, cfg.repetition_penalty)
+        token = logits.argmax(-1)
+        for r in range(b):
+            if not done[r] and token[r].item() == EOS:
+                done[r] = True
+                results[r] = out[r].tolist()
+        if bool(done.all()):
+            break
+        out = torch.cat([out, token[:, None]], 1)
+        if on_token is not None:
+            on_token(token.tolist())
+        if i + 1 < cfg.max_new_tokens:
+            logits = _step(model, cache, token)
+    return [r if r is not None else out[i].tolist() for i, r in enumerate(results)]
+
+
+def sample(model, inputs, cfg: GenerationConfig, on_token: Callable | None = None) -> list[list[int]]:
+    """The original's top-k / top-p sampling: generate_length = max_new_tokens + 1 steps, the last one only
+    closes rows that have not produced </s>."""
+    b = inputs["input"].shape[0]
+    gen = torch.Generator(device=inputs["input"].device)
+    gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    steps = cfg.max_new_tokens + 1
+    logits, cache = _prefill(model, inputs, steps + 1)
+    out = torch.empty(b, 0, dtype=torch.long, device=logits.device)
+    results: list[list[int] | None] = [None] * b
+    for i in range(steps):
+        if i == 0 and cfg.bans_first_step:
+            logits = _ban_first(logits)
+        logits = apply_repetition_penalty(logits, out, cfg.repetition_penalty)
+        logits = top_k_top_p_filter(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+        token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)[:, 0]
+        for r in range(b):
+            if results[r] is None and (token[r].item() == EOS or i == steps - 1):
+                results[r] = out[r].tolist()
+        if all(r is not None for r in results):
+            break
+        out = torch.cat([out, token[:, None]], 1)
+        if on_token is not None:
+            on_token(token.tolist())
+        logits = _step(model, cache, token)
+    return results  # type: ignore[return-value]
+
+
+class _Hypotheses:
+    """n-best finished hypotheses scored by sum(logprob) / len (length_penalty 1, no early stopping)."""
+
+    def __init__(self, n: int):
+        self.n, self.hyps, self.worst = n, [], 1e9
+
+    def add(self, tokens: list[int], sum_logprobs: float) -> None:
+        score = sum_logprobs / max(len(tokens), 1)
+        if len(self.hyps) < self.n or score > self.worst:
+            self.hyps.append((score, tokens))
+            if len(self.hyps) > self.n:
+                ranked = sorted((s, i) for i, (s, _) in enumerate(self.hyps))
+                del self.hyps[ranked[0][1]]
+                self.worst = ranked[1][0]
+            else:
+                self.worst = min(score, self.worst)
+
+    def is_done(self, best_sum: float, cur_len: int) -> bool:
+        return len(self.hyps) >= self.n and self.worst >= best_sum / cur_len
+
+
+def beam_search(model, inputs, cfg: GenerationConfig) -> list[list[int]]:
+    """The original's beam search. As there, a hypothesis cut by the length limit may hold max_new_tokens + 1
+    tokens (generate_length = max_new_tokens + 1)."""
+    beam = cfg.beam_size
+    b = inputs["input"].shape[0]
+    limit = cfg.max_new_tokens + 1
+    logits, cache = _prefill(model, inputs, limit + 2)
+    device = logits.device
+    expand = torch.arange(b, device=device).repeat_interleave(beam)
+    cache.reorder(expand)
+    logits = logits.index_select(0, expand)
+    vocab = logits.shape[-1]
+    beam_scores = torch.zeros(b, beam, device=device)
+    beam_scores[:, 1:] = -1e9
+    beam_scores = beam_scores.view(-1)
+    hyps = [_Hypotheses(beam) for _ in range(b)]
+    done = [False] * b
+    out = torch.empty(b * beam, 0, dtype=torch.long, device=device)
+    for i in range(limit + 1):
+        if i == 0 and cfg.bans_first_step:
+            logits = _ban_first(logits)
+        logits = apply_repetition_penalty(logits, out, cfg.repetition_penalty)
+        scores = F.log_softmax(logits, dim=-1) + beam_scores[:, None]
+        top_scores, top_ids = torch.topk(scores.view(b, -1), 2 * beam, dim=1, largest=True, sorted=True)
+        top_scores_l, top_ids_l = top_scores.tolist(), top_ids.tolist()
+        next_beam: list[tuple[float, int, int]] = []
+        for s in range(b):
+            done[s] = done[s] or hyps[s].is_done(max(top_scores_l[s]), i)
+            if done[s]:
+                next_beam.extend([(0.0, PAD, 0)] * beam)
+                continue
+            sent: list[tuple[float, int, int]] = []
+            for idx, value in zip(top_ids_l[s], top_scores_l[s]):
+                beam_id, word = divmod(idx, vocab)
+                row = s * beam + beam_id
+                if word == EOS or i == limit:
+                    hyps[s].add(out[row].tolist(), value)
+                else:
+                    sent.append((value, word, row))
+                if len(sent) == beam:
+                    break
+            if not sent:
+                sent = [(0.0, PAD, 0)] * beam
+            next_beam.extend(sent)
+        if i == limit or all(done):
+            break
+        beam_scores = torch.tensor([x[0] for x in next_beam], device=device)
+        words = torch.tensor([x[1] for x in next_beam], device=device, dtype=torch.long)
+        rows = torch.tensor([x[2] for x in next_beam], device=device, dtype=torch.long)
+        out = torch.cat([out.index_select(0, rows), words[:, None]], 1)
+        cache.reorder(rows)
+        logits = _step(model, cache, words)
+    return [max(h.hyps, key=lambda x: x[0])[1] if h.hyps else [] for h in hyps]
+
+
+def generate(
+    model: CPMAnt,
+    tokenizer: CPMAntTokenizer,
+    prompts: list[str],
+    cfg: GenerationConfig,
+    on_token: Callable | None = None,
+) -> list[GenerationResult]:
+    cfg.validate()
+    for i, p in enumerate(prompts):
+        if not p or not p.strip():
+            raise CpmctlError(f"prompt {i + 1} is empty")
+    token_lists = [encode_prompt(tokenizer, p) for p in prompts]
+    inputs = build_inputs(model, token_lists)
+    if cfg.decode == "greedy":
+        ids = greedy(model, inputs, cfg, on_token)
+    elif cfg.decode == "sample":
+        ids = sample(model, inputs, cfg, on_token)
+    else:
+        ids = beam_search(model, inputs, cfg)
+    return [GenerationResult(p, tokenizer.decode(t), t) for p, t in zip(prompts, ids)]

@@ -1,0 +1,350 @@
+"""The CPM-Ant network in one file.
+
+Names and state-dict keys follow the original (cpm-live `cpm-ant` branch). The original computes every linear as
+(x @ W.T) / sqrt(in) and every embedding as E[ids] / sqrt(dim_model); here those factors are folded into the
+weights, so each layer is a plain nn.Linear / nn.Embedding (the HF transformers layout). checkpoint.py unfolds on
+export. See shared/reference/cpm-ant.md sections 3 and 4 for the maths.
+
+Token ids are one id space: 0..vocab_size-1 are vocabulary tokens, vocab_size + j is prompt slot j
+(j = 32 * task_id + position), looked up in `prompt_embedding`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from cpmctl.model.config import CPMAntConfig
+
+
+class RMSNorm(nn.Module):
+    """Weight-only RMS norm; statistics in fp32 as in the original."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        variance = h.float().pow(2).mean(dim=-1, keepdim=True)
+        return (h * torch.rsqrt(variance + self.eps)).to(h.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, config: CPMAntConfig):
+        super().__init__()
+        self.num_heads, self.dim_head = config.num_heads, config.dim_head
+        inner = config.num_heads * config.dim_head
+        self.project_q = nn.Linear(config.dim_model, inner, bias=False)
+        self.project_k = nn.Linear(config.dim_model, inner, bias=False)
+        self.project_v = nn.Linear(config.dim_model, inner, bias=False)
+        self.attention_out = nn.Linear(inner, config.dim_model, bias=False)
+        self.dropout_p = config.dropout_p
+        # Pruning sets a (num_heads,) gate that scales each head's output; None = no gate.
+        self.head_gate: torch.Tensor | None = None
+
+    def forward(self, x, bias, cache: "KVCache | None" = None, layer: int = 0):
+        b, n, _ = x.shape
+        q = self.project_q(x).view(b, n, self.num_heads, self.dim_head).transpose(1, 2)
+        k = self.project_k(x).view(b, n, self.num_heads, self.dim_head).transpose(1, 2)
+        v = self.project_v(x).view(b, n, self.num_heads, self.dim_head).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.append_kv(layer, k, v)
+        # score = q k^T / sqrt(dim_head) + bias (bias holds -inf where masked); SDPA's default scale is the same.
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout_p if self.training else 0.0
+        )
+        if self.head_gate is not None:
+            out = out * self.head_gate.view(1, -1, 1, 1).to(out.dtype)
+        return self.attention_out(out.transpose(1, 2).reshape(b, n, self.num_heads * self.dim_head))
+
+
+class SelfAttentionBlock(nn.Module):
+    def __init__(self, config: CPMAntConfig):
+        super().__init__()
+        self.layernorm_before_attention = RMSNorm(config.dim_model, config.eps)
+        self.self_attention = Attention(config)
+
+    def forward(self, h, bias, cache=None, layer=0):
+        return self.self_attention(self.layernorm_before_attention(h), bias, cache, layer)
+
+
+class GatedGELU(nn.Module):
+    def __init__(self, config: CPMAntConfig):
+        super().__init__()
+        self.w_0 = nn.Linear(config.dim_model, config.dim_ff, bias=False)
+        self.w_1 = nn.Linear(config.dim_model, config.dim_ff, bias=False)
+
+    def forward(self, x):
+        return F.gelu(self.w_0(x)) * self.w_1(x)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: CPMAntConfig):
+        super().__init__()
+        self.w_in = GatedGELU(config)
+        self.w_out = nn.Linear(config.dim_ff, config.dim_model, bias=False)
+        self.dropout_p = config.dropout_p
+        # Pruning sets a (dim_ff,) gate on the intermediate channels; None = no gate.
+        self.channel_gate: torch.Tensor | None = None
+
+    def forward(self, x):
+        x = self.w_in(x)
+        if self.channel_gate is not None:
+            x = x * self.channel_gate.to(x.dtype)
+        return self.w_out(F.dropout(x, self.dropout_p, self.training))
+
+
+class FFNBlock(nn.Module):
+    def __init__(self, config: CPMAntConfig):
+        super().__init__()
+        self.layernorm_before_ffn = RMSNorm(config.dim_model, config.eps)
+        self.ffn = FeedForward(config)
+
+    def forward(self, h):
+        return self.ffn(self.layernorm_before_ffn(h))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block with plain residuals. A sub-block dropped by mask_modules is None (identity residual)."""
+
+    def __init__(self, config: CPMAntConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.self_att = SelfAttentionBlock(config) if config.has_attention(layer) else None
+        self.ffn = FFNBlock(config) if config.has_ffn(layer) else None
+        # Pruning sets scalar gates on whole sub-blocks; None = no gate.
+        self.attention_gate: torch.Tensor | None = None
+        self.ffn_gate: torch.Tensor | None = None
+
+    def forward(self, h, bias, cache=None):
+        if self.self_att is not None:
+            out = self.self_att(h, bias, cache, self.layer)
+            h = h + (out if self.attention_gate is None else out * self.attention_gate.to(out.dtype))
+        if self.ffn is not None:
+            out = self.ffn(h)
+            h = h + (out if self.ffn_gate is None else out * self.ffn_gate.to(out.dtype))
+        return h
+
+
+class SegmentPositionBias(nn.Module):
+    """One relative position / segment bias table shared by all layers."""
+
+    def __init__(self, config: CPMAntConfig):
+        super().__init__()
+        self.num_buckets = config.position_bias_num_buckets
+        self.max_distance = config.position_bias_max_distance
+        self.segment_types = config.segment_types
+        self.relative_attention_bias = nn.Parameter(
+            torch.empty(config.segment_types**2 + config.position_bias_num_buckets, config.num_heads)
+        )
+
+    def position_bucket(self, rel: torch.Tensor) -> torch.Tensor:
+        half = self.num_buckets // 2
+        max_exact = half // 2
+        bucket = (rel > 0).to(torch.int32) * half
+        r = rel.abs()
+        large = max_exact + (
+            torch.log(r.float() / max_exact) / math.log(self.max_distance / max_exact) * (half - max_exact)
+        ).to(torch.int32)
+        large = large.clamp(max=half - 1)
+        return bucket + torch.where(r < max_exact, r.to(torch.int32), large)
+
+    def forward(self, q_seg, q_pos, k_seg, k_pos) -> torch.Tensor:
+        """Bias (b, H, len_q, len_k): distance buckets within a segment, segment-pair buckets across."""
+        with torch.no_grad():
+            same = q_seg[:, :, None] == k_seg[:, None, :]
+            by_distance = self.position_bucket(k_pos[:, None, :] - q_pos[:, :, None])
+            by_segment = self.num_buckets + q_seg[:, :, None] * self.segment_types + k_seg[:, None, :]
+            bucket = torch.where(same, by_distance, by_segment.to(torch.int32))
+        return F.embedding(bucket, self.relative_attention_bias).permute(0, 3, 1, 2)
+
+
+def attention_allowed(q_ctx, q_span, q_pos, k_ctx, k_span, k_pos) -> torch.Tensor:
+    """The prefix-LM mask (b, len_q, len_k): a context token is seen by everyone in its span, a token to predict
+    only causally."""
+    causal = k_pos[:, None, :] <= q_pos[:, :, None]
+    allowed = k_ctx[:, None, :] | (~q_ctx[:, :, None] & causal)
+    return allowed & (q_span[:, :, None] == k_span[:, None, :])
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values per layer plus the key-side metadata the mask and bias need."""
+
+    k: list
+    v: list
+    segment: torch.Tensor
+    context: torch.Tensor
+    span: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, model: "CPMAnt", batch: int, max_length: int, device=None, dtype=None):
+        config = model.config
+        device = device or model.input_embedding.weight.device
+        dtype = dtype or model.input_embedding.weight.dtype
+        shape = (batch, config.num_heads, max_length, config.dim_head)
+        ks, vs = [], []
+        for i in range(config.num_layers):
+            has = config.has_attention(i)
+            ks.append(torch.empty(shape, device=device, dtype=dtype) if has else None)
+            vs.append(torch.empty(shape, device=device, dtype=dtype) if has else None)
+        meta = lambda t: torch.zeros(batch, max_length, device=device, dtype=t)  # noqa: E731
+        return cls(ks, vs, meta(torch.long), meta(torch.bool), meta(torch.long))
+
+    @property
+    def capacity(self) -> int:
+        return self.segment.shape[1]
+
+    def append_meta(self, segment, context, span) -> None:
+        n = segment.shape[1]
+        if self.length + n > self.capacity:
+            raise ValueError(f"KV cache full: {self.length} + {n} > {self.capacity}")
+        s = slice(self.length, self.length + n)
+        self.segment[:, s], self.context[:, s], self.span[:, s] = segment, context, span
+
+    def append_kv(self, layer: int, k, v):
+        n = k.shape[2]
+        end = self.length + n
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select batch rows (beam search): keys, values and metadata follow the chosen beams."""
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                if t is not None:
+                    store[i] = t.index_select(0, index)
+        self.segment = self.segment.index_select(0, index)
+        self.context = self.context.index_select(0, index)
+        self.span = self.span.index_select(0, index)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: CPMAntConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_layers))
+        self.output_layernorm = RMSNorm(config.dim_model, config.eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, h, bias, cache=None):
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training and cache is None:
+                h = checkpoint(block, h, bias, use_reentrant=False)
+            else:
+                h = block(h, bias, cache)
+        return self.output_layernorm(h)
+
+
+class CPMAnt(nn.Module):
+    def __init__(self, config: CPMAntConfig):
+        super().__init__()
+        self.config = config
+        self.input_embedding = nn.Embedding(config.vocab_size, config.dim_model)
+        self.prompt_embedding = nn.Embedding(config.num_prompts, config.dim_model)
+        self.segment_embedding = nn.Embedding(config.segment_types, config.dim_model)
+        self.position_bias = SegmentPositionBias(config)
+        self.encoder = Encoder(config)
+
+    # ----- init -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """The original init (std 1 for every weight before folding), then folded: std 1/sqrt(fan_in)."""
+        d = self.config.dim_model
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm_before_attention.weight") or name.endswith("layernorm_before_ffn.weight") or (
+                name == "encoder.output_layernorm.weight"
+            ):
+                p.fill_(1.0)
+                continue
+            std = 1.0
+            if name.endswith("embedding.weight"):
+                std = 1.0 / math.sqrt(d)
+            elif p.dim() == 2 and not name.startswith("position_bias"):
+                std = 1.0 / math.sqrt(p.shape[1])
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * std)
+
+    # ----- inputs ---------------------------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+        vocab = self.config.vocab_size
+        is_prompt = ids >= vocab
+        words = self.input_embedding(ids.clamp(max=vocab - 1))
+        prompts = self.prompt_embedding((ids - vocab).clamp(min=0))
+        h = torch.where(is_prompt[..., None], prompts, words)
+        return h + self.segment_embedding(segment)
+
+    def attention_bias(self, q_seg, q_ctx, q_span, q_pos, k_seg, k_ctx, k_span, k_pos) -> torch.Tensor:
+        bias = self.position_bias(q_seg, q_pos, k_seg, k_pos)
+        allowed = attention_allowed(q_ctx, q_span, q_pos, k_ctx, k_span, k_pos)
+        return bias.masked_fill(~allowed[:, None], float("-inf"))
+
+    # ----- forward --------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input: torch.Tensor,
+        segment: torch.Tensor,
+        context: torch.Tensor,
+        span: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits (b, n, vocab_size) for ids `input` (b, n).
+
+        `context` (bool): True = given token (seen bidirectionally), False = token to predict (seen causally).
+        `span`: tokens only see tokens of the same span (packing). With `cache`, the new tokens are appended after
+        the cached ones; positions are indices in the full sequence.
+        """
+        b, n = input.shape
+        context = context.bool()
+        span = torch.zeros_like(input) if span is None else span
+        start = cache.length if cache is not None else 0
+        q_pos = torch.arange(start, start + n, device=input.device)[None].expand(b, n)
+        if cache is not None:
+            cache.append_meta(segment, context, span)
+            end = start + n
+            k_seg, k_ctx, k_span = cache.segment[:, :end], cache.context[:, :end], cache.span[:, :end]
+            k_pos = torch.arange(end, device=input.device)[None].expand(b, end)
+        else:
+            k_seg, k_ctx, k_span, k_pos = segment, context, span, q_pos
+        bias = self.attention_bias(segment, context, span, q_pos, k_seg, k_ctx, k_span, k_pos)
+        h = self.embed(input, segment)
+        h = self.encoder(h, bias, cache)
+        if cache is not None:
+            cache.length += n
+        if last_only:
+            h = h[:, -1:]
+        if return_hidden:
+            return h
+        return self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        # Tied head: (h / sqrt(d)) @ E^T with E unfolded equals h @ E_folded^T.
+        return F.linear(h, self.input_embedding.weight)
+
+
+def build_model(config: CPMAntConfig, device="cpu", dtype=torch.float32, seed: int | None = None) -> CPMAnt:
+    with torch.device(device):
+        model = CPMAnt(config).to(dtype)
+    if device != "meta":
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        model.init_weights(gen)
+    return model
+
+
+def param_counts(config: CPMAntConfig) -> dict[str, int]:
+    """Total / embedding / non-embedding parameter counts, from a model built on the meta device."""
+    model = build_model(config, device="meta")
+    total = embedding = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if name.endswith("embedding.weight"):
+            embedding += p.numel()
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}

@@ -1,0 +1,330 @@
+"""Checkpoint formats.
+
+- original: a BMTrain-saved `.pt` state dict (weights in the original convention, usually fp16) with the config
+  `.json` beside it (same stem, or config.json in the same directory).
+- native (ours): a directory with `config.json` (original keys), `model.safetensors` (weights in the original
+  convention, so original <-> native is a lossless re-container in any dtype) and `vocab.txt`.
+- hf: `CpmAntForCausalLM.save_pretrained` output: config.json (model_type cpmant) + safetensors or .bin, folded
+  weights under the `cpmant.` prefix, prompt rows appended to the input embedding.
+
+In memory the model holds folded weights (see ant.py); `fold` / `unfold` convert, using the dims of the config in
+hand, so pruned models fold and unfold with their pruned dims.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cpmctl import CpmctlError
+from cpmctl.io import atomic_dir, atomic_path
+from cpmctl.model.ant import CPMAnt, build_model
+from cpmctl.model.config import CPMAntConfig, from_hf_config, to_hf_config
+
+NATIVE_WEIGHTS = "model.safetensors"
+VOCAB_FILE = "vocab.txt"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----- folding -------------------------------------------------------------------------------------------------
+def fold_factor(key: str, shape, config: CPMAntConfig) -> float:
+    """The factor the original applies in the op: 1/sqrt(dim_model) for embeddings, 1/sqrt(in) for linears."""
+    if key.endswith("embedding.weight"):
+        return 1.0 / math.sqrt(config.dim_model)
+    if key.endswith("layernorm.weight") or "layernorm_before" in key or key.startswith("position_bias"):
+        return 1.0
+    if len(shape) == 2:
+        return 1.0 / math.sqrt(shape[1])
+    return 1.0
+
+
+def fold(state: dict, config: CPMAntConfig, dtype=None) -> dict:
+    """Original-convention weights -> folded (in-memory) weights."""
+    out = {}
+    for key, t in state.items():
+        f = fold_factor(key, t.shape, config)
+        target = dtype or t.dtype
+        out[key] = t.to(target) if f == 1.0 else (t.float() * f).to(target)
+    return out
+
+
+def unfold(state: dict, config: CPMAntConfig, dtype=None) -> dict:
+    """Folded (in-memory) weights -> original-convention weights."""
+    out = {}
+    for key, t in state.items():
+        f = fold_factor(key, t.shape, config)
+        target = dtype or t.dtype
+        t = t.detach()
+        out[key] = t.to(target).clone() if f == 1.0 else (t.float() / f).to(target)
+    return out
+
+
+# ----- key checks ----------------------------------------------------------------------------------------------
+def expected_shapes(config: CPMAntConfig) -> dict[str, tuple]:
+    model = build_model(config, device="meta")
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_state_dict(state: dict, config: CPMAntConfig, source: str) -> None:
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys ({_preview(missing)})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys ({_preview(unexpected)})")
+        if misshaped:
+            shapes = [f"{k} {tuple(state[k].shape)} != {expected[k]}" for k in misshaped]
+            parts.append(f"mis-shaped {len(misshaped)} keys ({_preview(shapes)})")
+        raise CpmctlError(f"{source}: checkpoint does not match its config: " + "; ".join(parts))
+
+
+def _preview(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f", ... {len(items) - n} more" if len(items) > n else "")
+
+
+# ----- format detection ----------------------------------------------------------------------------------------
+@dataclass
+class CheckpointInfo:
+    path: Path
+    format: str  # native | original | hf
+    config: CPMAntConfig
+    dtype: torch.dtype | None = None
+    vocab: Path | None = None
+
+
+def detect_format(path: str | Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise CpmctlError(f"checkpoint not found: {path}")
+    if path.is_file():
+        if path.suffix in (".pt", ".bin", ".pth"):
+            return "original"
+        if path.suffix == ".safetensors":
+            return "native"
+        raise CpmctlError(f"{path}: not a checkpoint (expected a .pt file or a checkpoint directory)")
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise CpmctlError(f"{path}: no config.json in the checkpoint directory")
+    try:
+        model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CpmctlError(f"{cfg}: not valid JSON ({e})") from None
+    if model_type == "cpmant":
+        return "hf"
+    if (path / NATIVE_WEIGHTS).exists():
+        return "native"
+    pts = sorted(path.glob("*.pt"))
+    if len(pts) == 1:
+        return "original"
+    raise CpmctlError(f"{path}: no {NATIVE_WEIGHTS} (native) and no single .pt file (original) in the directory")
+
+
+def _original_files(path: Path) -> tuple[Path, Path]:
+    pt = path if path.is_file() else sorted(path.glob("*.pt"))[0]
+    for cfg in (pt.with_suffix(".json"), pt.parent / "config.json"):
+        if cfg.exists():
+            return pt, cfg
+    raise CpmctlError(f"{pt}: no config beside it (expected {pt.with_suffix('.json').name} or config.json)")
+
+
+def _find_vocab(*dirs: Path) -> Path | None:
+    for d in dirs:
+        if (d / VOCAB_FILE).exists():
+            return d / VOCAB_FILE
+    return None
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CpmctlError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise CpmctlError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CpmctlError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def _safetensors_load(path: Path) -> dict:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CpmctlError(f"checkpoint not found: {path}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CpmctlError(f"{path}: cannot read safetensors file ({str(e).splitlines()[0][:160]})") from None
+
+
+# ----- reading -------------------------------------------------------------------------------------------------
+def read_checkpoint(path: str | Path) -> tuple[CheckpointInfo, dict]:
+    """Read any supported format; returns the info and the state dict in the ORIGINAL convention."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "original":
+        pt, cfg = _original_files(path)
+        config = CPMAntConfig.from_json(cfg)
+        state = _torch_load(pt)
+        check_state_dict(state, config, str(pt))
+        vocab = _find_vocab(pt.parent)
+    elif fmt == "native":
+        root = path if path.is_dir() else path.parent
+        config = CPMAntConfig.from_json(root / "config.json")
+        weights = path if path.is_file() else root / NATIVE_WEIGHTS
+        state = _safetensors_load(weights)
+        check_state_dict(state, config, str(weights))
+        vocab = _find_vocab(root)
+    else:
+        config = CPMAntConfig.from_json(path / "config.json")
+        files = sorted(path.glob("*.safetensors"))
+        if files:
+            state = {}
+            for f in files:
+                state.update(_safetensors_load(f))
+        elif (path / "pytorch_model.bin").exists():
+            state = _torch_load(path / "pytorch_model.bin")
+        else:
+            raise CpmctlError(f"{path}: HF checkpoint has no *.safetensors or pytorch_model.bin")
+        state = unfold(from_hf_state_dict(state, config, str(path)), config)
+        vocab = _find_vocab(path)
+    dtypes = {t.dtype for t in state.values()}
+    info = CheckpointInfo(path, fmt, config, dtypes.pop() if len(dtypes) == 1 else None, vocab)
+    return info, state
+
+
+def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = torch.float32) -> tuple[CPMAnt, CheckpointInfo]:
+    """A ready model (folded weights) from any format. dtype None keeps the checkpoint's dtype."""
+    info, state = read_checkpoint(path)
+    target = dtype or info.dtype or torch.float32
+    model = build_model(info.config, device="meta", dtype=target)
+    folded = fold(state, info.config, dtype=target)
+    model.load_state_dict(folded, assign=True)
+    model = model.to(device)
+    model.eval()
+    return model, info
+
+
+def read_config(path: str | Path) -> tuple[CPMAntConfig, str]:
+    """The config of a checkpoint without reading its weights."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "original":
+        return CPMAntConfig.from_json(_original_files(path)[1]), fmt
+    root = path if path.is_dir() else path.parent
+    return CPMAntConfig.from_json(root / "config.json"), fmt
+
+
+# ----- HF layout -----------------------------------------------------------------------------------------------
+def from_hf_state_dict(state: dict, config: CPMAntConfig, source: str = "hf") -> dict:
+    """HF `CpmAntForCausalLM` keys (folded) -> our keys (folded)."""
+    out = {}
+    for key, t in state.items():
+        if key == "lm_head.weight":
+            continue
+        if not key.startswith("cpmant."):
+            raise CpmctlError(f"{source}: unexpected key {key} in HF checkpoint")
+        out[key[len("cpmant.") :]] = t
+    emb = out.pop("input_embedding.weight", None)
+    if emb is None:
+        raise CpmctlError(f"{source}: missing key cpmant.input_embedding.weight")
+    if emb.shape[0] != config.vocab_size + config.num_prompts:
+        raise CpmctlError(
+            f"{source}: cpmant.input_embedding.weight has {emb.shape[0]} rows, expected "
+            f"{config.vocab_size} + {config.num_prompts}"
+        )
+    out["input_embedding.weight"] = emb[: config.vocab_size].clone()
+    out["prompt_embedding.weight"] = emb[config.vocab_size :].clone()
+    check_state_dict(out, config, source)
+    return out
+
+
+def to_hf_state_dict(folded: dict, config: CPMAntConfig) -> dict:
+    """Our folded keys -> HF `CpmAntForCausalLM` keys."""
+    to_hf_config(config)  # raises for mask_modules
+    out = {f"cpmant.{k}": v for k, v in folded.items() if k not in ("input_embedding.weight", "prompt_embedding.weight")}
+    emb = torch.cat([folded["input_embedding.weight"], folded["prompt_embedding.weight"]])
+    out["cpmant.input_embedding.weight"] = emb
+    out["lm_head.weight"] = folded["input_embedding.weight"].clone()
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# ----- writing -------------------------------------------------------------------------------------------------
+def model_state(model: CPMAnt, dtype=None) -> dict:
+    """The model's weights in the original convention (what both on-disk formats hold)."""
+    return unfold({k: v for k, v in model.state_dict().items()}, model.config, dtype)
+
+
+def save_native(model: CPMAnt, out: str | Path, vocab: str | Path | None = None, dtype=None, extra: dict | None = None):
+    """Write a native checkpoint directory atomically. `extra` files: {name: text} written beside."""
+    state = {k: v.contiguous() for k, v in model_state(model, dtype).items()}
+    with atomic_dir(out) as tmp:
+        model.config.save(tmp / "config.json")
+        save_file(state, str(tmp / NATIVE_WEIGHTS), metadata={"format": "cpmctl-native", "convention": "original"})
+        if vocab is not None:
+            shutil.copyfile(vocab, tmp / VOCAB_FILE)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    return Path(out)
+
+
+def save_original(model: CPMAnt, out: str | Path, dtype=None) -> tuple[Path, Path]:
+    """Write `<out>.pt` (state dict) and `<out>.json` (config) as the original code expects them."""
+    out = Path(out)
+    pt = out if out.suffix == ".pt" else out.with_suffix(".pt")
+    if dtype is None:
+        dtype = torch.float16 if model.config.half else None
+    state = model_state(model, dtype)
+    with atomic_path(pt) as tmp:
+        torch.save(state, tmp)
+    cfg = pt.with_suffix(".json")
+    with atomic_path(cfg) as tmp:
+        model.config.save(tmp)
+    return pt, cfg
+
+
+def convert(src: str | Path, to: str, out: str | Path, vocab: str | Path | None = None) -> Path:
+    """Lossless re-container between native and original (no folding: both hold original-convention weights)."""
+    info, state = read_checkpoint(src)
+    vocab = vocab or info.vocab
+    if to == "native":
+        with atomic_dir(out) as tmp:
+            info.config.save(tmp / "config.json")
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / NATIVE_WEIGHTS),
+                      metadata={"format": "cpmctl-native", "convention": "original"})
+            if vocab:
+                shutil.copyfile(vocab, tmp / VOCAB_FILE)
+        return Path(out)
+    if to == "original":
+        out = Path(out)
+        if out.suffix != ".pt":
+            out.mkdir(parents=True, exist_ok=True)
+            out = out / "model.pt"
+        with atomic_path(out) as tmp:
+            torch.save(state, tmp)
+        with atomic_path(out.with_suffix(".json")) as tmp:
+            info.config.save(tmp)
+        if vocab and not (out.parent / VOCAB_FILE).exists():
+            shutil.copyfile(vocab, out.parent / VOCAB_FILE)
+        return out
+    if to == "hf":
+        folded = fold(state, info.config)
+        hf = to_hf_state_dict(folded, info.config)
+        with atomic_dir(out) as tmp:
+            (tmp / "config.json").write_text(json.dumps(to_hf_config(info.config), indent=2) + "\n")
+            save_file(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            if vocab:
+                shutil.copyfile(vocab, tmp / VOCAB_FILE)
+        return Path(out)
+    raise CpmctlError(f"unknown target format '{to}' (native, original, hf)")

@@ -1,0 +1,102 @@
+"""The CPM-Ant tokenizer: jieba (HMM on) pieces, then greedy longest-prefix match against the vocabulary.
+
+Bit-exact with the original on ant.txt (shared/reference/cpm-ant.md section 5). Speed comes from two things that
+do not change the result: the longest-match search starts at the longest token length in the vocabulary, and the
+ids of a jieba piece are memoised (natural text repeats its words).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+from cpmctl import CpmctlError
+
+PAD, UNK, MASK, SEP, NEWLINE, SPACE, BOS, EOS = 0, 1, 2, 3, 4, 5, 6, 7
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<d>", "</d>"]
+MAX_PIECE_CHARS = 200
+
+
+def _jieba():
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)
+    return jieba
+
+
+class CPMAntTokenizer:
+    def __init__(self, vocab_path: str | Path):
+        self.path = Path(vocab_path)
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise CpmctlError(f"vocab file not found: {self.path}") from None
+        except UnicodeDecodeError as e:
+            raise CpmctlError(f"{self.path}: vocab is not UTF-8 ({e})") from None
+        tokens = text.split("\n")
+        if tokens and tokens[-1] == "":
+            tokens.pop()
+        if tokens[: len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
+            raise CpmctlError(
+                f"{self.path}: not a CPM-Ant vocabulary (the first {len(SPECIAL_TOKENS)} lines must be "
+                f"{' '.join(SPECIAL_TOKENS)})"
+            )
+        self.id_to_token = tokens
+        # The space and newline tokens are matched by the characters they stand for.
+        self.token_to_id = {tok: i for i, tok in enumerate(tokens)}
+        del self.token_to_id["</_>"], self.token_to_id["</n>"]
+        self.token_to_id[" "] = SPACE
+        self.token_to_id["\n"] = NEWLINE
+        self.max_token_chars = max(len(t) for t in self.token_to_id)
+        self._decode_table = list(tokens)
+        self._decode_table[SPACE], self._decode_table[NEWLINE] = " ", "\n"
+        self._piece_ids = lru_cache(maxsize=1 << 18)(self._match)
+        self._jieba = _jieba()
+
+    def __len__(self) -> int:
+        return len(self.id_to_token)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.id_to_token)
+
+    pad_id, unk_id, mask_id, sep_id, newline_id, space_id, bos_id, eos_id = PAD, UNK, MASK, SEP, NEWLINE, SPACE, BOS, EOS
+
+    def _match(self, piece: str) -> tuple[int, ...]:
+        """Greedy longest-prefix match of one jieba piece; an unmatched character becomes <unk>."""
+        if len(piece) > MAX_PIECE_CHARS:
+            return (UNK,)
+        vocab, ids, start, n = self.token_to_id, [], 0, len(piece)
+        while start < n:
+            end = min(n, start + self.max_token_chars)
+            while end > start and piece[start:end] not in vocab:
+                end -= 1
+            if end == start:
+                ids.append(UNK)
+                start += 1
+            else:
+                ids.append(vocab[piece[start:end]])
+                start = end
+        return tuple(ids)
+
+    def pieces(self, text: str) -> list[str]:
+        return list(self._jieba.cut(text, cut_all=False, HMM=True))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids, <unk> included (model inputs drop it: see `encode_for_model`)."""
+        ids: list[int] = []
+        for piece in self._jieba.cut(text, cut_all=False, HMM=True):
+            ids.extend(self._piece_ids(piece))
+        return ids
+
+    def encode_for_model(self, text: str) -> list[int]:
+        return [i for i in self.encode(text) if i != UNK]
+
+    def tokenize(self, text: str) -> list[str]:
+        return [self.id_to_token[i] for i in self.encode(text)]
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        table = self._decode_table
+        skip = {PAD, BOS, EOS} if skip_special else set()
+        return "".join(table[i] for i in ids if 0 <= i < len(table) and i not in skip)
