@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny vocabulary and config built in-process, and the original ant.txt when ../shared exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cpmctl.model.config import CPMAntConfig
+from cpmctl.model.tokenizer import SPECIAL_TOKENS
+
+REPO = Path(__file__).resolve().parent.parent
+ANT_VOCAB = REPO.parent / "shared" / "reference" / "ant.txt"
+
+# Enough characters and words for test sentences; the rest of the text maps to <unk>.
+_CHARS = (
+    "的一是了我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会家可下而过天去能对小多然于心学么之都好看起发当没成只如事把还用第样道想作种开美总从无情己面最女但现前些所同日手又行意动方期它头经长儿回位分爱老因很给名法间斯知世什两次使身者被高已亲其进此话常与活正感"
+    "今气不错，。！？、：；“”（）《》春夏秋冬山水风雨花草树木河湖海江城市北京上海中国人民学校老师同学朋友工作生活时间世界问题发展经济社会文化历史科学技术研究数据模型语言训练"
+)
+_WORDS = ["今天", "天气", "不错", "中国", "北京", "我们", "他们", "学生", "老师", "学校", "工作", "生活", "时间", "世界",
+          "问题", "发展", "经济", "社会", "文化", "历史", "科学", "技术", "研究", "数据", "模型", "语言", "训练", "一个"]
+_ASCII = [chr(c) for c in range(33, 127)] + ["hello", "world", "20", "23"]
+
+
+def write_tiny_vocab(path: Path) -> Path:
+    seen, tokens = set(SPECIAL_TOKENS), list(SPECIAL_TOKENS)
+    for t in _ASCII + list(_CHARS) + _WORDS:
+        if t not in seen:
+            seen.add(t)
+            tokens.append(t)
+    path.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab(tmp_path_factory) -> Path:
+    return write_tiny_vocab(tmp_path_factory.mktemp("vocab") / "vocab.txt")
+
+
+@pytest.fixture(scope="session")
+def ant_vocab() -> Path:
+    if not ANT_VOCAB.exists():
+        pytest.skip("../shared/reference/ant.txt is not available")
+    return ANT_VOCAB
+
+
+def tiny_config(vocab_size: int, **overrides) -> CPMAntConfig:
+    base = dict(vocab_size=vocab_size, dim_model=64, dim_ff=96, num_layers=2, num_heads=4, dim_head=16, half=False)
+    base.update(overrides)
+    return CPMAntConfig(**base)
+
+
+@pytest.fixture
+def tiny_cfg(tiny_vocab) -> CPMAntConfig:
+    from cpmctl.model.tokenizer import CPMAntTokenizer
+
+    return tiny_config(CPMAntTokenizer(tiny_vocab).vocab_size)
