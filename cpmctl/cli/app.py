@@ -12,6 +12,11 @@ import typer
 from cpmctl import CpmctlError, __version__
 from cpmctl.cli import common
 
+try:  # typer >= 0.2x vendors click: its usage errors are not click's classes
+    from typer._click.exceptions import ClickException as _TyperClickException
+except ImportError:
+    _TyperClickException = click.ClickException
+
 app = typer.Typer(
     name="cpmctl",
     help="Train, compress, tune and serve CPM-Ant-family Chinese language models.",
@@ -40,6 +45,18 @@ def _register() -> None:
     app.add_typer(model.app, name="model")
     app.add_typer(data.app, name="data")
     app.command("generate")(generate.generate)
+    from cpmctl.cli import pretrain
+
+    app.command("pretrain")(pretrain.pretrain)
+    from cpmctl.cli import tune
+
+    app.add_typer(tune.app, name="tune")
+    from cpmctl.cli import eval as eval_cli
+
+    app.add_typer(eval_cli.app, name="eval")
+    from cpmctl.cli import prune
+
+    app.command("prune")(prune.prune)
 
 
 _register()
@@ -55,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except (click.ClickException, _TyperClickException) as e:
         e.show()
         sys.exit(e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):

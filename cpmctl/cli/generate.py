@@ -9,10 +9,12 @@ from pathlib import Path
 import typer
 
 from cpmctl import CpmctlError
-from cpmctl.cli.common import emit_json, out, require_file, resolve_device, resolve_dtype, vocab_for
-from cpmctl.generate.decode import GenerationConfig, generate as run_generation
-from cpmctl.model.checkpoint import load_model
+from cpmctl.cli.common import emit_json, err, out, require_file, resolve_device, resolve_dtype, vocab_for
+from cpmctl.generate.decode import GenerationConfig, encode_prompt, generate as run_generation
+from cpmctl.generate.lazy import checkpoint_vocab
+from cpmctl.generate.offload import describe_plan, load_for_generation
 from cpmctl.model.tokenizer import CPMAntTokenizer
+from cpmctl.tune.lora import load_model_with_adapter
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -37,6 +39,7 @@ def read_prompts(path: Path) -> list[str]:
 def generate(
     prompt: str = typer.Argument(None, help="Text to continue ('-' reads it from stdin)."),
     model_path: Path = typer.Option(..., "--model", help="Checkpoint: native dir, original .pt (config .json beside) or HF dir."),
+    adapter: Path = typer.Option(None, "--adapter", help="LoRA adapter directory (from `cpmctl tune lora`), unmerged."),
     vocab: Path = typer.Option(None, "--vocab", help="Vocab file (default: vocab.txt beside the checkpoint)."),
     decode: str = typer.Option("beam", "--decode", help="beam, sample or greedy."),
     beam_size: int = typer.Option(3, "--beam-size"),
@@ -50,6 +53,9 @@ def generate(
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts decoded together from --input."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (GPU)."),
+    memory_limit: float = typer.Option(None, "--memory-limit", help="GB (10^9 bytes) of device memory for weights, "
+                                       "KV cache and activations; blocks that do not fit stream (docs/memory.md)."),
+    quantize: str = typer.Option(None, "--quantize", help="int8: weight-only int8 linears (per-channel scales)."),
     json_out: bool = typer.Option(False, "--json", help='One {"prompt", "text", "token_ids"} object per prompt.'),
 ):
     """Generate text from a prompt or a JSONL file of prompts, as the original CPM-Live code would."""
@@ -64,8 +70,12 @@ def generate(
         if not p.strip():
             raise CpmctlError(f"prompt {i + 1} is empty")
     dev = resolve_device(device)
-    model, info = load_model(model_path, device=dev, dtype=resolve_dtype(dtype, dev))
-    tokenizer = CPMAntTokenizer(vocab_for(info.vocab, vocab, model_path))
+    if memory_limit is None and quantize is None:
+        model, info = load_model_with_adapter(model_path, adapter, device=dev, dtype=resolve_dtype(dtype, dev))
+        tokenizer = CPMAntTokenizer(vocab_for(info.vocab, vocab, model_path))
+    else:
+        model, tokenizer = _load_within_limit(model_path, adapter, vocab, prompts, cfg, batch_size, dev, dtype,
+                                              memory_limit, quantize)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise CpmctlError(
             f"vocab has {tokenizer.vocab_size} tokens but the model expects {model.config.vocab_size}: "
@@ -82,3 +92,17 @@ def generate(
                 out.print()
             else:
                 out.print(result.text)
+
+
+def _load_within_limit(model_path, adapter, vocab, prompts, cfg, batch_size, dev, dtype, memory_limit, quantize):
+    """--memory-limit / --quantize: plan for these prompts, then load lazily (cpmctl/generate/offload.py)."""
+    if adapter is not None:
+        raise CpmctlError("--adapter cannot be combined with --memory-limit or --quantize: merge the adapter first")
+    torch_dtype = resolve_dtype(dtype, dev)
+    tokenizer = CPMAntTokenizer(vocab_for(checkpoint_vocab(model_path), vocab, model_path))
+    counts = [len(encode_prompt(tokenizer, p)) for p in prompts]
+    loaded = load_for_generation(model_path, counts, decode=cfg.decode, beam_size=cfg.beam_size,
+                                 max_new_tokens=cfg.max_new_tokens, batch_size=batch_size, device=dev,
+                                 dtype=torch_dtype, memory_limit_gb=memory_limit, quantize=quantize)
+    err.print(describe_plan(loaded.plan))
+    return loaded.model, tokenizer

@@ -8,7 +8,8 @@ import typer
 from rich.table import Table
 
 from cpmctl import CpmctlError
-from cpmctl.cli.common import emit_json, err, format_count, out, require_file
+from cpmctl.cli.common import emit_json, err, format_count, out, require_file, resolve_device, resolve_dtype
+from cpmctl.generate.plan import plan_for_config, plan_table
 from cpmctl.model.ant import build_model, param_counts
 from cpmctl.model.checkpoint import convert as convert_checkpoint
 from cpmctl.model.checkpoint import detect_format, read_config, save_native
@@ -75,19 +76,45 @@ def describe(path_or_name: str) -> dict:
 @app.command()
 def info(
     path: str = typer.Argument(..., help="A checkpoint (any format), a config JSON file, or a ladder name."),
+    memory_limit: float = typer.Option(None, "--memory-limit", help="Print the memory plan for this many GB."),
+    device: str = typer.Option("auto", "--device", help="Plan for: cpu, cuda or auto."),
+    dtype: str = typer.Option(None, "--dtype", help="fp32, bf16, fp16 (default: fp16 on cuda for half configs)."),
+    quantize: str = typer.Option(None, "--quantize", help="Plan with int8 linears."),
+    batch_rows: int = typer.Option(1, "--batch-rows", help="Plan: rows decoded together (batch x beam)."),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="Plan: prompt length in tokens."),
+    max_new_tokens: int = typer.Option(100, "--max-new-tokens", help="Plan: tokens to generate."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """Config, kept layers, heads, dim_ff and parameter counts (computed from the config, no weights loaded)."""
+    """Config, kept layers, heads, dim_ff and parameter counts (computed from the config, no weights loaded);
+    with --memory-limit, the plan of memory-limited generation: resident vs streamed blocks, expected memory."""
     d = describe(path)
+    plan = None
+    if memory_limit is not None or quantize is not None:
+        plan = _memory_plan(path, memory_limit, device, dtype, quantize, batch_rows, prompt_tokens, max_new_tokens)
+        d["memory_plan"] = plan.to_dict()
     if json_out:
         emit_json(d)
         return
     table = Table(title=f"{path} ({d['format']})", show_header=False)
     for k, v in d.items():
-        if k in ("path",):
+        if k in ("path", "memory_plan"):
             continue
         table.add_row(k, format_count(v) + f" ({v:,})" if k.startswith("params_") else str(v))
     out.print(table)
+    if plan is not None:
+        plan_rows = Table(title="memory plan", show_header=False)
+        for label, value in plan_table(plan):
+            plan_rows.add_row(label, value)
+        out.print(plan_rows)
+
+
+def _memory_plan(path, memory_limit, device, dtype, quantize, batch_rows, prompt_tokens, max_new_tokens):
+    cfg = read_config(path)[0] if Path(path).exists() else resolve_config(path)
+    dev = resolve_device(device)
+    dtype = dtype or ("fp16" if cfg.half and dev.type == "cuda" else "fp32")
+    return plan_for_config(cfg, device=dev, dtype=resolve_dtype(dtype, dev), memory_limit_gb=memory_limit,
+                           quantize=quantize, batch_rows=batch_rows, prompt_tokens=prompt_tokens,
+                           max_new_tokens=max_new_tokens)
 
 
 @app.command()

@@ -1,0 +1,189 @@
+"""`cpmctl eval`: task metrics of a model or of a predictions file; `eval ppl`; `eval compare`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from typer.core import TyperGroup
+
+from cpmctl import CpmctlError
+from cpmctl.cli.common import emit_json, err, out, resolve_device, resolve_dtype
+
+
+class EvalGroup(TyperGroup):
+    """A group whose callback is a command too: words with '=' after `cpmctl eval --task ...` are recipe
+    overrides (eval.batch_size=4), not subcommand names."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rest = super().parse_args(ctx, args)
+        protected = getattr(ctx, "_protected_args", None)
+        if protected and protected[0] not in self.commands and "=" in protected[0]:
+            ctx.meta["eval_overrides"] = [*protected, *ctx.args]
+            ctx._protected_args, ctx.args = [], []
+            return []
+        return rest
+
+
+app = typer.Typer(cls=EvalGroup, help="Evaluate models: task metrics, perplexity, and size-ladder comparisons.",
+                  invoke_without_command=True, no_args_is_help=True)
+
+
+def _progress_bar(label: str) -> Progress:
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} /s"),
+                    TimeRemainingColumn(), console=err, transient=True)
+
+
+def _metrics_table(title: str, metrics: dict) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.2f}" if isinstance(v, float) else str(v))
+    return table
+
+
+@app.callback()
+def evaluate(
+    ctx: typer.Context,
+    task: str = typer.Option(None, "--task", help="ccpm, c3, sogou-log, lcsts, kdconv, math23k, or custom."),
+    task_def: Path = typer.Option(None, "--task-def", help="YAML task definition for --task custom."),
+    data: Path = typer.Option(None, "--data", help="Task data: a .jsonl file, or a directory with train/dev/test.jsonl."),
+    model_path: Path = typer.Option(None, "--model", help="Checkpoint to evaluate (any format)."),
+    adapter: Path = typer.Option(None, "--adapter", help="LoRA adapter directory (from `cpmctl tune lora`)."),
+    predictions: Path = typer.Option(None, "--predictions", help='Score this jsonl of {"prediction": ...} instead.'),
+    out_dir: Path = typer.Option(None, "--out", help="Where predictions.jsonl and scores.json go (default eval-TASK)."),
+    vocab: Path = typer.Option(None, "--vocab", help="Vocab file (default: vocab.txt beside the checkpoint)."),
+    recipe_path: Path = typer.Option(None, "--recipe", help="Recipe YAML (recipes/eval/*.yaml); KEY=VALUE overrides follow."),
+    split: str = typer.Option(None, "--split", help="Split read from a task directory (default test)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Examples (or options) per forward pass."),
+    limit: int = typer.Option(None, "--limit", help="Evaluate only the first N examples."),
+    decode: str = typer.Option(None, "--decode", help="Generation tasks: beam, greedy or sample (default: the task's)."),
+    beam_size: int = typer.Option(None, "--beam-size"),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens"),
+    device: str = typer.Option(None, "--device", help="cpu, cuda or auto."),
+    dtype: str = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (GPU)."),
+    print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
+    json_out: bool = typer.Option(False, "--json", help='Print {"task", "n", "metrics": {...}}.'),
+):
+    """Score a model on a task (decode or score options, then the task's metrics), or score a predictions file."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from cpmctl.evaluate.runner import EvalRecipe, run_model_eval, run_prediction_eval
+    from cpmctl.recipe import dump_recipe, load_recipe
+    from cpmctl.tune.tasks import get_task
+
+    flags = {"eval.split": split, "eval.batch_size": batch_size, "eval.limit": limit, "eval.device": device,
+             "eval.dtype": dtype, "decode.decode": decode, "decode.beam_size": beam_size,
+             "decode.max_new_tokens": max_new_tokens}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + ctx.meta.get("eval_overrides", [])
+    recipe = load_recipe(EvalRecipe, recipe_path, overrides)
+    if print_recipe:
+        out.print(dump_recipe(recipe), end="", markup=False)
+        return
+    if task is None:
+        raise CpmctlError("--task is required (one of ccpm, c3, sogou-log, lcsts, kdconv, math23k, custom)")
+    if data is None:
+        raise CpmctlError("--data is required: a task .jsonl file or a directory with train/dev/test.jsonl")
+    if (model_path is None) == (predictions is None):
+        raise CpmctlError("give --model PATH (run the model) or --predictions FILE.jsonl (score them), one of them")
+    task_obj = get_task(task, task_def)
+    if predictions is not None:
+        if adapter is not None:
+            raise CpmctlError("--adapter goes with --model, not with --predictions")
+        result = run_prediction_eval(task_obj, data, predictions, recipe, out_dir)
+    else:
+        dev = resolve_device(recipe.eval.device)
+        with _progress_bar(f"eval {task_obj.name}") as bar:
+            def progress(total: int):
+                job = bar.add_task("predict", total=total)
+                return lambda n: bar.advance(job, n)
+
+            result = run_model_eval(task_obj, data, model_path, out_dir or Path(f"eval-{task_obj.name}"), recipe,
+                                    dev, resolve_dtype(recipe.eval.dtype, dev), adapter=adapter, vocab=vocab,
+                                    progress=progress)
+    if json_out:
+        emit_json(result.to_json())
+        return
+    out.print(_metrics_table(f"{result.task}: {result.n} examples", result.metrics))
+    if result.predictions_path is not None:
+        out.print(f"predictions -> {result.predictions_path}")
+    if result.scores_path is not None:
+        out.print(f"scores -> {result.scores_path}")
+
+
+@app.command()
+def ppl(
+    model_path: Path = typer.Option(..., "--model", help="Checkpoint (any format)."),
+    data: Path = typer.Option(..., "--data", help="Raw text (.jsonl with 'text', or .txt) or a packed data directory."),
+    vocab: Path = typer.Option(None, "--vocab", help="Vocab file (default: vocab.txt beside the checkpoint)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Rows per forward pass."),
+    max_length: int = typer.Option(1024, "--max-length", help="Raw text: tokens per scored window."),
+    limit: int = typer.Option(None, "--limit", help="Score only the first N documents (raw) or rows (packed)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (GPU)."),
+    json_out: bool = typer.Option(False, "--json", help='Print {"model", "data", "tokens", "loss", "ppl", "bpc"}.'),
+):
+    """Perplexity = exp(mean token loss) and bits per character of a model on raw text or packed data."""
+    from cpmctl.evaluate.runner import perplexity
+
+    dev = resolve_device(device)
+    with _progress_bar("ppl") as bar:
+        def progress(total: int):
+            job = bar.add_task("score", total=total)
+            return lambda n: bar.advance(job, n)
+
+        result = perplexity(model_path, data, batch_size=batch_size, max_length=max_length, limit=limit,
+                            device=dev, dtype=resolve_dtype(dtype, dev), vocab=vocab, progress=progress)
+    if json_out:
+        emit_json(result.to_json())
+        return
+    bpc = "n/a" if result.bpc is None else f"{result.bpc:.4f}"
+    out.print(f"{model_path}: loss {result.loss:.4f}, ppl {result.ppl:.3f}, bits/char {bpc} "
+              f"over {result.tokens:,} tokens ({result.source})")
+
+
+@app.command()
+def compare(
+    models: list[Path] = typer.Option(..., "--models", help="Checkpoints to compare, reference first: --models A B C."),
+    more_models: list[Path] = typer.Argument(None, hidden=True, help="The checkpoints after the first --models one."),
+    data: Path = typer.Option(..., "--data", help="Raw text or packed data, the same for every model."),
+    names: list[str] = typer.Option(None, "--names", help="Labels for the models (default: directory names)."),
+    out_dir: Path = typer.Option(Path("compare"), "--out", help="Where compare.md, compare.png, compare.json go."),
+    vocab: Path = typer.Option(None, "--vocab", help="Vocab file (default: vocab.txt beside each checkpoint)."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_length: int = typer.Option(1024, "--max-length", help="Raw text: tokens per scored window."),
+    limit: int = typer.Option(None, "--limit", help="Score only the first N documents (raw) or rows (packed)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (GPU)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per model."),
+):
+    """Loss, perplexity and relative performance (reference loss / loss) of each model, like the CPM-Ant
+    README's ladder table: rich table, markdown, and a PNG bar chart."""
+    from cpmctl.evaluate.compare import compare_models
+
+    models = [*models, *(more_models or [])]  # `--models A B C`: click hands B and C over as arguments
+    dev = resolve_device(device)
+    with _progress_bar("compare") as bar:
+        def progress(total: int):
+            job = bar.add_task("score", total=total)
+            return lambda n: bar.advance(job, n)
+
+        report = compare_models(models, data, out_dir, names=names or None, batch_size=batch_size,
+                                max_length=max_length, limit=limit, device=dev, dtype=resolve_dtype(dtype, dev),
+                                vocab=vocab, progress=progress, log=err.print)
+    if json_out:
+        for row in report.rows:
+            emit_json(row)
+        return
+    table = Table(title=f"loss on {data}")
+    for col in ("model", "loss", "ppl", "bits/char", "relative"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for row in report.rows:
+        bpc = "n/a" if row["bpc"] is None else f"{row['bpc']:.4f}"
+        table.add_row(row["model"], f"{row['loss']:.3f}", f"{row['ppl']:.3f}", bpc, f"{row['relative']:.1f}%")
+    out.print(table)
+    out.print(f"markdown -> {report.markdown_path}, chart -> {report.chart_path}")

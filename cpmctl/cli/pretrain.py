@@ -1,0 +1,95 @@
+"""`cpmctl pretrain`: train a CPM-Ant model from scratch or continue a checkpoint on packed data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from cpmctl import CpmctlError
+from cpmctl.cli.common import EXIT_INTERRUPTED, emit_json, err, out
+
+
+def pretrain(
+    overrides: list[str] = typer.Argument(None, help="Recipe overrides: section.key=value (train.lr=1e-3)."),
+    recipe_path: Path = typer.Option(None, "--recipe", help="Recipe YAML (recipes/pretrain/mini.yaml)."),
+    resume: Path = typer.Option(None, "--resume", help="Continue the run in DIR (its out_dir or a step checkpoint)."),
+    nproc: int = typer.Option(None, "--nproc", help="Run N processes on this machine (launches torchrun)."),
+    print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the result."),
+):
+    """Pretrain or continue training; checkpoints, metrics.jsonl and loss_curve.png go to out_dir, the model to
+    out_dir/final."""
+    from cpmctl.recipe import dump_recipe
+    from cpmctl.train.loop import TrainingInterrupted
+    from cpmctl.train.pretrain import load_pretrain_recipe, preflight, resume_run_dir, run_pretrain
+
+    overrides = list(overrides or [])
+    recipe = load_pretrain_recipe(recipe_path, overrides)
+    if resume is not None:
+        recipe.out_dir, recipe.resume = str(resume_run_dir(resume)), str(resume)
+    if print_recipe:
+        out.print(dump_recipe(recipe), end="", markup=False)
+        return
+    if nproc is not None:
+        preflight(recipe)
+        return launch(nproc, recipe.train.engine, recipe_path, overrides, resume, json_out)
+
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        result = run_pretrain(recipe, log=err.print)
+    except TrainingInterrupted as e:
+        if rank == 0:
+            where = f"; checkpoint {e.checkpoint}" if e.checkpoint else ""
+            err.print(f"interrupted at step {e.step}{where}; continue with --resume {recipe.out_dir}")
+            if json_out:
+                emit_json({"interrupted": True, "steps": e.step, "checkpoint": str(e.checkpoint) if e.checkpoint else None,
+                           "out_dir": recipe.out_dir})
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if rank != 0:
+        return
+    if json_out:
+        emit_json(result)
+    else:
+        valid = f", valid loss {result['valid_loss']:.4f}" if result["valid_loss"] is not None else ""
+        train_loss = f"train loss {result['train_loss']:.4f}" if result["train_loss"] is not None else "nothing to do"
+        speed = f", {result['tokens_per_s']:,.0f} tokens/s" if result["tokens_per_s"] else ""
+        out.print(f"trained {result['steps']} steps: {train_loss}{valid}{speed} -> {result['final']}")
+
+
+def launch(nproc: int, engine: str, recipe_path: Path | None, overrides: list[str], resume: Path | None,
+           json_out: bool) -> int:
+    """Re-run this command in `nproc` processes through torchrun (single node; see docs/distributed.md for more)."""
+    if nproc < 1:
+        raise CpmctlError(f"--nproc must be at least 1, got {nproc}")
+    args = ["pretrain"] + (["--recipe", str(recipe_path)] if recipe_path else []) + overrides
+    if engine == "single":
+        err.print("--nproc: train.engine single -> ddp")
+        args.append("train.engine=ddp")
+    if resume is not None:
+        args += ["--resume", str(resume)]
+    if json_out:
+        args.append("--json")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "cpmctl", *args]
+    child = subprocess.Popen(command)
+    # Ctrl-C in a terminal reaches every process of the group: the workers save a checkpoint and stop, torchrun
+    # follows; this process only waits. A SIGTERM sent to this process alone is passed on to torchrun.
+    interrupted = []
+
+    def on_signal(signum, frame):
+        interrupted.append(signum)
+        if signum == signal.SIGTERM:
+            child.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return EXIT_INTERRUPTED if interrupted else code

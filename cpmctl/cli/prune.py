@@ -1,0 +1,103 @@
+"""`cpmctl prune`: progressive structured pruning down the size ladder (learned masks, extraction, recovery)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from cpmctl import CpmctlError
+from cpmctl.cli.common import EXIT_INTERRUPTED, emit_json, err, format_count, out
+
+
+def prune(
+    overrides: list[str] = typer.Argument(None, help="Recipe overrides: section.key=value (recovery.steps=500)."),
+    model: Path = typer.Option(None, "--model", help="Checkpoint of the --from stage (native dir, original .pt, HF)."),
+    source: str = typer.Option(None, "--from", help="Ladder name (10b, mini-10b, ...) or config JSON of the model."),
+    target: str = typer.Option(None, "--to", help="Ladder name or config JSON to prune to (every rung in between)."),
+    data: Path = typer.Option(None, "--data", help="Packed training data (`cpmctl data pack`); sets data.train."),
+    valid: Path = typer.Option(None, "--valid", help="Packed validation data (default: hold out rows of --data)."),
+    recipe_path: Path = typer.Option(None, "--recipe", help="Recipe YAML (recipes/prune/mini.yaml)."),
+    out_dir: Path = typer.Option(None, "--out", help="Output directory: one sub-directory per stage."),
+    vocab: Path = typer.Option(None, "--vocab", help="Vocab file to store with the outputs (default: beside --model)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages, target shapes and parameter counts."),
+    print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per stage (with --dry-run: the plan)."),
+):
+    """Prune --model from --from to --to: per stage, masks trained under the LM loss, exact extraction to the target
+    shape, recovery training; outputs in native and original formats. Rerun the same command to resume."""
+    from cpmctl.prune.prune import load_prune_recipe, prepare, run_prune
+    from cpmctl.prune.targets import check_checkpoint_shape, plan_stages, plan_summary
+    from cpmctl.recipe import dump_recipe
+    from cpmctl.train.loop import TrainingInterrupted
+
+    overrides = list(overrides or [])
+    if data is not None:
+        overrides.append(f"data.train={data}")
+    if valid is not None:
+        overrides.append(f"data.valid={valid}")
+    recipe = load_prune_recipe(recipe_path, overrides)
+    if print_recipe:
+        out.print(dump_recipe(recipe), end="", markup=False)
+        return
+    if source is None or target is None:
+        raise CpmctlError("--from and --to are required (ladder names such as 10b / 7b, or config files)")
+
+    if dry_run:
+        stages = plan_stages(source, target)
+        vocab_size = None
+        if model is not None:
+            from cpmctl.model.checkpoint import read_config
+
+            config, _ = read_config(model)
+            check_checkpoint_shape(config, stages, model)
+            vocab_size = config.vocab_size
+        _render_plan(source, target, model, plan_summary(stages, vocab_size), json_out)
+        return
+
+    missing = [name for name, value in (("--model", model), ("--out", out_dir)) if value is None]
+    if missing:
+        raise CpmctlError(f"{' and '.join(missing)} required (or --dry-run)")
+    plan = prepare(model, source, target, out_dir, vocab)
+    if not json_out:
+        err.print(f"pruning {model}: {' -> '.join([plan.stages[0].source_name] + [s.target_name for s in plan.stages])}"
+                  f" ({recipe.method} selection) -> {out_dir}")
+    try:
+        run_prune(plan, recipe, log=err.print, on_stage=lambda r: _render_stage(r, json_out))
+    except TrainingInterrupted as e:
+        where = f" (checkpoint {e.checkpoint})" if e.checkpoint else ""
+        err.print(f"interrupted at step {e.step}{where}; rerun the same command to resume")
+        if json_out:
+            emit_json({"interrupted": True, "steps": e.step, "checkpoint": str(e.checkpoint) if e.checkpoint else None,
+                       "out": str(out_dir)})
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _render_plan(source: str, target: str, model: Path | None, rows: list[dict], json_out: bool) -> None:
+    if json_out:
+        emit_json({"dry_run": True, "from": source, "to": target, "model": str(model) if model else None,
+                   "stages": rows})
+        return
+    table = Table(title=f"prune {source} -> {target}")
+    for col in ("stage", "prunes", "attn kept", "ffn kept", "heads", "dim_ff", "non-emb params", "kept"):
+        table.add_column(col)
+    for r in rows:
+        t = r["target"]
+        table.add_row(f"{r['from']} -> {r['to']}", ", ".join(r["prunes"]), str(t["attention_layers_kept"]),
+                      str(t["ffn_layers_kept"]), str(t["num_heads"]), str(t["dim_ff"]),
+                      format_count(r["params_non_embedding"]), f"{100 * r['non_embedding_kept']:.1f}%")
+    out.print(table)
+
+
+def _render_stage(report: dict, json_out: bool) -> None:
+    if json_out:
+        emit_json(report)
+        return
+    loss, shape = report["loss"], report["shape"]
+    out.print(
+        f"stage {report['stage']} {report['from']} -> {report['to']} [{report['status']}]: "
+        f"attention {shape['attention_layers_kept']}, ffn {shape['ffn_layers_kept']}, heads {shape['num_heads']}, "
+        f"dim_ff {shape['dim_ff']}; valid loss {loss['before']:.4f} before, {loss['extracted']:.4f} extracted, "
+        f"{loss['recovered']:.4f} recovered -> {report['model']}"
+    )

@@ -1,0 +1,96 @@
+"""`cpmctl tune lora|merge|import-delta`: LoRA delta tuning on a task, merging and importing adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cpmctl.cli.common import emit_json, err, format_count, out
+
+app = typer.Typer(help="LoRA delta tuning: train, merge and import adapters.", no_args_is_help=True)
+
+
+@app.command()
+def lora(
+    overrides: list[str] = typer.Argument(None, help="Recipe overrides: section.key=value (train.lr=1e-3)."),
+    task: str = typer.Option(None, "--task", help="ccpm, c3, sogou-log, lcsts, kdconv, math23k, or custom."),
+    task_def: Path = typer.Option(None, "--task-def", help="YAML task definition for --task custom."),
+    model_path: str = typer.Option(None, "--model", help="Base checkpoint (any format); a ladder name for --dry-run."),
+    data: Path = typer.Option(None, "--data", help="Task data: a directory with train.jsonl, dev.jsonl, test.jsonl."),
+    recipe_path: Path = typer.Option(None, "--recipe", help="Recipe YAML (recipes/tune/lcsts.yaml)."),
+    out_dir: Path = typer.Option(None, "--out", help="Run directory: checkpoints, metrics.jsonl, best/ adapter."),
+    vocab: Path = typer.Option(None, "--vocab", help="Vocab file (default: vocab.txt beside the checkpoint)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print trainable and total parameters; load no weights."),
+    print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the result."),
+):
+    """Tune LoRA adapters on a task with the shared training loop; the best adapter on dev is kept in OUT/best."""
+    from cpmctl.recipe import dump_recipe
+    from cpmctl.tune.run import TuneRecipe, load_tune_recipe, tune_lora, tune_dry_run
+
+    recipe: TuneRecipe = load_tune_recipe(recipe_path, overrides or [], task=task, task_def=task_def)
+    if print_recipe:
+        out.print(dump_recipe(recipe), end="", markup=False)
+        return
+    if dry_run:
+        counts = tune_dry_run(model_path, recipe)
+        if json_out:
+            emit_json(counts)
+        else:
+            out.print(f"LoRA r {recipe.lora.r}, alpha {recipe.lora.alpha:g} on {', '.join(recipe.lora.targets)}: "
+                      f"{counts['trainable']:,} trainable of {counts['total']:,} parameters "
+                      f"({counts['trainable_percent']:.3f}%) in {counts['lora_modules']} modules")
+        return
+    result = tune_lora(model_path, data, out_dir, recipe, vocab=vocab, resume=resume, log=err.print)
+    if json_out:
+        emit_json(result)
+    else:
+        best = result.get("best") or {}
+        out.print(f"tuned {result['task']} for {result['steps']} steps ({result['epochs']} epochs"
+                  f"{', stopped early' if result['stopped_early'] else ''}); best dev {result['metric']} "
+                  f"{best.get('score', float('nan')):.3f} at epoch {best.get('epoch')} -> {result['adapter']}")
+
+
+@app.command()
+def merge(
+    model_path: Path = typer.Option(..., "--model", help="Base checkpoint (any format)."),
+    adapter: Path = typer.Option(..., "--adapter", help="Adapter directory (peft format)."),
+    out_dir: Path = typer.Option(..., "--out", help="Output checkpoint directory (native format)."),
+    vocab: Path = typer.Option(None, "--vocab", help="Vocab file to store (default: the one beside the model)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Merge an adapter into the base weights and write a native checkpoint (same outputs, no adapter needed)."""
+    from cpmctl.tune.lora import merge_adapter
+
+    result = merge_adapter(model_path, adapter, out_dir, vocab=vocab)
+    if json_out:
+        emit_json(result)
+    else:
+        out.print(f"merged {adapter} into {model_path} -> {out_dir}")
+
+
+@app.command("import-delta")
+def import_delta(
+    path: Path = typer.Argument(..., help="OpenDelta / CPM-Live LoRA delta checkpoint (.pt state dict)."),
+    out_dir: Path = typer.Option(None, "--out", help="Adapter directory to write (default: FILE's stem + '-adapter')."),
+    model_path: str = typer.Option(None, "--model",
+                                   help="Base checkpoint, config JSON or ladder name: checks and records the shape."),
+    alpha: float = typer.Option(16.0, "--alpha", help="LoRA alpha the delta was trained with (OpenDelta default 16)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Convert an original OpenDelta LoRA delta (lora_A / lora_B on project_q / project_v) into a peft adapter."""
+    from cpmctl.tune.import_delta import import_delta as run_import
+    from cpmctl.tune.lora import base_config
+
+    out_dir = out_dir or path.with_name(path.stem + "-adapter")
+    config = base_config(model_path) if model_path else None
+    result = run_import(path, out_dir, alpha=alpha, base_config=config, base_model=model_path)
+    if json_out:
+        emit_json(result)
+    else:
+        out.print(f"imported {result['modules']} LoRA modules (r {result['r']}, alpha {result['alpha']:g}, "
+                  f"{format_count(result['parameters'])} parameters) from {path} -> {out_dir}")
+        if result["ignored_keys"]:
+            err.print(f"ignored {result['ignored_keys']} non-LoRA keys in {path}")

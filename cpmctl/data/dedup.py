@@ -1,0 +1,316 @@
+"""Paragraph-hash deduplication against a persistent store (shared/reference/cpm-ant.md section 11).
+
+A paragraph is a stripped, non-empty line of a document's text; its key is xxh3_64 of its UTF-8 bytes (of its
+normalised form with `normalize`). A document whose share of distinct paragraph hashes already in the store is
+>= threshold is a duplicate; otherwise all its hashes are added. Documents are decided one by one in input order,
+so the result is deterministic whatever `--workers` is: workers only parse and hash, the one writer decides.
+
+Resumability: every chunk of input lines is committed in one SQLite transaction together with its decisions (one
+byte per line) and a fingerprint of its bytes. A rerun replays the journalled decisions, verifying the
+fingerprints, and continues where the last commit ended; a finished input rerun unchanged is replayed entirely
+(same output, store untouched). The output is rewritten from the start on every run and renamed into place only
+when complete. See docs/formats.md, "Dedup store".
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+import unicodedata
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import xxhash
+
+from cpmctl import CpmctlError
+from cpmctl.data.parallel import ordered_map
+from cpmctl.data.store import DedupStore, InputRecord
+from cpmctl.data.textio import (
+    DEFAULT_CHUNK_BYTES,
+    DocumentWriter,
+    LineErrors,
+    MalformedLine,
+    OutputSpec,
+    Shard,
+    as_output_line,
+    check_readable,
+    parse_line,
+    read_chunks,
+)
+
+# One byte per input line in the journal.
+KEPT, DUPLICATE, EMPTY, MALFORMED, BLANK = b"k"[0], b"d"[0], b"e"[0], b"m"[0], b"b"[0]
+_HAS_PARAGRAPHS = b"p"[0]
+_NOT_WORD = re.compile(r"[\W_]+")
+
+
+@dataclass(frozen=True)
+class DedupSettings:
+    threshold: float = 0.7
+    normalize: bool = False
+
+    def validate(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise CpmctlError(f"--threshold must be in (0, 1], got {self.threshold}")
+
+
+def normalize_paragraph(text: str) -> str:
+    """Optional normalisation: NFKC, case-folded, whitespace, punctuation and symbols removed."""
+    return _NOT_WORD.sub("", unicodedata.normalize("NFKC", text).casefold())
+
+
+def required_seen(threshold: float, n: int) -> int:
+    """The number of already-seen paragraphs (of n) that makes a duplicate: ceil(threshold * n), exact at the
+    boundary (7 of 10 at 0.7 is a duplicate) despite binary floating point."""
+    need = threshold * n
+    whole = round(need)
+    return whole if abs(need - whole) < 1e-9 else int(need) + 1
+
+
+# ----- worker side: parse and hash ---------------------------------------------------------------------------
+@dataclass
+class HashedChunk:
+    status: bytearray  # per line: p (has paragraphs), e (empty), m (malformed), b (blank jsonl line)
+    counts: array  # distinct hashes per "p" line
+    hashes: array  # signed 64-bit hashes, concatenated
+    paragraphs: int = 0
+    malformed: list = field(default_factory=list)  # (line offset in chunk, reason)
+
+
+_worker_settings: tuple[str, bool] = ("jsonl", False)
+
+
+def _init_worker(fmt: str, normalize: bool) -> None:
+    global _worker_settings
+    _worker_settings = (fmt, normalize)
+
+
+def hash_lines(item: tuple[int, list[bytes]]) -> HashedChunk:
+    fmt, normalize = _worker_settings
+    _, lines = item
+    status, counts, unsigned = bytearray(len(lines)), array("I"), array("Q")
+    chunk = HashedChunk(status, counts, unsigned)
+    h64 = xxhash.xxh3_64_intdigest
+    for i, line in enumerate(lines):
+        try:
+            parsed = parse_line(line, fmt)
+        except MalformedLine as e:
+            status[i] = MALFORMED
+            chunk.malformed.append((i, str(e)))
+            continue
+        if parsed is None:
+            status[i] = BLANK
+            continue
+        paras = [p for p in (q.strip() for q in parsed[0].split("\n")) if p]
+        if not paras:
+            status[i] = EMPTY
+            continue
+        chunk.paragraphs += len(paras)
+        if normalize:
+            paras = [n for n in map(normalize_paragraph, paras) if n] or paras
+        distinct = {h64(p.encode("utf-8")) for p in paras}
+        status[i] = _HAS_PARAGRAPHS
+        counts.append(len(distinct))
+        unsigned.extend(distinct)
+    # SQLite integers are signed 64-bit: reinterpret the same bits.
+    chunk.hashes = array("q", unsigned.tobytes())
+    return chunk
+
+
+# ----- writer side: decide in order --------------------------------------------------------------------------
+@dataclass
+class DedupResult:
+    files: int = 0
+    documents: int = 0
+    kept: int = 0
+    duplicates: int = 0
+    empty: int = 0
+    malformed: int = 0
+    replayed: int = 0  # documents decided by an earlier run and reproduced from the journal
+    paragraphs: int = 0
+    new_paragraphs: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    store_paragraphs: int = 0
+    store_bytes: int = 0
+    output: str = ""
+    threshold: float = 0.7
+    normalize: bool = False
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["mb_per_s"] = round(self.mb_per_s, 2)
+        d["seconds"] = round(self.seconds, 3)
+        return d
+
+    def count(self, code: int) -> None:
+        if code == KEPT:
+            self.kept += 1
+        elif code == DUPLICATE:
+            self.duplicates += 1
+        elif code == EMPTY:
+            self.empty += 1
+        elif code == MALFORMED:
+            self.malformed += 1
+        if code != BLANK and code != MALFORMED:
+            self.documents += 1
+
+
+def decide(chunk: HashedChunk, store: DedupStore, threshold: float) -> tuple[bytearray, list[int]]:
+    """Per-line decisions and the hashes to add, exactly as if documents were checked and added one by one."""
+    flat = chunk.hashes.tolist()
+    existing = store.lookup(set(flat))
+    added: set[int] = set()
+    codes = bytearray(chunk.status)
+    pos = doc = 0
+    counts = chunk.counts
+    for i, s in enumerate(codes):
+        if s != _HAS_PARAGRAPHS:
+            continue
+        n = counts[doc]
+        doc += 1
+        hs = flat[pos : pos + n]
+        pos += n
+        seen = sum(1 for h in hs if h in existing or h in added)
+        if seen >= required_seen(threshold, n):
+            codes[i] = DUPLICATE
+        else:
+            codes[i] = KEPT
+            added.update(hs)
+    return codes, sorted(added - existing)
+
+
+def _fingerprint(lines: list[bytes]) -> int:
+    h = xxhash.xxh3_64()
+    for line in lines:
+        h.update(line)
+    return h.intdigest() - (1 << 63)  # fits a signed SQLite integer
+
+
+class _Replay:
+    """Reproduces the journalled decisions of an input line by line, checking each batch's fingerprint."""
+
+    def __init__(self, store: DedupStore, record: InputRecord, shard: Shard):
+        self.batches = deque(store.batches(record.id))
+        self.shard = shard
+
+    def run(self, first: int, lines: list[bytes], writer: DocumentWriter, result: DedupResult) -> None:
+        """`lines` are whole journal batches starting at line `first`."""
+        for batch_first, count, fingerprint, codes, paragraphs in self.batches_covering(first, len(lines)):
+            part = lines[batch_first - first : batch_first - first + count]
+            if _fingerprint(part) != fingerprint:
+                raise CpmctlError(
+                    f"{self.shard.path}: lines {batch_first + 1}-{batch_first + count} differ from the version a "
+                    "previous run deduplicated into this store; restore that file, or give the new data another name"
+                )
+            for line, code in zip(part, codes):
+                result.count(code)
+                if code == KEPT:
+                    writer.write(as_output_line(line))
+                result.replayed += code in (KEPT, DUPLICATE, EMPTY)
+            result.paragraphs += paragraphs
+
+    def batches_covering(self, first: int, n: int):
+        while self.batches and self.batches[0][0] < first + n:
+            b = self.batches[0]
+            if b[0] < first or b[0] + b[1] > first + n:
+                raise AssertionError("replay chunks must align with journal batches")
+            self.batches.popleft()
+            yield b
+
+
+def _aligned_chunks(shard: Shard, chunk_bytes: int, boundaries: list[int]):
+    """(first line, lines, replayed) chunks: the replayed part cut exactly at the journal's batch ends
+    (`boundaries`), the rest as read."""
+    pending: list[bytes] = []
+    start = 0
+    cuts = list(boundaries)
+    for first, lines in read_chunks(shard, chunk_bytes):
+        if not pending:
+            start = first
+        pending.extend(lines)
+        while cuts and start + len(pending) >= cuts[0]:
+            k = cuts.pop(0) - start
+            yield start, pending[:k], True
+            pending, start = pending[k:], start + k
+        if not cuts and pending:
+            yield start, pending, False
+            pending = []
+    if cuts:
+        raise CpmctlError(
+            f"{shard.path}: has {start + len(pending)} lines but a previous run deduplicated {cuts[-1]} of them "
+            "into this store; restore that file, or give the new data another name"
+        )
+
+
+def dedup(
+    shards: list[Shard],
+    output: OutputSpec,
+    store_path: str | Path,
+    threshold: float | None = None,
+    normalize: bool | None = None,
+    workers: int = 1,
+    strict: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    shard_bytes: int = 512 << 20,
+    on_progress: Callable[[int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> DedupResult:
+    """Deduplicate `shards` into `output` against the store at `store_path` (created if missing)."""
+    check_readable(shards)
+    start = time.perf_counter()
+    errors = LineErrors(strict, warn)
+    with DedupStore.open(store_path, threshold, normalize) as store:
+        settings = store.settings
+        result = DedupResult(files=len(shards), output=str(output.path), threshold=settings.threshold,
+                             normalize=settings.normalize)
+        with DocumentWriter(output, shard_bytes) as writer:
+            for shard in shards:
+                _dedup_shard(shard, store, writer, result, errors, workers, chunk_bytes, on_progress)
+            store.checkpoint()
+            result.store_paragraphs = store.paragraph_count
+            result.store_bytes = store.size_bytes()
+            result.seconds = time.perf_counter() - start
+            writer.close(**{"command": "dedup", "store": str(store_path), **result.to_dict()})
+    return result
+
+
+def _dedup_shard(shard, store, writer, result, errors, workers, chunk_bytes, on_progress) -> None:
+    record = store.begin_input(shard.path)
+    replay = _Replay(store, record, shard)
+    chunks = _aligned_chunks(shard, chunk_bytes, [first + count for first, count, *_ in replay.batches])
+
+    def fresh_chunks():
+        for first, lines, replayed in chunks:
+            nbytes = sum(map(len, lines))
+            result.bytes += nbytes
+            if replayed:
+                replay.run(first, lines, writer, result)
+                if on_progress:
+                    on_progress(nbytes)
+                continue
+            yield first, lines
+
+    fmt, normalize = shard.format, store.settings.normalize
+    for (first, lines), hashed in ordered_map(hash_lines, fresh_chunks(), workers, _init_worker, (fmt, normalize)):
+        for offset, reason in hashed.malformed:
+            errors(shard.path, first + offset, reason)
+        codes, new_hashes = decide(hashed, store, store.settings.threshold)
+        store.commit_batch(record, first, len(lines), _fingerprint(lines), bytes(codes), new_hashes,
+                           hashed.paragraphs)
+        for line, code in zip(lines, codes):
+            result.count(code)
+            if code == KEPT:
+                writer.write(as_output_line(line))
+        result.paragraphs += hashed.paragraphs
+        result.new_paragraphs += store.last_inserted
+        if on_progress:
+            on_progress(sum(map(len, lines)))
+    store.finish_input(record)

@@ -1,0 +1,384 @@
+"""`data pack`: tokenize documents and cut them into the original's training records, packed into fixed-length rows
+of a memory-mapped dataset (cpmctl/data/packed.py; docs/formats.md, "Packed data").
+
+Records (shared/reference/cpm-ant.md section 7): a document's tokens (<unk> dropped) are cut into pieces of
+max_length - 34 tokens (990 for 1024); a piece under 32 tokens ends the document. Each piece is, with probability
+1/2, an lm record (prompt task 2, segment 2, a random-length suffix to predict) or an mlm record (prompt task 1,
+segment 1, random positions to predict, tokens not replaced). A record is the 32 prompt slots (segment 0, given)
++ [<s>] + piece + [</s>]; target[i] = token[i+1] where token i+1 is to be predicted (context False), else -100.
+Records are packed first-fit into max_length rows, one span id per record, padding in a span of its own.
+
+Randomness comes from (seed, input file, line), so the result is the same for any --workers. A document goes to
+the validation split when a hash of (seed, file, line) falls under --valid-fraction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import xxhash
+
+from cpmctl import CpmctlError
+from cpmctl.data.packed import IGNORE, TASK_NAMES, PackedDataset, PackedWriter
+from cpmctl.data.parallel import ordered_map
+from cpmctl.data.textio import DEFAULT_CHUNK_BYTES, LineErrors, MalformedLine, Shard, check_readable, parse_line, read_chunks
+from cpmctl.model.tokenizer import BOS, EOS, CPMAntTokenizer
+
+PROMPT_LENGTH = 32
+MLM, LM = 1, 2
+MIN_PIECE = 32
+RESERVED = PROMPT_LENGTH + 2  # prompt slots + <s> + </s>
+
+
+@dataclass
+class PackSettings:
+    max_length: int = 1024
+    seed: int = 0
+    valid_fraction: float = 0.0
+    mask_ratio: float = 0.15  # share of an mlm piece's tokens to predict (the reference does not state it)
+    lm_fraction: float = 0.5
+    pack_window: int = 64  # open rows first-fit chooses among
+
+    @property
+    def piece_length(self) -> int:
+        return self.max_length - RESERVED
+
+    def validate(self) -> None:
+        if self.max_length < RESERVED + MIN_PIECE:
+            raise CpmctlError(f"--max-length must be at least {RESERVED + MIN_PIECE}, got {self.max_length}")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise CpmctlError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
+        if not 0.0 < self.mask_ratio <= 1.0:
+            raise CpmctlError(f"--mask-ratio must be in (0, 1], got {self.mask_ratio}")
+        if not 0.0 <= self.lm_fraction <= 1.0:
+            raise CpmctlError(f"lm fraction must be in [0, 1], got {self.lm_fraction}")
+
+
+@dataclass
+class Record:
+    input: np.ndarray  # int32 unified ids
+    target: np.ndarray  # int32
+    segment: np.ndarray  # uint8
+    context: np.ndarray  # uint8
+    task: int
+
+    def __len__(self) -> int:
+        return len(self.input)
+
+
+def make_record(piece: list[int], task: int, rng: random.Random, vocab_size: int, mask_ratio: float) -> Record:
+    """One training record from a piece of token ids."""
+    n = len(piece)
+    prompt = [vocab_size + PROMPT_LENGTH * task + j for j in range(PROMPT_LENGTH)]
+    ids = np.array(prompt + [BOS] + piece + [EOS], dtype=np.int32)
+    context = np.ones(len(ids), dtype=np.uint8)
+    text = PROMPT_LENGTH  # index of <s>
+    if task == LM:
+        split = rng.randint(1, n)  # piece tokens split.. and </s> are predicted; <s> and before are given
+        context[text + split :] = 0
+    else:
+        k = max(1, round(n * mask_ratio))
+        for j in rng.sample(range(1, n + 1), k):
+            context[text + j] = 0
+    target = np.full(len(ids), IGNORE, dtype=np.int32)
+    predict = context[1:] == 0
+    target[:-1][predict] = ids[1:][predict]
+    segment = np.zeros(len(ids), dtype=np.uint8)
+    segment[text:] = LM if task == LM else MLM  # segment 2 for lm text, 1 for mlm text
+    return Record(ids, target, segment, context, task)
+
+
+def document_rng(seed: int, shard_index: int, line: int) -> random.Random:
+    return random.Random(xxhash.xxh64_intdigest(f"{seed}:{shard_index}:{line}".encode()))
+
+
+def in_valid_split(seed: int, shard_index: int, line: int, fraction: float) -> bool:
+    if fraction <= 0:
+        return False
+    h = xxhash.xxh64_intdigest(f"valid:{seed}:{shard_index}:{line}".encode())
+    return h / 2.0**64 < fraction
+
+
+def document_records(ids: list[int], settings: PackSettings, rng: random.Random, vocab_size: int) -> list[Record]:
+    records = []
+    step = settings.piece_length
+    for start in range(0, len(ids), step):
+        piece = ids[start : start + step]
+        if len(piece) < MIN_PIECE:
+            break
+        task = LM if rng.random() < settings.lm_fraction else MLM
+        records.append(make_record(piece, task, rng, vocab_size, settings.mask_ratio))
+    return records
+
+
+# ----- worker side ---------------------------------------------------------------------------------------------
+_state: dict = {}
+
+
+def _init_worker(vocab: str, settings: PackSettings, fmt: str, shard_index: int) -> None:
+    _state.update(tokenizer=CPMAntTokenizer(vocab), settings=settings, fmt=fmt, shard=shard_index)
+
+
+def records_for_chunk(item: tuple[int, list[bytes]]) -> dict:
+    """Records of every document of a chunk: {"docs": [(valid, [records])], "tokens", "malformed"}."""
+    tok, settings, fmt, shard = _state["tokenizer"], _state["settings"], _state["fmt"], _state["shard"]
+    first, lines = item
+    docs, malformed, tokens = [], [], 0
+    for i, line in enumerate(lines):
+        try:
+            parsed = parse_line(line, fmt)
+        except MalformedLine as e:
+            malformed.append((i, str(e)))
+            continue
+        if parsed is None:
+            continue
+        ids = tok.encode_for_model(parsed[0].strip("\n"))
+        tokens += len(ids)
+        rng = document_rng(settings.seed, shard, first + i)
+        valid = in_valid_split(settings.seed, shard, first + i, settings.valid_fraction)
+        docs.append((valid, document_records(ids, settings, rng, tok.vocab_size)))
+    return {"docs": docs, "tokens": tokens, "malformed": malformed}
+
+
+# ----- main side: packing rows ---------------------------------------------------------------------------------
+class RowPacker:
+    """First-fit packing of records into max_length rows among a window of open rows; a row leaves the window
+    (is written) when full or when the window needs room, so output order is deterministic."""
+
+    def __init__(self, writer: PackedWriter, max_length: int, window: int):
+        self.writer, self.max_length, self.window = writer, max_length, window
+        self.open: list[list[Record]] = []
+        self.used: list[int] = []
+        self.records = {name: 0 for name in TASK_NAMES.values()}
+        self.tokens = 0
+
+    def add(self, record: Record) -> None:
+        n = len(record)
+        self.records[TASK_NAMES[record.task]] += 1
+        self.tokens += n
+        for i, used in enumerate(self.used):
+            if used + n <= self.max_length:
+                self.open[i].append(record)
+                self.used[i] += n
+                if self.used[i] == self.max_length:
+                    self._write(i)
+                return
+        if len(self.open) >= self.window:
+            self._write(max(range(len(self.used)), key=lambda i: self.used[i]))
+        self.open.append([record])
+        self.used.append(n)
+        if n == self.max_length:
+            self._write(len(self.open) - 1)
+
+    def _write(self, i: int) -> None:
+        records = self.open.pop(i)
+        self.used.pop(i)
+        self.writer.add_row(**pack_row(records, self.max_length))
+
+    def finish(self) -> None:
+        while self.open:
+            self._write(0)
+
+
+def pack_row(records: list[Record], max_length: int) -> dict[str, np.ndarray]:
+    """One row: the records back to back, span k for record k, then padding (id 0, context False, target -100,
+    task -1) in the next span."""
+    row = {
+        "input": np.zeros(max_length, np.int32),
+        "target": np.full(max_length, IGNORE, np.int32),
+        "segment": np.zeros(max_length, np.uint8),
+        "context": np.zeros(max_length, np.uint8),
+        "span": np.full(max_length, len(records), np.int16),
+        "task": np.full(max_length, -1, np.int8),
+    }
+    pos = 0
+    for k, r in enumerate(records):
+        end = pos + len(r)
+        row["input"][pos:end] = r.input
+        row["target"][pos:end] = r.target
+        row["segment"][pos:end] = r.segment
+        row["context"][pos:end] = r.context
+        row["span"][pos:end] = k
+        row["task"][pos:end] = r.task
+        pos = end
+    return row
+
+
+@dataclass
+class PackResult:
+    out: str
+    documents: int = 0
+    malformed: int = 0
+    short_documents: int = 0  # fewer than 32 tokens: no record
+    tokens: int = 0  # document tokens after <unk> removal
+    bytes: int = 0
+    seconds: float = 0.0
+    splits: dict = field(default_factory=dict)  # train/valid: rows, records per task, fill
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["seconds"] = round(self.seconds, 3)
+        return d
+
+
+def pack(
+    shards: list[Shard],
+    vocab: str | Path,
+    out: str | Path,
+    settings: PackSettings,
+    workers: int = 1,
+    strict: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    on_progress: Callable[[int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> PackResult:
+    settings.validate()
+    tokenizer = CPMAntTokenizer(vocab)  # checks the vocabulary before any work
+    check_readable(shards)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CpmctlError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "train" / "meta.json").exists():
+        raise CpmctlError(f"--out {out}: a non-empty directory that is not a packed dataset; choose a new one")
+    vocab_bytes = Path(vocab).read_bytes()
+    vocab_md5 = hashlib.md5(vocab_bytes).hexdigest()
+    errors = LineErrors(strict, warn)
+    result = PackResult(str(out))
+    start = time.perf_counter()
+    meta = {"vocab_md5": vocab_md5, "seed": settings.seed, "sources": [str(s.path) for s in shards],
+            "settings": settings.__dict__ | {"piece_length": settings.piece_length}}
+    split_names = ["train", "valid"] if settings.valid_fraction > 0 else ["train"]
+    out.mkdir(parents=True, exist_ok=True)
+    writers = {name: PackedWriter(out / name, settings.max_length, tokenizer.vocab_size, split=name, **meta)
+               for name in split_names}
+    packers = {name: RowPacker(w, settings.max_length, settings.pack_window) for name, w in writers.items()}
+    try:
+        for index, shard in enumerate(shards):
+            chunks = read_chunks(shard, chunk_bytes)
+            initargs = (str(vocab), settings, shard.format, index)
+            for (first, lines), res in ordered_map(records_for_chunk, chunks, workers, _init_worker, initargs):
+                for offset, reason in res["malformed"]:
+                    errors(shard.path, first + offset, reason)
+                result.malformed += len(res["malformed"])
+                result.tokens += res["tokens"]
+                for valid, records in res["docs"]:
+                    result.documents += 1
+                    result.short_documents += not records
+                    packer = packers["valid" if valid else "train"]
+                    for r in records:
+                        packer.add(r)
+                n = sum(map(len, lines))
+                result.bytes += n
+                if on_progress:
+                    on_progress(n)
+        for name, packer in packers.items():
+            packer.finish()
+            w = writers[name]
+            fill = packer.tokens / (w.rows * settings.max_length) if w.rows else 0.0
+            summary = {"rows": w.rows, "records": sum(packer.records.values()), "records_per_task": packer.records,
+                       "tokens": packer.tokens, "fill": round(fill, 4)}
+            w.close(**summary)
+            result.splits[name] = summary
+    except BaseException:
+        for w in writers.values():
+            if w.tmp.exists():
+                w.abort()
+        raise
+    if "valid" not in split_names and (out / "valid" / "meta.json").exists():
+        shutil.rmtree(out / "valid")  # left by an earlier run with a validation split
+    shutil.copyfile(vocab, out / "vocab.txt")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# ----- inspection ----------------------------------------------------------------------------------------------
+def split_dirs(path: str | Path) -> dict[str, Path]:
+    """The packed datasets under `path`: its train/valid splits, or `path` itself."""
+    path = Path(path)
+    if (path / "meta.json").exists():
+        return {path.name: path}
+    found = {name: path / name for name in ("train", "valid") if (path / name / "meta.json").exists()}
+    if not found:
+        raise CpmctlError(f"{path}: not a packed dataset (no meta.json, no train/ or valid/; see `cpmctl data pack`)")
+    return found
+
+
+def decode_records(dataset: PackedDataset, row: int, tokenizer: CPMAntTokenizer) -> list[dict]:
+    """The records of one row: task, length, and the text with the tokens to predict marked ⟦like this⟧."""
+    r = dataset.rows(row)
+    records = []
+    for span in np.unique(r["span"]):
+        sel = r["span"] == span
+        task = int(r["task"][sel][0])
+        if task < 0:
+            continue
+        ids, ctx = r["input"][sel], r["context"][sel]
+        text_ids = [(int(i), bool(c)) for i, c in zip(ids, ctx) if i < dataset.vocab_size]
+        parts, inside = [], False
+        for tok, given in text_ids:
+            if not given and not inside:
+                parts.append("⟦")
+            elif given and inside:
+                parts.append("⟧")
+            inside = not given
+            parts.append(tokenizer.decode([tok]))
+        if inside:
+            parts.append("⟧")
+        records.append({"task": TASK_NAMES.get(task, str(task)), "tokens": int(sel.sum()),
+                        "predicted": int((~ctx.astype(bool)).sum()), "text": "".join(parts)})
+    return records
+
+
+def split_counts(dataset: PackedDataset) -> dict:
+    """Rows, records per task, tokens and fill, from meta.json when `data pack` wrote them, else from the arrays."""
+    meta = dataset.meta
+    if "records_per_task" in meta and "tokens" in meta:
+        per_task, tokens = dict(meta["records_per_task"]), int(meta["tokens"])
+    else:
+        task, span = dataset.arrays["task"], dataset.arrays["span"]
+        per_task = {name: 0 for name in TASK_NAMES.values()}
+        tokens = 0
+        for start in range(0, len(dataset), 4096):
+            t, s = np.asarray(task[start : start + 4096]), np.asarray(span[start : start + 4096])
+            tokens += int((t >= 0).sum())
+            first = np.ones_like(s, dtype=bool)
+            first[:, 1:] = s[:, 1:] != s[:, :-1]  # the first token of each span starts a record
+            for value, name in TASK_NAMES.items():
+                per_task[name] += int((first & (t == value)).sum())
+    capacity = len(dataset) * dataset.max_length
+    return {"rows": len(dataset), "max_length": dataset.max_length, "records": sum(per_task.values()),
+            "records_per_task": per_task, "tokens": tokens, "target_tokens": int(meta.get("target_tokens", 0)),
+            "fill": tokens / capacity if capacity else 0.0, "vocab_size": dataset.vocab_size,
+            "vocab_md5": meta.get("vocab_md5")}
+
+
+def inspect_splits(path: str | Path, vocab: str | Path | None = None, rows: int = 2) -> dict[str, dict]:
+    """Counts and a few decoded records of each split under `path`."""
+    path = Path(path)
+    splits = split_dirs(path)
+    if vocab is None:
+        candidates = [path / "vocab.txt", path.parent / "vocab.txt"]
+        vocab = next((c for c in candidates if c.exists()), None)
+        if vocab is None:
+            raise CpmctlError(f"{path}: no vocab.txt beside the packed data; pass --vocab")
+    tokenizer = CPMAntTokenizer(vocab)
+    result = {}
+    for name, split in splits.items():
+        dataset = PackedDataset(split)
+        dataset.check_vocab(tokenizer.vocab_size, "vocab file")
+        md5 = dataset.meta.get("vocab_md5")
+        if md5 and md5 != hashlib.md5(Path(vocab).read_bytes()).hexdigest():
+            raise CpmctlError(f"{split}: packed with another vocabulary (md5 {md5}) than {vocab}")
+        info = {"path": str(split), **split_counts(dataset), "samples": []}
+        for row in range(min(rows, len(dataset))):
+            for record in decode_records(dataset, row, tokenizer):
+                info["samples"].append({"row": row, **record})
+        result[name] = info
+    return result

@@ -1,0 +1,249 @@
+"""The dedup store: one SQLite database file (docs/formats.md, "Dedup store").
+
+Tables
+  meta(key, value)      format, version, hash, threshold, normalize, paragraphs (row count kept up to date)
+  paragraphs(hash)      signed 64-bit xxh3_64 of each paragraph ever added (the rowid: compact and indexed)
+  inputs(...)           one row per input file a run has started: path, size, mtime, lines done, complete
+  batches(...)          per committed chunk of an input: its line range, a fingerprint of its bytes, one decision
+                        byte per line and its paragraph count, so a rerun reproduces earlier decisions exactly
+
+Each chunk's paragraphs, decisions and progress are committed in one transaction, so a killed run loses at most
+the chunk in flight. WAL journaling with synchronous=NORMAL survives a killed process; the page cache is fixed,
+so memory stays flat however large the store grows. One run at a time holds the store (an exclusive lock file).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cpmctl import CpmctlError
+
+FORMAT = "cpmctl-dedup"
+VERSION = 1
+HASH = "xxh3_64"
+DEFAULT_THRESHOLD = 0.7
+CACHE_MB = 64
+_IN_BATCH = 30000  # host parameters per SELECT ... IN (SQLite allows 32766)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS paragraphs (hash INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS inputs (
+    id INTEGER PRIMARY KEY, path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    lines INTEGER NOT NULL DEFAULT 0, complete INTEGER NOT NULL DEFAULT 0, started REAL, finished REAL
+);
+CREATE INDEX IF NOT EXISTS inputs_by_path ON inputs(path);
+CREATE TABLE IF NOT EXISTS batches (
+    input INTEGER NOT NULL, first_line INTEGER NOT NULL, lines INTEGER NOT NULL, fingerprint INTEGER NOT NULL,
+    codes BLOB NOT NULL, paragraphs INTEGER NOT NULL, PRIMARY KEY (input, first_line)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass
+class InputRecord:
+    id: int
+    path: str
+    lines: int
+    complete: bool
+
+
+class DedupStore:
+    def __init__(self, path: Path, conn: sqlite3.Connection, lock_fd: int, settings):
+        self.path, self.conn, self._lock_fd, self.settings = path, conn, lock_fd, settings
+        self.paragraph_count = int(self._meta().get("paragraphs", 0))
+        self.last_inserted = 0
+
+    # ----- opening -----------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, threshold: float | None = None, normalize: bool | None = None) -> "DedupStore":
+        """Open or create the store. Settings not given are taken from the store (or the defaults for a new one);
+        settings given must equal the recorded ones."""
+        from cpmctl.data.dedup import DedupSettings
+
+        path = Path(path)
+        if path.exists() and path.is_dir():
+            raise CpmctlError(f"--store {path}: is a directory; name a .sqlite file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock_fd = _lock(path)
+        try:
+            conn = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+            try:
+                _configure(conn)
+                existing = _table_names(conn)
+            except sqlite3.DatabaseError as e:
+                conn.close()
+                raise CpmctlError(f"--store {path}: not a usable SQLite database ({e}); is it the right file?") from None
+            if existing and "meta" not in existing:
+                raise CpmctlError(f"--store {path}: a SQLite database but not a cpmctl dedup store")
+            if not existing:
+                settings = DedupSettings(DEFAULT_THRESHOLD if threshold is None else threshold, bool(normalize))
+                settings.validate()
+                _create(conn, settings)
+            else:
+                settings = _check_settings(path, conn, threshold, normalize)
+            return cls(path, conn, lock_fd, settings)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    def close(self) -> None:
+        self.conn.close()
+        os.close(self._lock_fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def _meta(self) -> dict[str, str]:
+        return dict(self.conn.execute("SELECT key, value FROM meta"))
+
+    # ----- paragraphs --------------------------------------------------------------------------------------
+    def lookup(self, hashes) -> set[int]:
+        """The subset of `hashes` already in the store."""
+        hashes = list(hashes)
+        found: set[int] = set()
+        for i in range(0, len(hashes), _IN_BATCH):
+            part = hashes[i : i + _IN_BATCH]
+            sql = f"SELECT hash FROM paragraphs WHERE hash IN ({','.join('?' * len(part))})"
+            found.update(row[0] for row in self.conn.execute(sql, part))
+        return found
+
+    def __contains__(self, h: int) -> bool:
+        return self.conn.execute("SELECT 1 FROM paragraphs WHERE hash = ?", (h,)).fetchone() is not None
+
+    # ----- inputs and the decision journal ------------------------------------------------------------------
+    def begin_input(self, path: Path) -> InputRecord:
+        """The record of this input: a finished one with the same path, size and mtime (to replay), an
+        unfinished one with the same path (to resume), or a new one."""
+        key = str(path.resolve())
+        st = path.stat()
+        row = self.conn.execute(
+            "SELECT id, lines FROM inputs WHERE path = ? AND size = ? AND mtime_ns = ? AND complete = 1 "
+            "ORDER BY id DESC LIMIT 1", (key, st.st_size, st.st_mtime_ns)).fetchone()
+        if row:
+            return InputRecord(row[0], key, row[1], True)
+        row = self.conn.execute(
+            "SELECT id, lines FROM inputs WHERE path = ? AND complete = 0 ORDER BY id DESC LIMIT 1", (key,)).fetchone()
+        if row:
+            return InputRecord(row[0], key, row[1], False)
+        cur = self.conn.execute("INSERT INTO inputs(path, size, mtime_ns, started) VALUES (?, ?, ?, ?)",
+                                (key, st.st_size, st.st_mtime_ns, time.time()))
+        return InputRecord(cur.lastrowid, key, 0, False)
+
+    def batches(self, input_id: int) -> list[tuple[int, int, int, bytes, int]]:
+        """(first line, lines, fingerprint, codes, paragraphs) of an input's committed chunks, in order."""
+        return [
+            (r[0], r[1], r[2], bytes(r[3]), r[4])
+            for r in self.conn.execute(
+                "SELECT first_line, lines, fingerprint, codes, paragraphs FROM batches WHERE input = ? "
+                "ORDER BY first_line", (input_id,))
+        ]
+
+    def commit_batch(self, record: InputRecord, first_line: int, lines: int, fingerprint: int, codes: bytes,
+                     new_hashes: list[int], paragraphs: int) -> None:
+        """One transaction: the chunk's new paragraphs, its decisions and the input's progress."""
+        if first_line != record.lines:
+            raise CpmctlError(f"{record.path}: chunk at line {first_line + 1} does not follow the {record.lines} "
+                              "lines already committed")
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            before = conn.total_changes
+            conn.executemany("INSERT OR IGNORE INTO paragraphs(hash) VALUES (?)", ((h,) for h in new_hashes))
+            self.last_inserted = conn.total_changes - before
+            conn.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?)",
+                         (record.id, first_line, lines, fingerprint, codes, paragraphs))
+            conn.execute("UPDATE inputs SET lines = ? WHERE id = ?", (first_line + lines, record.id))
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'paragraphs'",
+                         (str(self.paragraph_count + self.last_inserted),))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self.paragraph_count += self.last_inserted
+        record.lines = first_line + lines
+
+    def finish_input(self, record: InputRecord) -> None:
+        if not record.complete:
+            self.conn.execute("UPDATE inputs SET complete = 1, finished = ? WHERE id = ?", (time.time(), record.id))
+            record.complete = True
+
+    # ----- upkeep ------------------------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log into the main file, so a finished run leaves one self-contained file."""
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+
+    def info(self) -> dict:
+        meta = self._meta()
+        inputs = self.conn.execute("SELECT count(*), sum(complete), sum(lines) FROM inputs").fetchone()
+        return {"store": str(self.path), "paragraphs": self.paragraph_count, "bytes": self.size_bytes(),
+                "threshold": self.settings.threshold, "normalize": self.settings.normalize, "hash": meta.get("hash"),
+                "inputs": inputs[0] or 0, "inputs_complete": inputs[1] or 0, "lines": inputs[2] or 0}
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CpmctlError(f"--store {path}: in use by another dedup run (lock {path}.lock)") from None
+    return fd
+
+
+def _configure(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(f"PRAGMA cache_size=-{CACHE_MB * 1024}")
+    conn.execute("PRAGMA temp_store=MEMORY")
+
+
+def _table_names(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _create(conn: sqlite3.Connection, settings) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    for statement in _SCHEMA.strip().split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    meta = {"format": FORMAT, "version": str(VERSION), "hash": HASH, "threshold": repr(settings.threshold),
+            "normalize": "true" if settings.normalize else "false", "paragraphs": "0", "created": str(time.time())}
+    conn.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+    conn.execute("COMMIT")
+
+
+def _check_settings(path: Path, conn: sqlite3.Connection, threshold: float | None, normalize: bool | None):
+    from cpmctl.data.dedup import DedupSettings
+
+    meta = dict(conn.execute("SELECT key, value FROM meta"))
+    if meta.get("format") != FORMAT:
+        raise CpmctlError(f"--store {path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if int(meta.get("version", 0)) > VERSION:
+        raise CpmctlError(f"--store {path}: version {meta.get('version')} is newer than this cpmctl reads ({VERSION})")
+    if meta.get("hash") != HASH:
+        raise CpmctlError(f"--store {path}: hashes are {meta.get('hash')}, this cpmctl computes {HASH}")
+    try:
+        stored = DedupSettings(float(meta["threshold"]), meta["normalize"] == "true")
+    except (KeyError, ValueError):
+        raise CpmctlError(f"--store {path}: meta table lacks threshold/normalize; not a complete cpmctl store") from None
+    if threshold is not None and abs(threshold - stored.threshold) > 1e-12:
+        raise CpmctlError(f"--store {path}: written with --threshold {stored.threshold}, this run asks {threshold}; "
+                          "use the same settings or a new store")
+    if normalize is not None and bool(normalize) != stored.normalize:
+        raise CpmctlError(f"--store {path}: written with normalize={str(stored.normalize).lower()}, this run asks "
+                          f"{str(bool(normalize)).lower()}; use the same settings or a new store")
+    return stored

@@ -1,0 +1,364 @@
+"""Raw text in and out, shared by `data filter`, `dedup`, `vocab` and `pack`.
+
+Two formats (docs/formats.md, "Raw text"):
+  jsonl  one JSON object per line with a string field `text` (paragraphs separated by "\\n"); other fields are
+         carried through untouched. Blank lines are ignored.
+  text   the original CPM-Live format: one document per line, paragraphs separated by the literal `<n>`.
+Either may be gzip (.gz) or zstd (.zst) compressed. An input is a file, a directory (every data file below it) or
+a glob; its files are read in sorted order, so every command sees the documents in one deterministic order.
+
+Inside cpmctl a document's text always separates paragraphs with "\\n"; `<n>` exists only on disk.
+Outputs are written atomically: a file output goes to a temp name and is renamed when complete; a directory output
+(shards part-00000.<ext>, part-00001.<ext>, ...) is built in a temp directory and swapped in when complete.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from cpmctl import CpmctlError
+
+FORMATS = ("jsonl", "text")
+FORMAT_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "text", ".text": "text"}
+COMPRESSION_EXTENSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+TEXT_PARAGRAPH_SEP = "<n>"
+MANIFEST = "manifest.json"
+DEFAULT_CHUNK_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    format: str  # jsonl | text
+    compression: str | None  # gzip | zstd | None
+
+
+class MalformedLine(ValueError):
+    """A line that is not a document (bad JSON, no string `text`, bad UTF-8); skipped and counted or fatal."""
+
+
+# ----- naming --------------------------------------------------------------------------------------------------
+def split_extension(path: str | Path) -> tuple[str | None, str | None]:
+    """(format, compression) from a file name: data.jsonl.gz -> ("jsonl", "gzip"); unknown -> (None, None)."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    compression = None
+    if suffixes and suffixes[-1] in COMPRESSION_EXTENSIONS:
+        compression = COMPRESSION_EXTENSIONS[suffixes.pop()]
+    fmt = FORMAT_EXTENSIONS.get(suffixes[-1]) if suffixes else None
+    return fmt, compression
+
+
+def extension_for(fmt: str, compression: str | None) -> str:
+    ext = ".jsonl" if fmt == "jsonl" else ".txt"
+    return ext + {None: "", "gzip": ".gz", "zstd": ".zst"}[compression]
+
+
+def resolve_inputs(specs: list[str | Path], fmt: str = "auto") -> list[Shard]:
+    """The shards named by files, directories and globs, in a deterministic order, all of one format."""
+    if fmt not in ("auto", *FORMATS):
+        raise CpmctlError(f"--format must be auto, jsonl or text, got '{fmt}'")
+    if not specs:
+        raise CpmctlError("no --input given")
+    paths: list[Path] = []
+    for spec in specs:
+        text = str(spec)
+        path = Path(text)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _is_data_file(p, fmt))
+            if not found:
+                raise CpmctlError(f"{path}: directory has no .jsonl/.txt files (optionally .gz/.zst)")
+            paths.extend(found)
+        elif path.exists():
+            paths.append(path)
+        elif glob.has_magic(text):
+            found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            if not found:
+                raise CpmctlError(f"--input {text}: the pattern matches no file")
+            paths.extend(found)
+        else:
+            raise CpmctlError(f"input not found: {path}")
+    shards, seen = [], set()
+    for p in paths:
+        key = p.resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        ext_fmt, compression = split_extension(p)
+        shard_fmt = ext_fmt if fmt == "auto" else fmt
+        if shard_fmt is None:
+            raise CpmctlError(f"{p}: cannot tell the format from the extension; name it .jsonl/.txt or pass --format")
+        if not os.access(p, os.R_OK):
+            raise CpmctlError(f"{p}: not readable (permission denied)")
+        shards.append(Shard(p, shard_fmt, compression))
+    formats = {s.format for s in shards}
+    if len(formats) > 1:
+        raise CpmctlError(f"inputs mix formats ({', '.join(sorted(formats))}); give one format per run")
+    return shards
+
+
+def _is_data_file(path: Path, fmt: str) -> bool:
+    if path.name.startswith("."):  # temp files of an unfinished write
+        return False
+    ext_fmt, _ = split_extension(path)
+    return ext_fmt is not None and (fmt == "auto" or ext_fmt == fmt)
+
+
+# ----- reading -------------------------------------------------------------------------------------------------
+def open_binary(path: Path, compression: str | None):
+    """A buffered binary reader that decompresses on the fly."""
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise CpmctlError(f"{path}: cannot open ({e.strerror})") from None
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if compression == "zstd":
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
+    return raw
+
+
+def read_chunks(shard: Shard, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[tuple[int, list[bytes]]]:
+    """(first line index, raw lines) chunks of about `chunk_bytes`; a damaged file is a one-line error."""
+    line_no = 0
+    with open_binary(shard.path, shard.compression) as f:
+        while True:
+            try:
+                lines = f.readlines(chunk_bytes)
+            except (OSError, EOFError, zlib.error) as e:
+                raise CpmctlError(f"{shard.path}: unreadable after line {line_no} ({_short(e)})") from None
+            except Exception as e:  # zstandard.ZstdError and friends
+                if type(e).__module__.startswith("zstandard"):
+                    raise CpmctlError(f"{shard.path}: unreadable after line {line_no} ({_short(e)})") from None
+                raise
+            if not lines:
+                return
+            yield line_no, lines
+            line_no += len(lines)
+
+
+def check_readable(shards: list[Shard]) -> None:
+    """Fail early, before any output or store write, when a shard cannot even be opened and started."""
+    for shard in shards:
+        try:
+            with open_binary(shard.path, shard.compression) as f:
+                f.read(1 << 12)
+        except CpmctlError:
+            raise
+        except Exception as e:  # noqa: BLE001 - gzip, zstd and OS errors all mean "unreadable"
+            raise CpmctlError(f"{shard.path}: unreadable ({_short(e)})") from None
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:160]
+
+
+def parse_line(line: bytes, fmt: str) -> tuple[str, dict | None] | None:
+    """(text with "\\n" between paragraphs, the JSON record or None); None for a blank jsonl line.
+    Raises MalformedLine for a line that is not a document."""
+    if fmt == "jsonl":
+        if not line.strip():
+            return None
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MalformedLine(f"not valid JSON ({getattr(e, 'msg', e)})") from None
+        if not isinstance(record, dict):
+            raise MalformedLine("not a JSON object")
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise MalformedLine("no string field 'text'")
+        return text, record
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MalformedLine(f"not UTF-8 (byte {e.start})") from None
+    return text.rstrip("\r\n").replace(TEXT_PARAGRAPH_SEP, "\n"), None
+
+
+def paragraphs(text: str) -> list[str]:
+    """Stripped, non-empty paragraphs."""
+    return [p for p in (q.strip() for q in text.split("\n")) if p]
+
+
+def format_document(text: str, record: dict | None, fmt: str) -> bytes:
+    """One output line; a jsonl record keeps all its other fields."""
+    if fmt == "jsonl":
+        record = dict(record or {})
+        record["text"] = text
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    return (text.replace("\n", TEXT_PARAGRAPH_SEP) + "\n").encode("utf-8")
+
+
+def as_output_line(line: bytes) -> bytes:
+    """A raw input line copied to an output: same bytes, newline-terminated."""
+    line = line.rstrip(b"\r\n")
+    return line + b"\n"
+
+
+class LineErrors:
+    """Malformed-line policy: count (and name the first few) or, with --strict, stop at the first."""
+
+    def __init__(self, strict: bool, warn=None, max_warnings: int = 5):
+        self.strict, self.warn, self.max_warnings = strict, warn, max_warnings
+        self.count = 0
+
+    def __call__(self, path: Path, line_index: int, reason: str) -> None:
+        where = f"{path}:{line_index + 1}"
+        if self.strict:
+            raise CpmctlError(f"{where}: {reason} (--strict stops at malformed lines)")
+        self.count += 1
+        if self.warn is not None and self.count <= self.max_warnings:
+            self.warn(f"{where}: skipped, {reason}")
+
+
+# ----- writing -------------------------------------------------------------------------------------------------
+def open_writer(path: Path, compression: str | None):
+    raw = open(path, "wb")
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0), raw
+    if compression == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False), raw
+    return raw, raw
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    documents: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class OutputSpec:
+    path: Path
+    format: str
+    compression: str | None
+    is_dir: bool
+
+
+def output_spec(out: str | Path, fmt: str, compression: str | None) -> OutputSpec:
+    """A path with a data extension is one file; anything else is a directory of shards. The format must match."""
+    path = Path(out)
+    ext_fmt, ext_compression = split_extension(path)
+    if ext_fmt is None:
+        if path.exists() and not path.is_dir():
+            raise CpmctlError(f"--output {path}: exists and is not a directory (name a .jsonl/.txt file or a directory)")
+        if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST).exists():
+            raise CpmctlError(f"--output {path}: a non-empty directory not written by cpmctl; choose a new one")
+        return OutputSpec(path, fmt, compression, True)
+    if ext_fmt != fmt:
+        raise CpmctlError(f"--output {path}: the input is {fmt} but the output name says {ext_fmt}")
+    if path.is_dir():
+        raise CpmctlError(f"--output {path}: is a directory")
+    return OutputSpec(path, fmt, ext_compression, False)
+
+
+class DocumentWriter:
+    """Writes output lines to a single file or to size-capped shards; nothing is visible until `close()`.
+
+    `abort()` (or an exception) removes everything written; a killed process leaves only dot-named temp files."""
+
+    def __init__(self, spec: OutputSpec, shard_bytes: int = 512 << 20):
+        self.spec, self.shard_bytes = spec, shard_bytes
+        self.shards: list[ShardInfo] = []
+        self.documents = 0
+        self.bytes = 0
+        self._file = self._raw = None
+        parent = spec.path.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        if spec.is_dir:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{spec.path.name}.", suffix=".tmp", dir=parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{spec.path.name}.", suffix=".tmp", dir=parent)
+            os.close(fd)
+            self.tmp = Path(name)
+            self._file, self._raw = open_writer(self.tmp, spec.compression)
+            self.shards.append(ShardInfo(spec.path.name))
+
+    def _next_shard(self) -> None:
+        self._close_file()
+        name = f"part-{len(self.shards):05d}{extension_for(self.spec.format, self.spec.compression)}"
+        self._file, self._raw = open_writer(self.tmp / name, self.spec.compression)
+        self.shards.append(ShardInfo(name))
+
+    def write(self, line: bytes) -> None:
+        if self.spec.is_dir and (self._file is None or self.shards[-1].bytes >= self.shard_bytes):
+            self._next_shard()
+        self._file.write(line)
+        shard = self.shards[-1]
+        shard.documents += 1
+        shard.bytes += len(line)
+        self.documents += 1
+        self.bytes += len(line)
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            if self._raw is not self._file:
+                self._raw.flush()
+                os.fsync(self._raw.fileno())
+                self._raw.close()
+            self._file = self._raw = None
+
+    def close(self, **manifest) -> Path:
+        """Finish and rename into place; a directory gets a manifest.json listing its shards."""
+        if self.spec.is_dir and self._file is None:
+            self._next_shard()  # an empty result is still one (empty) shard
+        self._close_file()
+        if self.spec.is_dir:
+            info = {"format": self.spec.format, "compression": self.spec.compression, "documents": self.documents,
+                    "shards": [s.__dict__ for s in self.shards], **manifest}
+            (self.tmp / MANIFEST).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            old = None
+            if self.spec.path.exists():
+                old = self.spec.path.with_name(f".{self.spec.path.name}.old-{os.getpid()}")
+                os.replace(self.spec.path, old)
+            os.replace(self.tmp, self.spec.path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.spec.path)
+        return self.spec.path
+
+    def abort(self) -> None:
+        try:
+            self._close_file()
+        finally:
+            if self.tmp.is_dir():
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            elif self.tmp.exists():
+                self.tmp.unlink()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
+
+
+@dataclass
+class ReadStats:
+    """Counts every command reports the same way."""
+
+    files: int = 0
+    lines: int = 0
+    bytes: int = 0
+    malformed: int = 0
+    per_file: dict = field(default_factory=dict)

@@ -1,0 +1,400 @@
+"""Memory-limited execution: some transformer blocks stay on the device, the others stream into two rotating
+buffers just ahead of their turn (the BMInf idea, built on plain PyTorch).
+
+The model is an ordinary CPMAnt, so decode.py's greedy / sampling / beam search run on it unchanged. A streamed
+block's parameters are placeholders on the meta device; a forward pre-hook binds them to views of the buffer that
+holds the block, and starts copying the next streamed block into the other buffer; a forward hook unbinds them and
+marks the buffer free. On CUDA the copy runs on a side stream from pinned host memory (one flat copy per block) and
+the compute stream waits on an event; on the CPU device the "copy" folds the block's tensors out of the memory-
+mapped checkpoint on a worker thread. Either way the arithmetic is the same as the fully resident model's, so the
+outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from cpmctl import CpmctlError
+from cpmctl.generate.lazy import MappedCheckpoint
+from cpmctl.generate.plan import (
+    GB,
+    LayoutEntry,
+    MemoryPlan,
+    block_layout,
+    format_blocks,
+    generation_shape,
+    layout_bytes,
+    memory_limit_bytes,
+    plan_memory,
+)
+from cpmctl.generate.quant import (
+    check_int8_support,
+    check_quantize_name,
+    quantize_weight,
+    replace_linears,
+    scale_dtype,
+)
+from cpmctl.model.ant import CPMAnt, build_model
+from cpmctl.model.checkpoint import CheckpointInfo
+
+BLOCK_PREFIX = "encoder.layers"
+
+
+# ----- accounting ----------------------------------------------------------------------------------------------
+class MemoryLedger:
+    """Bytes of weights the executor holds on the device, by kind, with the peak; thread-safe (the CPU worker
+    charges its staging tensors from its own thread)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.current = 0
+        self.peak = 0
+        self.by_kind: dict[str, int] = {}
+
+    def charge(self, kind: str, nbytes: int) -> None:
+        with self._lock:
+            self.current += nbytes
+            self.by_kind[kind] = self.by_kind.get(kind, 0) + nbytes
+            self.peak = max(self.peak, self.current)
+
+    def release(self, kind: str, nbytes: int) -> None:
+        with self._lock:
+            self.current -= nbytes
+            self.by_kind[kind] -= nbytes
+
+
+# ----- producing a block's tensors -----------------------------------------------------------------------------
+def block_tensors(ckpt: MappedCheckpoint, layer: int, layout: list[LayoutEntry], dtype: torch.dtype,
+                  ledger: MemoryLedger | None = None) -> Iterator[tuple[LayoutEntry, torch.Tensor]]:
+    """(entry, tensor) for every tensor of block `layer`: folded from the mapping into `dtype`, and quantized to
+    int8 + scales where the layout asks for it (from the folded `dtype` weight, as quantize_model does).
+
+    While a tensor is produced and consumed, its fp32 temporaries are charged to `ledger` as staging."""
+    by_name = {e.name: e for e in layout}
+    for entry in layout:
+        if entry.name.endswith(".scale"):
+            continue  # produced with its weight_int8
+        int8 = entry.name.endswith(".weight_int8")
+        stem = entry.name[: -len("_int8")] if int8 else entry.name
+        key = f"{BLOCK_PREFIX}.{layer}.{stem}"
+        staged = ckpt.raw(key).numel() * 4 * 2
+        if ledger is not None:
+            ledger.charge("staging", staged)
+        try:
+            if int8:
+                scale_entry = by_name[stem[: -len(".weight")] + ".scale"]
+                q, scale = quantize_weight(ckpt.folded(key, dtype), scale_entry.dtype)
+                yield entry, q
+                yield scale_entry, scale
+            else:
+                yield entry, ckpt.folded(key, dtype)
+        finally:
+            if ledger is not None:
+                ledger.release("staging", staged)
+
+
+def buffer_views(flat: torch.Tensor, layout: list[LayoutEntry]) -> list[torch.Tensor]:
+    """Typed, shaped views of a flat uint8 buffer, one per layout entry."""
+    return [flat[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape) for e in layout]
+
+
+def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` in place of the parameter or buffer `name` (dotted) without copying it."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[attr] = tensor
+
+
+# ----- where streamed blocks come from -------------------------------------------------------------------------
+class PinnedHostStore:
+    """CUDA: each streamed block packed once, in its buffer layout, in pinned host memory (the one host copy of
+    these weights); a transfer is one asynchronous copy of the block's bytes."""
+
+    def __init__(self, ckpt: MappedCheckpoint, layers: list[int], layouts: dict, dtype: torch.dtype):
+        self.packed: dict[int, torch.Tensor] = {}
+        for layer in layers:
+            flat = torch.empty(layout_bytes(layouts[layer]), dtype=torch.uint8, pin_memory=True)
+            views = buffer_views(flat, layouts[layer])
+            for (entry, t), view in zip(block_tensors(ckpt, layer, layouts[layer], dtype), views):
+                view.copy_(t)
+            self.packed[layer] = flat
+
+    def fill(self, layer: int, slot: torch.Tensor) -> None:
+        src = self.packed[layer]
+        slot[: src.numel()].copy_(src, non_blocking=True)
+
+
+class MappedStore:
+    """CPU device: a streamed block is folded (and quantized) straight out of the memory-mapped checkpoint into
+    the buffer; its weights are otherwise never in memory."""
+
+    def __init__(self, ckpt: MappedCheckpoint, layouts: dict, dtype: torch.dtype, ledger: MemoryLedger):
+        self.ckpt, self.layouts, self.dtype, self.ledger = ckpt, layouts, dtype, ledger
+
+    def fill(self, layer: int, slot: torch.Tensor) -> None:
+        layout = self.layouts[layer]
+        views = buffer_views(slot, layout)
+        for (entry, t), view in zip(block_tensors(self.ckpt, layer, layout, self.dtype, self.ledger), views):
+            view.copy_(t)
+
+
+# ----- the executor --------------------------------------------------------------------------------------------
+@dataclass
+class _Slot:
+    flat: torch.Tensor
+    owner: int | None = None  # the block loaded (or loading) here
+    ready: object = None  # CUDA event or Future of the fill
+    free: object = None  # CUDA event recorded when the last block using it finished
+    bindings: dict = field(default_factory=dict)  # layer -> views of this buffer in that block's layout
+
+
+class BlockStreamer:
+    """Binds streamed blocks to rotating device buffers around their forward, prefetching the next one."""
+
+    def __init__(self, model: CPMAnt, plan: MemoryPlan, store, layouts: dict, device: torch.device,
+                 ledger: MemoryLedger):
+        self.model, self.plan, self.store, self.layouts, self.device = model, plan, store, layouts, device
+        self.ledger = ledger
+        self.order = list(plan.streamed)
+        self.next_of = {layer: self.order[(j + 1) % len(self.order)] for j, layer in enumerate(self.order)}
+        self.slots = []
+        for _ in range(plan.num_slots):
+            self.slots.append(_Slot(torch.empty(plan.slot_bytes, dtype=torch.uint8, device=device)))
+            ledger.charge("buffers", plan.slot_bytes)
+        self.placeholders = {
+            layer: [torch.empty(e.shape, dtype=e.dtype, device="meta") for e in layouts[layer]] for layer in self.order
+        }
+        self.bound: tuple[int, _Slot] | None = None
+        self.loads = 0  # blocks copied to the device so far
+        self.cuda = device.type == "cuda"
+        self.side_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.worker = None if self.cuda else ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpmctl-stream")
+        self.hooks = []
+        for layer in self.order:
+            block = model.encoder.layers[layer]
+            self._bind(block, layer, self.placeholders[layer])
+            self.hooks.append(block.register_forward_pre_hook(self._before))
+            self.hooks.append(block.register_forward_hook(self._after))
+        if self.cuda:  # the buffers were allocated on the compute stream: order the first copies after it
+            self.side_stream.wait_stream(torch.cuda.current_stream(device))
+        self._prefetch(self.order[0])
+
+    # -- slots --
+    def _slot_of(self, layer: int) -> _Slot | None:
+        return next((s for s in self.slots if s.owner == layer), None)
+
+    def _free_slot(self) -> _Slot | None:
+        busy = self.bound[1] if self.bound else None
+        return next((s for s in self.slots if s is not busy and s.owner is None), None)
+
+    def _start_fill(self, layer: int, slot: _Slot) -> None:
+        slot.owner = layer
+        self.loads += 1
+        if self.cuda:
+            with torch.cuda.stream(self.side_stream):
+                if slot.free is not None:
+                    self.side_stream.wait_event(slot.free)
+                self.store.fill(layer, slot.flat)
+                slot.ready = torch.cuda.Event()
+                slot.ready.record(self.side_stream)
+        else:
+            slot.ready = self.worker.submit(self.store.fill, layer, slot.flat)
+
+    def _wait_ready(self, slot: _Slot) -> None:
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(slot.ready)
+        else:
+            slot.ready.result()  # re-raises a failed fill
+
+    def _evict(self) -> _Slot:
+        busy = self.bound[1] if self.bound else None
+        slot = next(s for s in self.slots if s is not busy)
+        self._wait_ready(slot)
+        slot.owner, slot.ready = None, None
+        return slot
+
+    def _prefetch(self, layer: int) -> None:
+        if self._slot_of(layer) is None:
+            slot = self._free_slot()
+            if slot is not None:
+                self._start_fill(layer, slot)
+
+    # -- binding --
+    def _bind(self, block: nn.Module, layer: int, tensors: list[torch.Tensor]) -> None:
+        for entry, t in zip(self.layouts[layer], tensors):
+            _set_tensor(block, entry.name, t)
+
+    def _before(self, block: nn.Module, args) -> None:
+        layer = block.layer
+        slot = self._slot_of(layer)
+        if slot is None:  # not prefetched (blocks run out of order): load it now, over a pending prefetch
+            slot = self._free_slot() or self._evict()
+            self._start_fill(layer, slot)
+        self._wait_ready(slot)
+        if layer not in slot.bindings:
+            slot.bindings[layer] = buffer_views(slot.flat, self.layouts[layer])
+        self._bind(block, layer, slot.bindings[layer])
+        self.bound = (layer, slot)
+        self._prefetch(self.next_of[layer])  # into the other buffer, while this block computes
+
+    def _after(self, block: nn.Module, args, output) -> None:
+        layer, slot = self.bound
+        self._bind(block, layer, self.placeholders[layer])
+        if self.cuda:
+            slot.free = torch.cuda.Event()
+            slot.free.record(torch.cuda.current_stream(self.device))
+        slot.owner, slot.ready, self.bound = None, None, None
+        self._prefetch(self.next_of[layer])  # one buffer: the next block can only load now
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        if self.worker is not None:
+            self.worker.shutdown(wait=True)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+# ----- loading -------------------------------------------------------------------------------------------------
+@dataclass
+class OffloadedModel:
+    """A CPMAnt whose weights follow a MemoryPlan; `model` is what decode.py runs."""
+
+    model: CPMAnt
+    plan: MemoryPlan
+    info: CheckpointInfo
+    ledger: MemoryLedger
+    streamer: BlockStreamer | None = None
+
+    def close(self) -> None:
+        if self.streamer is not None:
+            self.streamer.close()
+
+
+def load_offloaded(
+    path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    budget: int | None = None,
+    quantize: str | None = None,
+    batch_rows: int = 1,
+    prefill_length: int = 64,
+    capacity: int = 256,
+    on_progress: Callable[[str], None] | None = None,
+) -> OffloadedModel:
+    """Load a native or original checkpoint lazily within `budget` bytes (None = no limit) on `device`.
+
+    The plan is made (and a too-small budget rejected) before any weight is read. Fixed weights and resident
+    blocks are folded tensor by tensor onto the device; streamed blocks go to pinned host memory (CUDA) or stay in
+    the mapped file (CPU).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    check_quantize_name(quantize)
+    ckpt = MappedCheckpoint(path)
+    config = ckpt.config
+    if quantize:
+        check_int8_support(device, dtype)
+    plan = plan_memory(config, device_type=device.type, dtype=dtype, budget=budget, quantize=quantize,
+                       batch_rows=batch_rows, prefill_length=prefill_length, capacity=capacity)
+    int8_act = scale_dtype(device, dtype) if quantize else None
+    layouts = {i: block_layout(config, i, dtype, int8_act) for i in range(config.num_layers)}
+    ledger = MemoryLedger()
+
+    model = build_model(config, device="meta", dtype=dtype)
+    if int8_act is not None:
+        for block in model.encoder.layers:
+            replace_linears(block, int8_act, quantize_now=False)
+    for key in ckpt.keys():
+        if not key.startswith(BLOCK_PREFIX + "."):
+            t = _to_device(ckpt.folded(key, dtype), ckpt, device)
+            _set_tensor(model, key, t)
+            ledger.charge("fixed", t.numel() * t.element_size())
+    for layer in plan.resident:
+        block = model.encoder.layers[layer]
+        for entry, t in block_tensors(ckpt, layer, layouts[layer], dtype, ledger):
+            t = _to_device(t, ckpt, device)
+            _set_tensor(block, entry.name, t)
+            ledger.charge("resident", t.numel() * t.element_size())
+        if on_progress:
+            on_progress(f"block {layer} resident")
+    streamer = None
+    if plan.streamed:
+        if device.type == "cuda":
+            store = PinnedHostStore(ckpt, plan.streamed, layouts, dtype)
+        else:
+            store = MappedStore(ckpt, layouts, dtype, ledger)
+        streamer = BlockStreamer(model, plan, store, layouts, device, ledger)
+    model.eval()
+    return OffloadedModel(model, plan, ckpt.info, ledger, streamer)
+
+
+def load_for_generation(
+    path: str | Path,
+    prompt_tokens: list[int],
+    *,
+    decode: str,
+    beam_size: int,
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    memory_limit_gb: float | None,
+    quantize: str | None,
+) -> OffloadedModel:
+    """`cpmctl generate --memory-limit/--quantize`: size the plan for these prompts (token counts) and load."""
+    check_quantize_name(quantize)
+    budget = memory_limit_bytes(memory_limit_gb, device)
+    config = MappedCheckpoint.read_config(path)
+    rows, prefill, capacity = generation_shape(config, prompt_tokens, batch_size, decode, beam_size, max_new_tokens)
+    return load_offloaded(path, device=device, dtype=dtype, budget=budget, quantize=quantize, batch_rows=rows,
+                          prefill_length=prefill, capacity=capacity)
+
+
+def describe_plan(plan: MemoryPlan) -> str:
+    """One line for stderr: what stays, what streams, what it costs."""
+    limit = f" of {plan.budget / GB:.3g} GB" if plan.budget is not None else ""
+    return (f"memory plan ({plan.device_type}{', int8' if plan.quantize else ''}): "
+            f"{len(plan.resident)} blocks resident, {len(plan.streamed)} streamed "
+            f"({format_blocks(plan.streamed)}) through {plan.num_slots} buffers; "
+            f"{plan.charged_bytes / GB:.3g} GB{limit}")
+
+
+def _to_device(t: torch.Tensor, ckpt: MappedCheckpoint, device: torch.device) -> torch.Tensor:
+    """A device tensor that owns its memory (never a view of the mapped file)."""
+    out = t.to(device)
+    if ckpt.is_mapped(out):
+        out = out.clone()
+    return out.contiguous()
+
+
+# ----- independent measurement (tests, benchmarks) --------------------------------------------------------------
+def materialized_weight_bytes(model: nn.Module, streamer: BlockStreamer | None = None) -> int:
+    """Bytes of distinct storages behind the model's parameters and buffers that are not on the meta device, plus
+    the streaming buffers: what the weights occupy right now, counted from the tensors themselves."""
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    if streamer is not None:
+        tensors += [s.flat for s in streamer.slots]
+    for t in tensors:
+        if t.device.type == "meta":
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total

@@ -1,0 +1,135 @@
+"""Weight-only int8 for the linear layers of the transformer blocks.
+
+Each weight row (one output channel) gets its own scale: `w ~= q * scale[:, None]` with `q` in [-127, 127]. The
+matmul runs in torch's weight-only int8 kernel `aten._weight_int8pack_mm` (CPU and CUDA): the int8 weight is read
+from memory (a quarter of fp32, half of fp16), which is what bounds decoding speed. On the CPU the kernel is fast
+only for bf16 activations, so activations are rounded to bf16 for the matmul and the output is cast back; the
+embeddings and the tied output head stay in the model dtype. docs/memory.md reports the effect on quality.
+
+The CPU kernel needs the input dimension to be a multiple of 8 (it crashes otherwise), so weights are stored with
+zero columns up to the next multiple of 8 and inputs are zero-padded the same way (exact: zeros add nothing).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cpmctl import CpmctlError
+
+QUANTIZE_CHOICES = ("int8",)
+K_MULTIPLE = 8
+
+
+def padded_in_features(in_features: int) -> int:
+    return -(-in_features // K_MULTIPLE) * K_MULTIPLE
+
+
+def scale_dtype(device: torch.device | str, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernel wants for activations and scales: bf16 on the CPU (its fast path), else the model's."""
+    return torch.bfloat16 if torch.device(device).type == "cpu" else compute_dtype
+
+
+@torch.no_grad()
+def quantize_weight(w: torch.Tensor, scale_as: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: returns q (out, padded in) int8 and scale (out,) in `scale_as`.
+
+    The scale is rounded to `scale_as` first and q is computed against the rounded scale, so storing the scale in
+    bf16/fp16 costs nothing beyond the int8 rounding itself.
+    """
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(scale_as)
+    q = torch.div(w, scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    pad = padded_in_features(w.shape[1]) - w.shape[1]
+    if pad:
+        q = F.pad(q, (0, pad))
+    return q.contiguous(), scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
+    return q[:, :in_features].float() * scale.float()[:, None]
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer with an int8 weight and one scale per output channel (buffers, not parameters)."""
+
+    def __init__(self, in_features: int, out_features: int, act_dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.act_dtype = act_dtype  # the kernel's activation dtype (== scale dtype)
+        k = padded_in_features(in_features)
+        self.register_buffer("weight_int8", torch.empty(out_features, k, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=act_dtype, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, act_dtype: torch.dtype) -> "Int8Linear":
+        module = cls(linear.in_features, linear.out_features, act_dtype, device=linear.weight.device)
+        q, scale = quantize_weight(linear.weight.detach(), act_dtype)
+        module.weight_int8, module.scale = q, scale
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(self.act_dtype)
+        pad = self.weight_int8.shape[1] - self.in_features
+        if pad:
+            x2 = F.pad(x2, (0, pad))
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, act_dtype={self.act_dtype}"
+
+
+def block_linear_names(block: nn.Module) -> list[str]:
+    """Qualified names of the nn.Linear modules inside a transformer block (the ones int8 replaces)."""
+    return [name for name, m in block.named_modules() if isinstance(m, nn.Linear)]
+
+
+def replace_linears(block: nn.Module, act_dtype: torch.dtype, quantize_now: bool) -> None:
+    """Swap every nn.Linear of `block` for an Int8Linear: quantized from its weight, or empty (meta) for loading."""
+    for name in block_linear_names(block):
+        parent_name, _, child = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        linear = getattr(parent, child)
+        if quantize_now:
+            new = Int8Linear.from_linear(linear, act_dtype)
+        else:
+            new = Int8Linear(linear.in_features, linear.out_features, act_dtype, device=linear.weight.device)
+        setattr(parent, child, new)
+
+
+def check_quantize_name(quantize: str | None) -> None:
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise CpmctlError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got '{quantize}'")
+
+
+def check_int8_support(device: torch.device | str, compute_dtype: torch.dtype) -> None:
+    """Fail with a clear message where torch has no int8 weight kernel for this device (probed, not assumed)."""
+    device = torch.device(device)
+    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        raise CpmctlError(f"--quantize int8: this torch ({torch.__version__}) has no int8 weight kernel")
+    if device.type not in ("cpu", "cuda"):
+        raise CpmctlError(f"--quantize int8 is not supported on device '{device}' (cpu and cuda are)")
+    act = scale_dtype(device, compute_dtype)
+    try:
+        x = torch.zeros(1, K_MULTIPLE, dtype=act, device=device)
+        q = torch.zeros(1, K_MULTIPLE, dtype=torch.int8, device=device)
+        torch.ops.aten._weight_int8pack_mm(x, q, torch.ones(1, dtype=act, device=device))
+    except (RuntimeError, NotImplementedError) as e:
+        raise CpmctlError(
+            f"--quantize int8 is not supported on {device} with {act} activations ({str(e).splitlines()[0][:120]})"
+        ) from None
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module) -> nn.Module:
+    """Quantize the block linears of a fully loaded (resident) model in place."""
+    device = model.input_embedding.weight.device
+    dtype = model.input_embedding.weight.dtype
+    check_int8_support(device, dtype)
+    act = scale_dtype(device, dtype)
+    for block in model.encoder.layers:
+        replace_linears(block, act, quantize_now=True)
+    return model

@@ -1,0 +1,70 @@
+"""The lifecycle recipe: which stages run, on what data, with which stage recipes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cpmctl import REPO_ROOT
+
+ASSETS = REPO_ROOT / "cpmctl" / "assets"
+
+
+@dataclass
+class DataSection:
+    input: list[str] = field(default_factory=lambda: [str(ASSETS / "corpus" / "corpus.jsonl.gz")])
+    # A later batch deduplicated against the same store (shows the store persisting across batches).
+    next_batch: list[str] = field(default_factory=lambda: [str(ASSETS / "corpus" / "batch2.jsonl.gz")])
+    filter_recipe: str = str(REPO_ROOT / "recipes" / "data" / "filter.yaml")
+    filter_overrides: list[str] = field(default_factory=list)
+    dedup_threshold: float = 0.7
+    vocab_size: int = 8192
+    max_length: int = 256
+    valid_fraction: float = 0.05
+    workers: int = 2
+
+
+@dataclass
+class PretrainSection:
+    recipe: str = str(REPO_ROOT / "recipes" / "pretrain" / "mini.yaml")
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PruneSection:
+    source: str = "mini-10b"
+    target: str = "mini-300m"
+    recipe: str = str(REPO_ROOT / "recipes" / "prune" / "mini.yaml")
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TuneSection:
+    task: str = "lcsts"
+    data: str = str(ASSETS / "tasks" / "lcsts-mini")
+    recipe: str = str(REPO_ROOT / "recipes" / "tune" / "mini.yaml")
+    # Which model is tuned: "pretrained" (the mini-10b) or "pruned" (the last pruning stage).
+    model: str = "pretrained"
+    overrides: list[str] = field(default_factory=list)
+    eval_limit: int = 60
+
+
+@dataclass
+class GenerateSection:
+    prompts: list[str] = field(default_factory=lambda: ["今天天气很好，", "我们学校的图书馆", "北京的冬天"])
+    decode: str = "beam"
+    max_new_tokens: int = 40
+    repetition_penalty: float = 1.2
+
+
+@dataclass
+class LifecycleRecipe:
+    run_dir: str = "runs/mini"
+    seed: int = 0
+    stages: list[str] = field(
+        default_factory=lambda: ["filter", "dedup", "vocab", "pack", "pretrain", "prune", "tune", "eval", "generate"]
+    )
+    data: DataSection = field(default_factory=DataSection)
+    pretrain: PretrainSection = field(default_factory=PretrainSection)
+    prune: PruneSection = field(default_factory=PruneSection)
+    tune: TuneSection = field(default_factory=TuneSection)
+    generate: GenerateSection = field(default_factory=GenerateSection)

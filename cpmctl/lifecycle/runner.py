@@ -1,0 +1,147 @@
+"""`cpmctl run RECIPE`: the whole lifecycle as a list of stages, each resumable.
+
+Each stage runs the same `cpmctl` command a user would run from a shell script, with `--json`, in a child process
+(so every stage is exactly the documented command, and memory is returned between stages). A stage's JSON results,
+outputs and timing are recorded in `<run_dir>/state.json`; a rerun skips stages whose recorded outputs still exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from cpmctl import REPO_ROOT, CpmctlError
+from cpmctl.io import atomic_file
+from cpmctl.lifecycle.recipe import LifecycleRecipe
+
+STATE_FILE = "state.json"
+
+
+@dataclass
+class StageResult:
+    name: str
+    seconds: float
+    outputs: dict[str, str]
+    results: list[dict] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+
+
+class Run:
+    """Shared context of a lifecycle run: paths, the recipe, recorded state, and the command runner."""
+
+    def __init__(self, recipe: LifecycleRecipe, echo: Callable[[str], None]):
+        self.recipe = recipe
+        self.dir = Path(recipe.run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.echo = echo
+        self.state = self._load_state()
+        self._commands: list[str] = []
+        self._results: list[dict] = []
+
+    # ----- state ---------------------------------------------------------------------------------------------
+    def _load_state(self) -> dict:
+        path = self.dir / STATE_FILE
+        if not path.exists():
+            return {"stages": {}}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise CpmctlError(f"{path}: damaged run state; delete it to start the run again") from None
+
+    def save_state(self) -> None:
+        with atomic_file(self.dir / STATE_FILE) as f:
+            json.dump(self.state, f, indent=2, ensure_ascii=False)
+
+    def done(self, stage: str) -> bool:
+        rec = self.state["stages"].get(stage)
+        return bool(rec) and all(Path(p).exists() for p in rec["outputs"].values())
+
+    def record(self, stage: str) -> dict:
+        return self.state["stages"][stage]
+
+    def path(self, *parts: str) -> Path:
+        return self.dir.joinpath(*parts)
+
+    # ----- commands ------------------------------------------------------------------------------------------
+    def cpmctl(self, *args: str, json_out: bool = True, env: dict | None = None) -> list[dict]:
+        """Run one cpmctl command in a child process; return its JSON objects. Its progress shows on stderr."""
+        argv = [sys.executable, "-m", "cpmctl", *[str(a) for a in args]]
+        if json_out:
+            argv.append("--json")
+        shown = "cpmctl " + " ".join(_quote(str(a)) for a in args) + (" --json" if json_out else "")
+        self._commands.append(shown)
+        self.echo(f"  $ {shown}")
+        child_env = dict(os.environ, **(env or {}))
+        child_env.setdefault("PYTHONPATH", str(REPO_ROOT))
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=None, text=True, env=child_env)
+        if proc.returncode != 0:
+            raise CpmctlError(f"stage command failed (exit {proc.returncode}): {shown}", exit_code=proc.returncode)
+        objects = []
+        for line in proc.stdout.splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    objects.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        self._results.extend(objects)
+        return objects
+
+    def begin(self) -> None:
+        self._commands, self._results = [], []
+
+    def finish(self, stage: str, seconds: float, outputs: dict[str, Path], **extra) -> None:
+        self.state["stages"][stage] = {
+            "seconds": round(seconds, 2),
+            "outputs": {k: str(v) for k, v in outputs.items()},
+            "results": self._results,
+            "commands": self._commands,
+            **extra,
+        }
+        self.save_state()
+
+
+def _quote(s: str) -> str:
+    return f"'{s}'" if (" " in s or not s) else s
+
+
+def run_lifecycle(recipe: LifecycleRecipe, stages, from_stage: str | None = None, only: str | None = None,
+                  echo: Callable[[str], None] = print) -> Run:
+    """Run the recipe's stages in order; `stages` maps a stage name to its function(run) -> outputs dict."""
+    names = list(recipe.stages)
+    for name in names:
+        if name not in stages:
+            raise CpmctlError(f"recipe: unknown stage '{name}' (known: {', '.join(stages)})")
+    if from_stage is not None and from_stage not in names:
+        raise CpmctlError(f"--from-stage {from_stage}: not a stage of this recipe ({', '.join(names)})")
+    if only is not None and only not in names:
+        raise CpmctlError(f"--only {only}: not a stage of this recipe ({', '.join(names)})")
+    run = Run(recipe, echo)
+    start_index = names.index(from_stage) if from_stage else 0
+    total = time.perf_counter()
+    for i, name in enumerate(names):
+        if only is not None and name != only:
+            continue
+        forced = only == name or (from_stage is not None and i >= start_index)
+        if i < start_index and only is None:
+            if not run.done(name):
+                raise CpmctlError(f"--from-stage {from_stage}: earlier stage '{name}' has not finished")
+            continue
+        if run.done(name) and not forced:
+            echo(f"[{i + 1}/{len(names)}] {name}: done earlier ({run.record(name)['seconds']:.0f}s), skipped")
+            continue
+        echo(f"[{i + 1}/{len(names)}] {name}")
+        run.begin()
+        t0 = time.perf_counter()
+        outputs = stages[name](run)
+        run.finish(name, time.perf_counter() - t0, outputs)
+        echo(f"[{i + 1}/{len(names)}] {name}: finished in {time.perf_counter() - t0:.0f}s")
+    run.state["total_seconds_last_invocation"] = round(time.perf_counter() - total, 2)
+    run.save_state()
+    return run

@@ -1,0 +1,478 @@
+"""The pruning stage runner: `cpmctl prune` as a library call.
+
+Each stage (e.g. mini-10b -> mini-7b) runs in its own directory under the output directory:
+
+    stage-1-mini-10b-to-mini-7b/
+        mask/         the mask phase: hard-concrete gates and the weights trained jointly by the shared training
+                      loop under LM loss (+ optional logit distillation) + Lagrangian; checkpoints, metrics.jsonl
+        extracted/    the model cut to the exact target shape (native format) + selection.pt + extraction.json
+        recovery/     recovery training of the extracted model (the shared loop again)
+        model/        the stage's output, native format (the next stage's input)
+        original/     the same in the original format (model.pt + model.json, mask_modules listing dropped blocks)
+        survivors.png which layers and heads survived
+        report.json   kept structures and the losses; written last: a stage with a report is finished
+
+Rerunning the same command skips finished stages, resumes an interrupted mask phase or recovery from its latest
+checkpoint, and starts extraction again from the finished mask phase (extraction is deterministic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from cpmctl import CpmctlError
+from cpmctl.data.packed import IGNORE, TASK_NAMES, PackedDataset, PackedReader
+from cpmctl.io import atomic_file
+from cpmctl.model.ant import CPMAnt
+from cpmctl.model.checkpoint import VOCAB_FILE, load_model, read_config, save_native, save_original
+from cpmctl.prune.baselines import magnitude_selection, random_selection
+from cpmctl.prune.extract import extract
+from cpmctl.prune.gates import Lagrangian, Selection, StageMasks, clear_gates
+from cpmctl.prune.report import kept_summary, plot_survivors
+from cpmctl.prune.targets import Shape, Stage, check_checkpoint_shape, plan_stages
+from cpmctl.recipe import load_recipe
+from cpmctl.train.engine import Engine, resolve_device
+from cpmctl.train.loop import TrainConfig, default_param_groups, evaluate, train
+
+METHODS = ("learned", "random", "magnitude")
+
+
+# ----- recipe --------------------------------------------------------------------------------------------------
+@dataclass
+class GateConfig:
+    init_mean: float = 3.0  # log_alpha ~ N(init_mean, init_std); the original's 10 saturates z at 1 (no gradient)
+    init_std: float = 0.01
+    lr: float = 0.1  # log_alpha learning rate (constant; the original 0.1, Sheared-LLaMA 1.0)
+    lambda_lr: float = 0.1  # Lagrange multipliers, gradient ascent
+    target_warmup: float = 0.2  # fraction of the mask phase over which the target goes from 1 to the final size
+
+
+@dataclass
+class DistillConfig:
+    weight: float = 0.0  # 0 = off; loss = (1 - weight) * CE + weight * T^2 * KL(teacher || student)
+    temperature: float = 2.0
+
+
+@dataclass
+class PruneData:
+    train: str = ""  # packed training data (`cpmctl data pack`); --data sets it
+    valid: str | None = None  # packed validation data; default: the last valid_rows rows of train, held out
+    valid_rows: int = 64
+    eval_batches: int = 8  # validation batches behind each loss in the report
+
+
+@dataclass
+class PruneRecipe:
+    method: str = "learned"  # learned (hard-concrete masks) | random | magnitude (baselines: no mask phase)
+    mask: TrainConfig = field(default_factory=TrainConfig)  # the mask phase
+    gates: GateConfig = field(default_factory=GateConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    recovery: TrainConfig = field(default_factory=TrainConfig)  # recovery training after extraction
+    data: PruneData = field(default_factory=PruneData)
+    seed: int = 0  # gate noise and random selection
+
+
+# Defaults a prune recipe starts from (TrainConfig's own defaults are for pretraining).
+RECIPE_BASE = {
+    "mask": {"steps": 200, "lr": 1e-3, "schedule": "constant", "warmup_steps": 0, "save_every": 100,
+             "valid_every": 10**9, "log_every": 10},
+    "recovery": {"steps": 200, "lr": 1e-3, "schedule": "cosine", "warmup_steps": 20, "save_every": 100,
+                 "valid_every": 100, "log_every": 10},
+}
+
+
+def load_prune_recipe(path: str | Path | None, overrides: list[str] | None = None) -> PruneRecipe:
+    recipe = load_recipe(PruneRecipe, path, overrides, base=copy.deepcopy(RECIPE_BASE))
+    validate_recipe(recipe)
+    return recipe
+
+
+def validate_recipe(recipe: PruneRecipe) -> None:
+    if recipe.method not in METHODS:
+        raise CpmctlError(f"method: expected one of {', '.join(METHODS)}, got {recipe.method!r}")
+    for name in ("mask", "recovery"):
+        cfg: TrainConfig = getattr(recipe, name)
+        try:
+            cfg.validate()
+        except CpmctlError as e:
+            raise CpmctlError(str(e).replace("train.", f"{name}.", 1)) from None
+        if cfg.engine != "single":
+            raise CpmctlError(f"{name}.engine: pruning runs in one process (engine single), got {cfg.engine!r}")
+    if not 0.0 <= recipe.distill.weight <= 1.0:
+        raise CpmctlError(f"distill.weight: must be within [0, 1], got {recipe.distill.weight}")
+    if recipe.distill.temperature <= 0:
+        raise CpmctlError(f"distill.temperature: must be positive, got {recipe.distill.temperature}")
+    if not 0.0 <= recipe.gates.target_warmup <= 1.0:
+        raise CpmctlError(f"gates.target_warmup: must be within [0, 1], got {recipe.gates.target_warmup}")
+    if recipe.gates.lr <= 0 or recipe.gates.lambda_lr <= 0:
+        raise CpmctlError("gates.lr and gates.lambda_lr must be positive")
+    if recipe.data.eval_batches <= 0 or recipe.data.valid_rows < 0:
+        raise CpmctlError("data.eval_batches must be positive and data.valid_rows not negative")
+
+
+# ----- data ----------------------------------------------------------------------------------------------------
+class RowRange:
+    """Rows [start, stop) of a packed dataset, with the PackedDataset interface PackedReader needs."""
+
+    def __init__(self, dataset: PackedDataset, start: int, stop: int):
+        self.dataset, self.start, self.stop = dataset, start, stop
+        self.path, self.vocab_size, self.max_length = dataset.path, dataset.vocab_size, dataset.max_length
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def rows(self, index):
+        return self.dataset.rows(index + self.start)
+
+    def check_vocab(self, vocab_size: int, what: str = "model") -> None:
+        self.dataset.check_vocab(vocab_size, what)
+
+
+@dataclass
+class StageData:
+    train: PackedDataset | RowRange
+    valid: PackedDataset | RowRange
+
+
+def open_data(section: PruneData, vocab_size: int, batch_sizes: list[int]) -> StageData:
+    """Training rows and validation rows, checked against the model's vocabulary before any work."""
+    if not section.train:
+        raise CpmctlError("--data: the packed training data directory is required (`cpmctl data pack`)")
+    train_set = PackedDataset(section.train)
+    train_set.check_vocab(vocab_size, "model (--data)")
+    if section.valid:
+        valid_set = PackedDataset(section.valid)
+        valid_set.check_vocab(vocab_size, "model (data.valid)")
+        train_rows: PackedDataset | RowRange = train_set
+    else:
+        n = section.valid_rows
+        if n <= 0 or n >= len(train_set):
+            raise CpmctlError(f"{train_set.path}: {len(train_set)} rows cannot hold out data.valid_rows={n} rows "
+                              "for validation; pass --valid or change data.valid_rows")
+        train_rows = RowRange(train_set, 0, len(train_set) - n)
+        valid_set = RowRange(train_set, len(train_set) - n, len(train_set))
+    need = max(batch_sizes)
+    if len(train_rows) < need:
+        raise CpmctlError(f"{train_set.path}: {len(train_rows)} training rows is fewer than one batch ({need})")
+    if len(valid_set) < 1:
+        raise CpmctlError(f"{section.valid}: no validation rows")
+    return StageData(train_rows, valid_set)
+
+
+def validation_loss(model: CPMAnt, valid_rows, batch_size: int, batches: int) -> float:
+    """Token-weighted LM loss over the first `batches` batches of the validation rows (always the same rows)."""
+    device = model.input_embedding.weight.device
+    reader = PackedReader(valid_rows, min(batch_size, len(valid_rows)), shuffle=False)
+    batches = max(1, min(batches, len(valid_rows) // reader.batch_size))
+    row = evaluate(model, reader, lm_objective, batches, Engine("single", device), contextlib.nullcontext)
+    return float(row["valid_loss"])
+
+
+# ----- losses --------------------------------------------------------------------------------------------------
+def _ce_and_metrics(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    mask = batch["target"] != IGNORE
+    losses = F.cross_entropy(logits[mask].float(), batch["target"][mask], reduction="none")
+    count = losses.numel()
+    metrics = {"targets": float(count), "loss/ce": float(losses.detach().sum()) / max(count, 1),
+               "targets/ce": float(count)}
+    tasks = batch["task"][mask]
+    for task_id, name in TASK_NAMES.items():
+        picked = tasks == task_id
+        n = int(picked.sum())
+        if n:
+            metrics[f"loss/{name}"] = float(losses.detach()[picked].sum()) / n
+            metrics[f"targets/{name}"] = float(n)
+    return losses.sum() / max(count, 1), mask, metrics
+
+
+def lm_objective(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    logits = model(batch["input"], batch["segment"], batch["context"], batch["span"])
+    loss, _, metrics = _ce_and_metrics(logits, batch)
+    return loss, metrics
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) on the vocabulary at temperature T, times T^2 (so its gradient
+    scale does not shrink with T; Hinton et al.)."""
+    t = temperature
+    student = F.log_softmax(student_logits.float() / t, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
+    return kl.mean() * t * t
+
+
+class MaskPhase:
+    """The mask phase's state and callbacks: the gates, the Lagrangian, the step counter and the teacher.
+
+    `on_step` draws the hard-concrete noise of a step from a generator seeded by (seed, step), so a resumed run
+    samples exactly the gates an uninterrupted one would; `loss` feeds the sampled gates into the model and adds
+    distillation and the Lagrangian penalty. state_dict/load_state_dict make it the loop's `extra_state`."""
+
+    def __init__(self, stage: Stage, config, recipe: PruneRecipe, teacher: CPMAnt | None):
+        self.kinds = stage.kinds
+        self.targets = stage.target_counts()
+        self.masks = StageMasks(config, self.kinds, recipe.gates.init_mean, recipe.gates.init_std)
+        totals = self.masks.totals()
+        fractions = {k: self.targets[k] / totals[k] for k in self.kinds}
+        warmup = round(recipe.gates.target_warmup * recipe.mask.steps)
+        self.lagrangian = Lagrangian(self.kinds, fractions, warmup)
+        self.teacher, self.distill, self.seed, self.step = teacher, recipe.distill, recipe.seed, 0
+
+    def to(self, device) -> "MaskPhase":
+        self.masks.to(device)
+        self.lagrangian.to(device)
+        return self
+
+    def param_groups(self, model: CPMAnt, recipe: PruneRecipe) -> list[dict]:
+        """Weights as in pretraining; gates and multipliers at their own constant lr, no decay, not clipped;
+        the multipliers by gradient ascent."""
+        weights = default_param_groups(model, recipe.mask)
+        return weights + [
+            {"params": list(self.masks.parameters()), "lr": recipe.gates.lr, "weight_decay": 0.0,
+             "scheduled": False, "clip": False},
+            {"params": list(self.lagrangian.parameters()), "lr": recipe.gates.lambda_lr, "weight_decay": 0.0,
+             "scheduled": False, "clip": False, "maximize": True},
+        ]
+
+    def on_step(self, step: int, model: CPMAnt) -> None:
+        self.step = step
+        self.masks.resample(torch.Generator().manual_seed(self.seed * 1_000_003 + step))
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        self.masks.apply(model)
+        logits = model(batch["input"], batch["segment"], batch["context"], batch["span"])
+        ce, mask, metrics = _ce_and_metrics(logits, batch)
+        task_loss = ce
+        if self.teacher is not None and self.distill.weight > 0:
+            with torch.no_grad():
+                teacher_logits = self.teacher(batch["input"], batch["segment"], batch["context"], batch["span"])
+            kd = distillation_kl(logits[mask], teacher_logits[mask], self.distill.temperature)
+            task_loss = (1 - self.distill.weight) * ce + self.distill.weight * kd
+            metrics["kd"] = float(kd.detach())
+        penalty, lag_metrics = self.lagrangian(self.masks.expected_fractions(), self.step)
+        metrics.update(lag_metrics, lagrangian=float(penalty.detach()))
+        return task_loss + penalty, metrics
+
+    def state_dict(self) -> dict:
+        return {"masks": self.masks.state_dict(), "lagrangian": self.lagrangian.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.masks.load_state_dict(state["masks"])
+        self.lagrangian.load_state_dict(state["lagrangian"])
+        self.step = int(state["step"])
+
+
+# ----- one stage -----------------------------------------------------------------------------------------------
+@dataclass
+class StageContext:
+    recipe: PruneRecipe
+    data: StageData
+    vocab: Path | None
+    progress: bool = True
+    log: Callable[[str], None] = print
+
+
+def _save_model_fn(vocab: Path | None):
+    def save(model, directory: Path) -> None:
+        save_native(model, directory, vocab=vocab)
+
+    return save
+
+
+def _reader(rows, cfg: TrainConfig) -> PackedReader:
+    return PackedReader(rows, cfg.batch_size, seed=cfg.seed)
+
+
+def _valid_reader(rows, cfg: TrainConfig):
+    if cfg.valid_batches <= 0:
+        return None
+    return PackedReader(rows, min(cfg.batch_size, len(rows)), shuffle=False)
+
+
+def learn_selection(stage: Stage, model: CPMAnt, source_path: Path, stage_dir: Path, ctx: StageContext) -> dict:
+    """The mask phase: train gates and weights jointly; returns the selection and what it learned."""
+    recipe = ctx.recipe
+    device = resolve_device(recipe.mask.device)
+    teacher = None
+    if recipe.distill.weight > 0:
+        teacher, _ = load_model(source_path, device=device)
+        teacher.requires_grad_(False)
+    phase = MaskPhase(stage, model.config, recipe, teacher).to(device)
+    model.to(device)
+    ctx.log(f"stage {stage.index}: mask phase ({recipe.mask.steps} steps; gates on {', '.join(stage.kinds)})")
+    result = train(model, _reader(ctx.data.train, recipe.mask), recipe.mask, stage_dir / "mask",
+                   loss_fn=phase.loss, param_groups=phase.param_groups(model, recipe), on_step=phase.on_step,
+                   save_model=_save_model_fn(ctx.vocab), extra_state=phase, resume=True, progress=ctx.progress)
+    clear_gates(model)
+    expected = {k: float(v.detach().mean()) * phase.masks.totals()[k]
+                for k, v in phase.masks.expected_fractions().items()}
+    selection = phase.masks.select(phase.targets)
+    return {"selection": selection, "mask_steps": result.steps, "expected_kept": expected,
+            "lambdas": phase.lagrangian.lambdas.detach().cpu().tolist()}
+
+
+def choose_selection(stage: Stage, model: CPMAnt, source_path: Path, stage_dir: Path, ctx: StageContext) -> dict:
+    recipe = ctx.recipe
+    if recipe.method == "learned":
+        return learn_selection(stage, model, source_path, stage_dir, ctx)
+    if recipe.method == "random":
+        return {"selection": random_selection(model, stage.kinds, stage.target_counts(), seed=recipe.seed + stage.index)}
+    return {"selection": magnitude_selection(model, stage.kinds, stage.target_counts())}
+
+
+@torch.no_grad()
+def extraction_gap(model: CPMAnt, pruned: CPMAnt, selection: Selection, batch: dict) -> float:
+    """Max |logit difference| between the deterministic masked model and the extracted one on a batch."""
+    device = pruned.input_embedding.weight.device
+    args = [batch[k].to(device) for k in ("input", "segment", "context", "span")]
+    model.to(device).eval()
+    selection.apply(model)
+    masked = model(*args)
+    clear_gates(model)
+    return float((pruned.eval()(*args) - masked).abs().max())
+
+
+def run_stage(stage: Stage, source_path: Path, stage_dir: Path, ctx: StageContext) -> dict:
+    """Run (or finish) one stage; returns its report."""
+    report_path = stage_dir / "report.json"
+    if report_path.exists():
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        report["status"] = "skipped (finished earlier)"
+        return report
+    recipe, started = ctx.recipe, time.perf_counter()
+    eval_batch, eval_n = recipe.recovery.batch_size, recipe.data.eval_batches
+    device = resolve_device(recipe.recovery.device)
+    extracted_dir = stage_dir / "extracted"
+
+    if not (extracted_dir / "selection.pt").exists():
+        model, _ = load_model(source_path, device=device)
+        loss_before = validation_loss(model, ctx.data.valid, eval_batch, eval_n)
+        learned = choose_selection(stage, model, source_path, stage_dir, ctx)
+        selection = learned.pop("selection")
+        model.to(device)
+        pruned = extract(model, selection)
+        probe = PackedReader(ctx.data.valid, 1, shuffle=False).next_batch()
+        gap = extraction_gap(model, pruned, selection, probe)
+        check = Shape.of(pruned.config)
+        expected_shape = Shape(*(stage.target_counts()[k] for k in ("attention", "ffn", "heads", "channels")))
+        if check != expected_shape:
+            raise CpmctlError(f"internal: extracted shape ({check.describe()}) != target ({expected_shape.describe()})",
+                              exit_code=1)
+        loss_extracted = validation_loss(pruned, ctx.data.valid, eval_batch, eval_n)
+        info = {"loss_before": loss_before, "loss_extracted": loss_extracted, "extraction_max_abs_diff": gap,
+                "kept": kept_summary(model.config, selection), "source_config": model.config.to_dict(), **learned}
+        # selection.pt inside the atomically written directory marks the mask phase + extraction as done.
+        save_native(pruned, extracted_dir, vocab=ctx.vocab,
+                    extra={"extraction.json": json.dumps(info, indent=2) + "\n"})
+        torch.save(selection.state_dict(), extracted_dir / "selection.pt")
+        del model
+    info = json.loads((extracted_dir / "extraction.json").read_text(encoding="utf-8"))
+    selection = Selection.from_state_dict(torch.load(extracted_dir / "selection.pt", weights_only=True))
+
+    pruned, _ = load_model(extracted_dir, device=device)
+    ctx.log(f"stage {stage.index}: recovery ({recipe.recovery.steps} steps)")
+    cfg = recipe.recovery
+    valid = _valid_reader(ctx.data.valid, cfg)
+    if valid is not None:  # a validation pass reads each held-out row at most once
+        cfg = dataclasses.replace(cfg, valid_batches=min(cfg.valid_batches, len(ctx.data.valid) // valid.batch_size))
+    result = train(pruned, _reader(ctx.data.train, cfg), cfg, stage_dir / "recovery",
+                   valid=valid, save_model=_save_model_fn(ctx.vocab), resume=True, progress=ctx.progress)
+    loss_after = validation_loss(pruned, ctx.data.valid, eval_batch, eval_n)
+
+    native = save_native(pruned, stage_dir / "model", vocab=ctx.vocab)
+    pt, _ = save_original(pruned, stage_dir / "original" / "model")
+    if ctx.vocab is not None:
+        shutil.copyfile(ctx.vocab, stage_dir / "original" / VOCAB_FILE)
+    source_config = type(pruned.config).from_dict(info["source_config"])
+    png = plot_survivors(source_config, selection, stage_dir / "survivors.png",
+                         f"stage {stage.index}: {stage.source_name} -> {stage.target_name}")
+    shape = Shape.of(pruned.config)
+    report = {
+        "stage": stage.index, "from": stage.source_name, "to": stage.target_name, "method": recipe.method,
+        "prunes": stage.kinds,
+        "shape": {"attention_layers_kept": shape.attention_kept, "ffn_layers_kept": shape.ffn_kept,
+                  "num_heads": shape.num_heads, "dim_ff": shape.dim_ff, "mask_modules": pruned.config.mask_modules},
+        "kept": info["kept"],
+        "loss": {"before": info["loss_before"], "extracted": info["loss_extracted"], "recovered": loss_after},
+        "extraction_max_abs_diff": info["extraction_max_abs_diff"],
+        "mask_phase": {k: info[k] for k in ("mask_steps", "expected_kept", "lambdas") if k in info},
+        "recovery_steps": result.steps,
+        "params": sum(p.numel() for p in pruned.parameters()),
+        "model": str(native), "original": str(pt), "plot": str(png),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    with atomic_file(report_path) as f:
+        f.write(json.dumps(report, indent=2) + "\n")
+    report["status"] = "done"
+    return report
+
+
+# ----- the whole run -------------------------------------------------------------------------------------------
+@dataclass
+class PrunePlan:
+    stages: list[Stage]
+    model: Path
+    out_dir: Path
+    vocab: Path | None
+
+
+def prepare(model: str | Path, source: str, target: str, out_dir: str | Path, vocab: str | Path | None = None) -> PrunePlan:
+    """Every check that needs no weights: the stages, reachability, the checkpoint's shape against --from."""
+    stages = plan_stages(source, target)
+    model = Path(model)
+    config, _ = read_config(model)
+    check_checkpoint_shape(config, stages, model)
+    if vocab is not None:
+        vocab = Path(vocab)
+        if not vocab.exists():
+            raise CpmctlError(f"vocab file not found: {vocab}")
+    else:
+        root = model if model.is_dir() else model.parent
+        vocab = root / VOCAB_FILE if (root / VOCAB_FILE).exists() else None
+    return PrunePlan(stages, model, Path(out_dir), vocab)
+
+
+def run_prune(plan: PrunePlan, recipe: PruneRecipe, *, progress: bool = True, log=print,
+              on_stage: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run every stage in turn; each stage reads the previous stage's output model."""
+    config, _ = read_config(plan.model)
+    batch_sizes = [recipe.recovery.batch_size] + ([recipe.mask.batch_size] if recipe.method == "learned" else [])
+    data = open_data(recipe.data, config.vocab_size, batch_sizes)
+    ctx = StageContext(recipe, data, plan.vocab, progress, log)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    _write_run_info(plan, recipe)
+    reports, source = [], plan.model
+    for stage in plan.stages:
+        stage_dir = plan.out_dir / stage.dirname
+        report = run_stage(stage, source, stage_dir, ctx)
+        reports.append(report)
+        if on_stage is not None:
+            on_stage(report)
+        source = stage_dir / "model"
+    return reports
+
+
+def _write_run_info(plan: PrunePlan, recipe: PruneRecipe) -> None:
+    """The run's recipe and stages, so a rerun can be checked against what was started."""
+    info = {"model": str(plan.model), "stages": [s.dirname for s in plan.stages], "recipe": dataclasses.asdict(recipe)}
+    path = plan.out_dir / "prune.json"
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        shared = min(len(old.get("stages", [])), len(info["stages"]))
+        # A rerun may go further down the same ladder; a different model or other stages is another run.
+        if old.get("model") != info["model"] or old.get("stages", [])[:shared] != info["stages"][:shared]:
+            raise CpmctlError(f"--out {plan.out_dir}: holds a prune run of {old.get('model')} "
+                              f"({', '.join(old.get('stages', []))}); choose another --out or rerun that command")
+    with atomic_file(path) as f:
+        f.write(json.dumps(info, indent=2) + "\n")

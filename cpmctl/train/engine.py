@@ -1,0 +1,217 @@
+"""Where and how a training run executes: device, precision, and torch.distributed (DDP or FSDP2).
+
+`engine: single` runs in this process. `engine: ddp | fsdp` expects the torchrun environment (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and uses NCCL on GPUs, gloo on CPU. FSDP2 shards every TransformerBlock,
+then the root (embeddings, position bias, final norm), so one block's parameters are gathered at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cpmctl import CpmctlError
+from cpmctl.model.ant import CPMAnt, Encoder, TransformerBlock
+
+ENGINES = ("single", "ddp", "fsdp")
+PRECISIONS = ("fp32", "bf16", "fp16")
+FP16_INITIAL_SCALE = 2.0**20  # the original's loss scale
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the torchrun environment; (0, 0, 1) outside torchrun."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+@dataclass
+class Engine:
+    kind: str
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    owns_process_group: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.kind in ("ddp", "fsdp")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ----- collectives (no-ops on one process) ------------------------------------------------------------
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when any rank says True (used to stop all ranks at the same step)."""
+        if not self.distributed:
+            return flag
+        return self.all_reduce_sum([1.0 if flag else 0.0])[0] > 0
+
+    def all_gather_object(self, obj) -> list:
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    @property
+    def comm_device(self) -> torch.device:
+        # NCCL only moves CUDA tensors; gloo moves CPU tensors.
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def close(self) -> None:
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_process_group = False
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CpmctlError(f"train.device: '{name}' but no CUDA device is available")
+        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    if name != "cpu":
+        raise CpmctlError(f"train.device: expected auto, cpu or cuda[:N], got {name!r}")
+    return torch.device("cpu")
+
+
+def setup_engine(kind: str, device_name: str = "auto") -> Engine:
+    if kind not in ENGINES:
+        raise CpmctlError(f"train.engine: expected one of {', '.join(ENGINES)}, got {kind!r}")
+    if kind == "single":
+        return Engine(kind, resolve_device(device_name))
+    if not launched_by_torchrun():
+        raise CpmctlError(
+            f"train.engine: {kind} runs under torchrun (torchrun --nproc_per_node N -m cpmctl pretrain ...) "
+            "or with `cpmctl pretrain --nproc N`"
+        )
+    rank, local_rank, world_size = dist_env()
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        owns = True
+    return Engine(kind, device, rank, local_rank, world_size, owns)
+
+
+# ----- precision -----------------------------------------------------------------------------------------------
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision not in PRECISIONS:
+        raise CpmctlError(f"train.precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise CpmctlError("train.precision: fp16 (with loss scaling) needs a GPU; use bf16 or fp32 on the CPU")
+
+
+def autocast(precision: str, device: torch.device):
+    """Parameters stay fp32 (the master copy); matmuls run in bf16/fp16 under autocast."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(precision: str, device: torch.device):
+    """Dynamic loss scaling for fp16, starting at 2**20 like the original; None otherwise."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type, init_scale=FP16_INITIAL_SCALE)
+
+
+# ----- model wrapping ------------------------------------------------------------------------------------------
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP wrapper (FSDP2 shards in place, so it is already the user's module)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    encoders = [m for m in model.modules() if isinstance(m, Encoder)]
+    if not encoders:
+        raise CpmctlError("train.activation_checkpointing: the model has no CPM-Ant encoder to checkpoint")
+    for encoder in encoders:
+        encoder.gradient_checkpointing = True
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each TransformerBlock in place: works under DDP, FSDP2 and activation checkpointing."""
+    for module in model.modules():
+        if isinstance(module, TransformerBlock):
+            module.compile()
+
+
+def wrap_model(model: nn.Module, engine: Engine) -> nn.Module:
+    """Move to the device and wrap for the engine. Returns the module to call in the training step."""
+    model = model.to(engine.device)
+    if engine.kind == "ddp":
+        device_ids = [engine.device.index] if engine.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if engine.kind == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        if not isinstance(model, CPMAnt):
+            raise CpmctlError("train.engine: fsdp shards the full CPM-Ant model; use ddp for adapters and other wrappers")
+        for block in model.encoder.layers:
+            fully_shard(block)
+        fully_shard(model)
+    return model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, engine: Engine, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
+    if enabled or not engine.distributed:
+        yield
+    elif engine.kind == "ddp":
+        with model.no_sync():
+            yield
+    else:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+
+def clip_gradients(parameters: list[torch.Tensor], max_norm: float) -> float:
+    """Clip to `max_norm` (0 = no clipping) and return the global L2 norm before clipping."""
+    grads = [p for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on a GPU, peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

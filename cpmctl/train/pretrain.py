@@ -1,0 +1,184 @@
+"""`cpmctl pretrain` as a library call: a recipe -> model, packed data readers -> the training loop -> out_dir/final.
+
+A new model starts from a config (ladder name or JSON, the vocabulary fixes vocab_size); continued training
+starts from any readable checkpoint (native, original .pt, HF) with a fresh optimizer and the recipe's schedule.
+Resuming an interrupted run (`resume`) is different: it restores the run's own checkpoint exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cpmctl import CpmctlError
+from cpmctl.data.packed import PackedDataset, PackedReader
+from cpmctl.io import atomic_dir
+from cpmctl.model.ant import build_model
+from cpmctl.model.checkpoint import NATIVE_WEIGHTS, VOCAB_FILE, load_model, read_config, save_native
+from cpmctl.model.config import resolve_config
+from cpmctl.model.tokenizer import CPMAntTokenizer
+from cpmctl.recipe import load_recipe
+from cpmctl.train.checkpointing import STATE_FILE
+from cpmctl.train.engine import dist_env
+from cpmctl.train.loop import TrainConfig, TrainResult, train
+
+
+@dataclass
+class PretrainModel:
+    init: str = "mini-10b"  # ladder name / config JSON (a new model), or a checkpoint to continue training
+    vocab: str | None = None  # vocabulary file; default: vocab.txt beside the checkpoint
+    seed: int = 0  # initialisation seed of a new model
+
+
+@dataclass
+class PretrainData:
+    train: str = ""  # packed dataset directory (`cpmctl data pack`)
+    valid: str | None = None  # held-out packed dataset for validation loss
+
+
+@dataclass
+class PretrainRecipe:
+    model: PretrainModel = field(default_factory=PretrainModel)
+    data: PretrainData = field(default_factory=PretrainData)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str = "runs/pretrain"
+    resume: bool | str = False  # true: continue out_dir's latest checkpoint; a path: that run or checkpoint
+
+
+def load_pretrain_recipe(path: str | Path | None, overrides: list[str] | None = None) -> PretrainRecipe:
+    recipe = load_recipe(PretrainRecipe, path, overrides)
+    recipe.train.validate()
+    if not recipe.data.train:
+        raise CpmctlError("data.train: the packed training data directory is required (`cpmctl data pack`)")
+    return recipe
+
+
+def resume_run_dir(resume: str | Path) -> Path:
+    """The run directory of `--resume DIR`: DIR itself, or its parent when DIR is a step checkpoint."""
+    path = Path(resume)
+    if not path.exists():
+        raise CpmctlError(f"--resume: {path} does not exist")
+    return path.parent if (path / STATE_FILE).exists() else path
+
+
+# ----- model ---------------------------------------------------------------------------------------------------
+def _is_checkpoint(text: str) -> bool:
+    """A directory or a weights file is a checkpoint (load_model says what is wrong with it); a name or a config
+    JSON file starts a new model."""
+    path = Path(text)
+    return path.is_dir() or (path.is_file() and path.suffix in (".pt", ".bin", ".pth", ".safetensors"))
+
+
+def build_pretrain_model(section: PretrainModel):
+    """(model, vocab path or None, description). A checkpoint continues; a config name starts a new model."""
+    if _is_checkpoint(section.init):
+        model, info = load_model(section.init)
+        vocab = Path(section.vocab) if section.vocab else info.vocab
+        if vocab is not None and not vocab.exists():
+            raise CpmctlError(f"model.vocab: file not found: {vocab}")
+        return model, vocab, f"continued from {section.init} ({info.format})"
+    config = resolve_config(section.init)
+    if section.vocab is None:
+        raise CpmctlError(f"model.vocab: a new model ({section.init}) needs a vocabulary file (its size is the "
+                          "model's vocab_size)")
+    vocab = Path(section.vocab)
+    if not vocab.exists():
+        raise CpmctlError(f"model.vocab: file not found: {vocab}")
+    config.vocab_size = CPMAntTokenizer(vocab).vocab_size
+    return build_model(config, seed=section.seed), vocab, f"new {section.init} (seed {section.seed})"
+
+
+def check_vocab_matches(dataset: PackedDataset, vocab: Path | None, vocab_size: int, key: str) -> None:
+    """Before step 1: the packed data must use the model's vocabulary (size, and file hash when both are known)."""
+    if dataset.vocab_size != vocab_size:
+        raise CpmctlError(f"{key}: {dataset.path} was packed with a {dataset.vocab_size}-token vocabulary but the "
+                          f"model has vocab_size {vocab_size}")
+    packed_md5 = dataset.meta.get("vocab_md5")
+    if vocab is not None and packed_md5:
+        md5 = hashlib.md5(Path(vocab).read_bytes()).hexdigest()
+        if md5 != packed_md5:
+            raise CpmctlError(f"{key}: {dataset.path} was packed with another vocabulary (md5 {packed_md5}) than "
+                              f"{vocab} (md5 {md5})")
+
+
+def preflight(recipe: PretrainRecipe) -> None:
+    """Every check that needs no weights: data directories, the model's config and vocabulary against the data.
+    Run before launching processes, so a bad recipe fails once, with one line."""
+    train_set = PackedDataset(recipe.data.train)
+    section = recipe.model
+    if _is_checkpoint(section.init):
+        config, _ = read_config(section.init)
+        root = Path(section.init) if Path(section.init).is_dir() else Path(section.init).parent
+        vocab = Path(section.vocab) if section.vocab else (root / VOCAB_FILE if (root / VOCAB_FILE).exists() else None)
+    else:
+        config = resolve_config(section.init)
+        if section.vocab is None:
+            raise CpmctlError(f"model.vocab: a new model ({section.init}) needs a vocabulary file")
+        vocab = Path(section.vocab)
+        if not vocab.exists():
+            raise CpmctlError(f"model.vocab: file not found: {vocab}")
+        config.vocab_size = CPMAntTokenizer(vocab).vocab_size
+    check_vocab_matches(train_set, vocab, config.vocab_size, "data.train")
+    if recipe.data.valid:
+        check_vocab_matches(PackedDataset(recipe.data.valid), vocab, config.vocab_size, "data.valid")
+
+
+# ----- run -----------------------------------------------------------------------------------------------------
+def run_pretrain(recipe: PretrainRecipe, *, progress: bool = True, log=print) -> dict:
+    """Train as the recipe says; returns the summary (the `--json` object). Rank 0 writes out_dir/final."""
+    cfg = recipe.train
+    out_dir = Path(recipe.out_dir)
+    rank, _, world_size = dist_env() if cfg.engine != "single" else (0, 0, 1)
+
+    train_set = PackedDataset(recipe.data.train)
+    valid_set = PackedDataset(recipe.data.valid) if recipe.data.valid else None
+    model, vocab, origin = build_pretrain_model(recipe.model)
+    check_vocab_matches(train_set, vocab, model.config.vocab_size, "data.train")
+    if valid_set is not None:
+        check_vocab_matches(valid_set, vocab, model.config.vocab_size, "data.valid")
+
+    data = PackedReader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size)
+    valid = None
+    if valid_set is not None and cfg.valid_batches > 0:
+        valid = PackedReader(valid_set, cfg.batch_size, rank=rank, world_size=world_size, shuffle=False)
+        available = len(valid_set) // (cfg.batch_size * world_size)
+        if cfg.valid_batches > available:
+            cfg.valid_batches = available  # a validation pass reads each held-out row at most once
+    if rank == 0:
+        log(f"{origin}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+            f"{len(train_set):,} training rows of {train_set.max_length} tokens; engine {cfg.engine} x {world_size}")
+
+    def save_model(m, directory: Path) -> None:
+        save_native(m, directory, vocab=vocab)
+
+    result: TrainResult = train(model, data, cfg, out_dir, valid=valid, save_model=save_model,
+                                resume=recipe.resume, progress=progress)
+    final = out_dir / "final"
+    if rank == 0 and result.checkpoint is not None:
+        export_final(result.checkpoint, final)
+    return {
+        "out_dir": str(out_dir),
+        "final": str(final),
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "steps": result.steps,
+        "train_loss": result.train_loss,
+        "valid_loss": result.valid_loss,
+        "tokens": result.tokens,
+        "seconds": round(result.seconds, 3),
+        "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
+        "engine": cfg.engine,
+        "world_size": world_size,
+        "metrics": str(out_dir / "metrics.jsonl"),
+        "loss_curve": str(out_dir / "loss_curve.png"),
+    }
+
+
+def export_final(checkpoint: Path, final: Path) -> Path:
+    """out_dir/final: the model part of the last checkpoint (config, weights, vocab), without the trainer state."""
+    with atomic_dir(final) as tmp:
+        for name in ("config.json", NATIVE_WEIGHTS, VOCAB_FILE):
+            if (checkpoint / name).exists():
+                shutil.copyfile(checkpoint / name, tmp / name)
+    return final

@@ -1,0 +1,322 @@
+"""LoRA on the folded CPM-Ant through peft: inject, count, save and load adapters in peft's format, merge.
+
+The model keeps its class: peft's `inject_adapter_in_model` swaps the target nn.Linear modules for peft LoRA layers in
+place, so decoding, the KV cache and the training loop see the same CPMAnt they always see. Because the model holds
+folded weights (plain nn.Linear), the LoRA delta adds to the same linear the original computes and a merge is exact.
+
+An adapter directory is what `PeftModel.save_pretrained` writes (adapter_config.json + adapter_model.safetensors, keys
+under `base_model.model.`), plus `cpmctl_adapter.json` recording the base model's config, so an adapter trained on
+one model shape is refused by another with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cpmctl import CpmctlError
+from cpmctl.io import atomic_dir
+from cpmctl.model.ant import CPMAnt, build_model
+from cpmctl.model.config import CPMAntConfig
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_META = "cpmctl_adapter.json"
+PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained names the keys
+ADAPTER_NAME = "default"
+
+# The nn.Linear modules of a CPM-Ant block that LoRA may adapt.
+LINEAR_TARGETS = ("project_q", "project_k", "project_v", "attention_out", "w_0", "w_1", "w_out")
+# The config keys that fix the shapes an adapter depends on.
+SHAPE_KEYS = ("dim_model", "dim_ff", "num_layers", "num_heads", "dim_head", "mask_modules")
+
+
+@dataclass
+class LoraSettings:
+    """The recipe section `lora:`. Defaults are the original CPM-Ant delta tuning (r 8, alpha 16, q and v)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["project_q", "project_v"])
+    rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
+    dora: bool = False  # weight-decomposed LoRA (magnitude vector per output channel)
+
+    def validate(self) -> None:
+        if self.r < 1:
+            raise CpmctlError(f"lora.r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise CpmctlError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise CpmctlError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise CpmctlError("lora.targets is empty: name at least one of " + ", ".join(LINEAR_TARGETS))
+        unknown = [t for t in self.targets if t not in LINEAR_TARGETS]
+        if unknown:
+            raise CpmctlError(f"lora.targets: unknown module '{unknown[0]}' (known: {', '.join(LINEAR_TARGETS)})")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def peft_config(self, base_model: str | None = None):
+        from peft import LoraConfig
+
+        self.validate()
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.targets),
+            use_rslora=self.rslora,
+            use_dora=self.dora,
+            bias="none",
+            base_model_name_or_path=base_model,
+        )
+
+    @classmethod
+    def from_peft_config(cls, config) -> "LoraSettings":
+        targets = config.target_modules
+        targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else [targets]
+        return cls(
+            r=int(config.r),
+            alpha=float(config.lora_alpha),
+            dropout=float(config.lora_dropout),
+            targets=list(targets),
+            rslora=bool(config.use_rslora),
+            dora=bool(config.use_dora),
+        )
+
+
+def base_config(model: str | Path) -> CPMAntConfig:
+    """The config of a checkpoint (any format), a config JSON or a ladder name ('10b'), without reading weights."""
+    from cpmctl.model.checkpoint import read_config
+    from cpmctl.model.config import resolve_config
+
+    if Path(model).exists() and not str(model).endswith(".json"):
+        return read_config(model)[0]
+    return resolve_config(model)
+
+
+# ----- injection and counts ------------------------------------------------------------------------------------
+def inject_lora(model: CPMAnt, settings: LoraSettings, base_model: str | None = None) -> CPMAnt:
+    """Add LoRA layers to `model` in place and freeze everything else. Returns the same model object."""
+    from peft import inject_adapter_in_model
+
+    config = settings.peft_config(base_model)
+    with warnings.catch_warnings():
+        # peft warns about models that are not transformers PreTrainedModels; ours is a plain nn.Module on purpose.
+        warnings.simplefilter("ignore")
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_lora_parameter(name))
+    return model
+
+
+def is_lora_parameter(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name
+
+
+def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def parameter_counts(model: nn.Module) -> dict:
+    """Trainable (LoRA) and total parameters (frozen base + LoRA); works on the meta device."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / max(total, 1)}
+
+
+def dry_run_counts(config: CPMAntConfig, settings: LoraSettings) -> dict:
+    """Trainable and total parameters of the LoRA model from the config alone: built on the meta device, no weights."""
+    model = build_model(config, device="meta")
+    inject_lora(model, settings)
+    counts = parameter_counts(model)
+    counts["lora_modules"] = len(lora_modules(model))
+    return counts
+
+
+# ----- adapter state -------------------------------------------------------------------------------------------
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights with peft's on-disk key names (`base_model.model.<module>.lora_A.weight`)."""
+    from peft import get_peft_model_state_dict
+
+    # save_embedding_layers=False: we never adapt embeddings, and "auto" would look the base model up (even on the
+    # Hugging Face hub) to see whether its vocabulary was resized.
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
+    return {PEFT_PREFIX + k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+
+
+def adapter_meta(config: CPMAntConfig, **extra) -> dict:
+    return {"format": "cpmctl-lora", "version": 1, "base_config": config.to_dict(), **extra}
+
+
+def save_adapter(model: CPMAnt, out: str | Path, settings: LoraSettings, meta: dict | None = None,
+                 base_model: str | None = None) -> Path:
+    """Write an adapter directory atomically (peft's layout + cpmctl_adapter.json)."""
+    return write_adapter(out, adapter_state_dict(model), settings, meta or adapter_meta(model.config), base_model)
+
+
+def write_adapter(out: str | Path, state: dict[str, torch.Tensor], settings: LoraSettings, meta: dict,
+                  base_model: str | None = None) -> Path:
+    with atomic_dir(out) as tmp:
+        write_adapter_files(tmp, state, settings, meta, base_model)
+    return Path(out)
+
+
+def write_adapter_files(directory: Path, state: dict[str, torch.Tensor], settings: LoraSettings, meta: dict,
+                        base_model: str | None = None) -> None:
+    """The three adapter files into an existing directory (a training checkpoint's, which is itself atomic)."""
+    from safetensors.torch import save_file
+
+    settings.peft_config(base_model).save_pretrained(str(directory))
+    save_file(state, str(Path(directory) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (Path(directory) / ADAPTER_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+@dataclass
+class Adapter:
+    path: Path
+    settings: LoraSettings
+    state: dict[str, torch.Tensor]  # keys without the `base_model.model.` prefix
+    meta: dict
+
+    @property
+    def base_config(self) -> dict | None:
+        return self.meta.get("base_config")
+
+
+def read_adapter(path: str | Path) -> Adapter:
+    from peft import LoraConfig
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CpmctlError(f"adapter not found: {path} (expected a directory with {ADAPTER_CONFIG})")
+    cfg_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    for f in (cfg_file, weights):
+        if not f.exists():
+            raise CpmctlError(f"{path}: not an adapter directory (no {f.name})")
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CpmctlError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
+        raise CpmctlError(f"{cfg_file}: not a LoRA adapter config (peft_type is {raw.get('peft_type')!r})")
+    known = set(LoraConfig.__dataclass_fields__)
+    try:
+        settings = LoraSettings.from_peft_config(LoraConfig(**{k: v for k, v in raw.items() if k in known}))
+    except (TypeError, ValueError) as e:
+        raise CpmctlError(f"{cfg_file}: invalid LoRA config ({e})") from None
+    settings.validate()
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CpmctlError(f"{weights}: cannot read safetensors file ({str(e).splitlines()[0][:160]})") from None
+    state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
+    meta = {}
+    if (path / ADAPTER_META).exists():
+        try:
+            meta = json.loads((path / ADAPTER_META).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CpmctlError(f"{path / ADAPTER_META}: not valid JSON ({e})") from None
+    return Adapter(path, settings, state, meta)
+
+
+def check_adapter_fits(adapter: Adapter, config: CPMAntConfig, model_name: str = "the model") -> None:
+    """Refuse an adapter whose recorded base shape differs from the model's, naming the differing keys."""
+    base = adapter.base_config
+    if not base:
+        return  # imported without a base config: the tensor shapes are still checked on load
+    ours = config.to_dict()
+    diffs = []
+    for key in SHAPE_KEYS:
+        a, b = base.get(key, [] if key == "mask_modules" else None), ours.get(key, [] if key == "mask_modules" else None)
+        if a != b:
+            diffs.append(key if key == "mask_modules" else f"{key} {a} != {b}")
+    if diffs:
+        raise CpmctlError(
+            f"adapter {adapter.path} was trained on another model shape than {model_name}: " + ", ".join(diffs)
+        )
+
+
+def load_adapter(model: CPMAnt, adapter: str | Path | Adapter, model_name: str = "the model") -> CPMAnt:
+    """Inject the adapter's LoRA layers into `model` and load its weights (shapes checked key by key)."""
+    from peft import set_peft_model_state_dict
+
+    if not isinstance(adapter, Adapter):
+        adapter = read_adapter(adapter)
+    check_adapter_fits(adapter, model.config, model_name)
+    inject_lora(model, adapter.settings)
+    expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
+    expected = {k[len(PEFT_PREFIX):]: s for k, s in expected.items()}
+    missing = sorted(set(expected) - set(adapter.state))
+    unexpected = sorted(set(adapter.state) - set(expected))
+    misshaped = sorted(k for k in set(expected) & set(adapter.state) if tuple(adapter.state[k].shape) != expected[k])
+    if missing or unexpected or misshaped:
+        first = (missing or unexpected or misshaped)[0]
+        what = "missing" if missing else "unexpected" if unexpected else "mis-shaped"
+        detail = f" {tuple(adapter.state[first].shape)} != {expected[first]}" if what == "mis-shaped" else ""
+        raise CpmctlError(
+            f"adapter {adapter.path} does not fit {model_name}: {len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(misshaped)} mis-shaped keys (first {what}: {first}{detail})"
+        )
+    dtype = model.input_embedding.weight.dtype
+    state = {k: v.to(dtype) for k, v in adapter.state.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
+    return model
+
+
+def load_model_with_adapter(path: str | Path, adapter: str | Path | None = None, device="cpu",
+                            dtype: torch.dtype | None = torch.float32):
+    """`load_model` plus, when `adapter` is given, its LoRA layers (unmerged). Returns (model, info)."""
+    from cpmctl.model.checkpoint import load_model
+
+    adapter_obj = read_adapter(adapter) if adapter is not None else None
+    if adapter_obj is not None:
+        from cpmctl.model.checkpoint import read_config
+
+        check_adapter_fits(adapter_obj, read_config(path)[0], str(path))  # before reading any weights
+    model, info = load_model(path, device=device, dtype=dtype)
+    if adapter_obj is not None:
+        load_adapter(model, adapter_obj, str(path))
+        model.requires_grad_(False)
+        model.eval()
+    return model, info
+
+
+# ----- merge ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def merge_lora(model: CPMAnt) -> CPMAnt:
+    """Fold every LoRA delta into its base weight and put the plain nn.Linear back (in place)."""
+    for name, module in lora_modules(model).items():
+        module.merge(safe_merge=True, adapter_names=[ADAPTER_NAME])
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.get_base_layer())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def merge_adapter(model_path: str | Path, adapter: str | Path, out: str | Path, vocab: str | Path | None = None) -> dict:
+    """Write a native checkpoint with the adapter merged into the base weights. Merged in fp32, saved in the
+    checkpoint's own dtype."""
+    from cpmctl.model.checkpoint import save_native
+
+    model, info = load_model_with_adapter(model_path, adapter, dtype=torch.float32)
+    merge_lora(model)
+    save_native(model, out, vocab=vocab or info.vocab, dtype=info.dtype)
+    return {"model": str(model_path), "adapter": str(adapter), "out": str(out), "dtype": str(info.dtype or "float32")}

@@ -1,0 +1,363 @@
+"""`cpmctl tune lora` core: LoRA delta tuning of a CPM-Ant model on a task with the shared training loop.
+
+The run, in order: read and check the task data (train and dev splits) and the model config, load the model and
+inject LoRA (everything else frozen), turn the train split into packed rows, and hand them to `train()`. At each
+epoch boundary the dev split is decoded or scored with the task's own metric; an improvement saves the adapter to
+OUT/best, and `tune.patience` epochs without one stop the run. Each training checkpoint (OUT/step-XXXXXXX) holds the
+adapter of that step plus the trainer state, so `--resume` continues exactly; the epoch tracker travels in the
+checkpoints as the loop's `extra_state`.
+
+Files in OUT: best/ (the adapter to use), step-*/ (checkpoints), metrics.jsonl and loss_curve.png (the loop's),
+dev.jsonl (one line per evaluated epoch), tune_result.json (the summary, written when the run ends).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cpmctl import CpmctlError
+from cpmctl.evaluate.runner import DecodeSettings
+from cpmctl.io import atomic_file
+from cpmctl.recipe import load_recipe
+from cpmctl.train.loop import TrainConfig
+from cpmctl.tune.lora import LoraSettings, adapter_meta, adapter_state_dict, write_adapter, write_adapter_files
+
+BEST_DIR = "best"
+DEV_LOG = "dev.jsonl"
+RESULT_FILE = "tune_result.json"
+BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ----- recipe --------------------------------------------------------------------------------------------------
+@dataclass
+class TaskSettings:
+    name: str | None = None  # ccpm, c3, sogou-log, lcsts, kdconv, math23k, custom (--task)
+    definition: str | None = None  # YAML task definition for custom (--task-def)
+    max_length: int | None = None  # tokens per training row; null = the task's own
+    pack: bool = False  # share rows between short examples (distinct spans)
+
+
+@dataclass
+class TuneSettings:
+    epochs: int | None = 20  # training length in passes over the train split; null = train.steps
+    patience: int = 3  # epochs without a better dev score before stopping; 0 = never stop early
+    metric: str | None = None  # dev metric that picks the best adapter; null = the task's primary metric
+    dev_limit: int | None = None  # score only the first N dev examples each epoch
+    eval_batch_size: int = 8
+    base_dtype: str = "fp32"  # fp32 | bf16: dtype of the frozen base weights (LoRA weights stay fp32)
+
+
+@dataclass
+class TuneRecipe:
+    task: TaskSettings = field(default_factory=TaskSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, warmup_steps=50, save_every=200))
+    tune: TuneSettings = field(default_factory=TuneSettings)
+    decode: DecodeSettings = field(default_factory=DecodeSettings)  # dev decoding overrides (generation tasks)
+
+    def validate(self) -> None:
+        self.lora.validate()
+        self.train.validate()
+        if self.train.engine == "fsdp":
+            raise CpmctlError("train.engine: LoRA tuning runs with single or ddp (fsdp shards whole models)")
+        t = self.tune
+        if t.epochs is not None and t.epochs < 1:
+            raise CpmctlError(f"tune.epochs must be >= 1 (or null to use train.steps), got {t.epochs}")
+        if t.patience < 0:
+            raise CpmctlError(f"tune.patience must be >= 0, got {t.patience}")
+        if t.dev_limit is not None and t.dev_limit < 1:
+            raise CpmctlError(f"tune.dev_limit must be >= 1, got {t.dev_limit}")
+        if t.eval_batch_size < 1:
+            raise CpmctlError(f"tune.eval_batch_size must be >= 1, got {t.eval_batch_size}")
+        if t.base_dtype not in BASE_DTYPES:
+            raise CpmctlError(f"tune.base_dtype must be one of {', '.join(BASE_DTYPES)}, got {t.base_dtype!r}")
+        if self.task.max_length is not None and self.task.max_length < 48:
+            raise CpmctlError(f"task.max_length must be >= 48 (32 prompt slots + text), got {self.task.max_length}")
+
+
+def load_tune_recipe(path: str | Path | None, overrides: list[str], task: str | None = None,
+                     task_def: str | Path | None = None) -> TuneRecipe:
+    """Defaults, then the YAML file, then the overrides; --task / --task-def win over the recipe."""
+    recipe = load_recipe(TuneRecipe, path, overrides)
+    if task is not None:
+        recipe.task.name = task
+    if task_def is not None:
+        recipe.task.definition = str(task_def)
+    recipe.validate()
+    return recipe
+
+
+# ----- metrics -------------------------------------------------------------------------------------------------
+_GENERATION_KEYS = {"rouge": ["rouge-l", "rouge-1", "rouge-2"], "bleu": ["bleu-4", "bleu-1", "bleu-2", "bleu-3"],
+                    "distinct": ["distinct-2", "distinct-1"], "math": ["accuracy"], "exact_match": ["exact_match"],
+                    "char_f1": ["char_f1"]}
+
+
+def metric_names(task) -> list[str]:
+    """The dev scores a task reports that can pick the best adapter (higher is better), primary first."""
+    if task.kind == "choice":
+        return ["accuracy"] + (["macro_f1"] if "macro_f1" in task.metrics else [])
+    if task.kind == "ranking":
+        return ["mrr"] + [f"ndcg@{k}" for k in task.ks]
+    return [name for m in task.metrics for name in _GENERATION_KEYS.get(m, [])]
+
+
+def resolve_metric(task, requested: str | None) -> str:
+    names = metric_names(task)
+    if requested is None:
+        return names[0]
+    if requested not in names:
+        raise CpmctlError(f"tune.metric: task {task.name} reports {', '.join(names)}, not '{requested}'")
+    return requested
+
+
+# ----- the epoch tracker (dev evaluation, best adapter, early stopping) ----------------------------------------
+class EarlyStop(Exception):
+    """Raised from the step callback when the dev metric stopped improving: ends the run (not an error)."""
+
+
+@dataclass
+class EpochTracker:
+    """Dev evaluation at epoch ends. Its state rides in the loop's checkpoints (`extra_state`), so a resumed run
+    knows its best score and patience."""
+
+    evaluate: Callable  # (model) -> dict of dev scores
+    save_best: Callable  # (model, row) -> None
+    metric: str
+    patience: int
+    history: list = field(default_factory=list)
+    best: dict | None = None
+    bad_epochs: int = 0
+    stopped: bool = False
+    log: Callable = print
+    on_history: Callable | None = None  # (history) -> None, e.g. rewrite dev.jsonl
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "best": self.best, "bad_epochs": self.bad_epochs, "stopped": self.stopped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history, self.best = list(state["history"]), state["best"]
+        self.bad_epochs, self.stopped = int(state["bad_epochs"]), bool(state["stopped"])
+
+    def evaluated(self, epoch: int) -> bool:
+        return any(row["epoch"] == epoch for row in self.history)
+
+    def end_epoch(self, epoch: int, step: int, model) -> None:
+        if self.evaluated(epoch):
+            return  # a resumed run passes the same boundary again
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                scores = self.evaluate(model)
+        finally:
+            model.train(was_training)
+        score = scores[self.metric]
+        row = {"epoch": epoch, "step": step, "score": score, "metrics": scores}
+        self.history.append(row)
+        improved = self.best is None or score > self.best["score"]
+        if improved:
+            self.best, self.bad_epochs = {"epoch": epoch, "step": step, "score": score}, 0
+            self.save_best(model, row)
+        else:
+            self.bad_epochs += 1
+        self.log(f"epoch {epoch} (step {step}): dev {self.metric} {score:.3f}"
+                 + (" (best)" if improved else f", best {self.best['score']:.3f} at epoch {self.best['epoch']}"))
+        if self.on_history is not None:
+            self.on_history(self.history)
+        if not improved and self.patience and self.bad_epochs >= self.patience:
+            self.stopped = True
+            self.log(f"early stop: no better dev {self.metric} for {self.bad_epochs} epochs")
+            raise EarlyStop()
+
+
+# ----- dry run -------------------------------------------------------------------------------------------------
+def tune_dry_run(model: str | None, recipe: TuneRecipe) -> dict:
+    """Trainable and total parameters from the model's config alone (no weights are read)."""
+    from cpmctl.tune.lora import base_config, dry_run_counts
+
+    if model is None:
+        raise CpmctlError("--model is required: a checkpoint, a config JSON or a ladder name (10b)")
+    counts = dry_run_counts(base_config(model), recipe.lora)
+    return {"model": str(model), "r": recipe.lora.r, "alpha": recipe.lora.alpha, "scaling": recipe.lora.scaling,
+            "targets": list(recipe.lora.targets), "rslora": recipe.lora.rslora, "dora": recipe.lora.dora,
+            "frozen": counts["total"] - counts["trainable"], **counts}
+
+
+# ----- the run -------------------------------------------------------------------------------------------------
+def _resolve_task(recipe: TuneRecipe):
+    from cpmctl.tune.tasks import get_task
+
+    if recipe.task.name is None:
+        raise CpmctlError("--task is required (ccpm, c3, sogou-log, lcsts, kdconv, math23k, or custom)")
+    task = get_task(recipe.task.name, recipe.task.definition)
+    if recipe.task.max_length is not None:
+        task = dataclasses.replace(task, max_length=recipe.task.max_length)
+    return task
+
+
+def _load_splits(task, data: Path, dev_limit: int | None):
+    if not data.is_dir():
+        raise CpmctlError(f"--data {data}: expected a directory with train.jsonl and dev.jsonl (test.jsonl for eval)")
+    train_examples = task.load_split(data, "train")
+    dev_examples = task.load_split(data, "dev")
+    return train_examples, dev_examples[:dev_limit] if dev_limit else dev_examples
+
+
+def _lora_param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """AdamW on the LoRA weights with plain lr (they are not folded, as in OpenDelta), decay on matrices only."""
+    matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # DoRA magnitudes
+    groups = [{"params": matrices, "weight_decay": cfg.weight_decay}]
+    if vectors:
+        groups.append({"params": vectors, "weight_decay": 0.0})
+    return groups
+
+
+def _write_json(path: Path, obj) -> None:
+    with atomic_file(path, encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_dev_log(path: Path, history: list) -> None:
+    with atomic_file(path, encoding="utf-8") as f:
+        for row in history:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _last_train_loss(out_dir: Path) -> float | None:
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    losses = [row["loss"] for row in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if "loss" in row]
+    return losses[-1] if losses else None
+
+
+def tune_lora(model_path: str | Path | None, data: str | Path | None, out_dir: str | Path | None, recipe: TuneRecipe,
+              vocab: str | Path | None = None, resume: bool = False, log: Callable = print,
+              progress: bool = True) -> dict:
+    """Tune LoRA on `recipe.task` and keep the best adapter (by the dev metric) in OUT/best. Returns a summary."""
+    from cpmctl.model.checkpoint import load_model, read_config
+    from cpmctl.model.tokenizer import CPMAntTokenizer
+    from cpmctl.train import checkpointing as ckpt
+    from cpmctl.train.engine import dist_env
+    from cpmctl.train.loop import train
+    from cpmctl.tune.lora import inject_lora, parameter_counts
+    from cpmctl.tune.tasks import TaskReader
+
+    for value, flag in ((model_path, "--model"), (data, "--data"), (out_dir, "--out")):
+        if value is None:
+            raise CpmctlError(f"{flag} is required")
+    recipe.validate()
+    out_dir, data = Path(out_dir), Path(data)
+    task = _resolve_task(recipe)
+    metric = resolve_metric(task, recipe.tune.metric)
+    finished = out_dir / RESULT_FILE
+    if resume and finished.exists():
+        log(f"{out_dir}: the run has already finished")
+        return json.loads(finished.read_text(encoding="utf-8"))
+    if not resume and (ckpt.list_checkpoints(out_dir) or finished.exists()):
+        raise CpmctlError(f"{out_dir}: holds an earlier tuning run; add --resume to continue it or choose another --out")
+
+    # Cheap checks first: the data, the config and the vocabulary, before any weight is read.
+    train_examples, dev_examples = _load_splits(task, data, recipe.tune.dev_limit)
+    config, _ = read_config(model_path)
+    vocab_path = Path(vocab) if vocab is not None else Path(model_path if Path(model_path).is_dir()
+                                                            else Path(model_path).parent) / "vocab.txt"
+    if not vocab_path.exists():
+        raise CpmctlError(f"{model_path}: no vocab.txt beside the checkpoint; pass --vocab FILE")
+    tokenizer = CPMAntTokenizer(vocab_path)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CpmctlError(f"{vocab_path}: {tokenizer.vocab_size} tokens but the model expects {config.vocab_size}")
+
+    cfg = recipe.train
+    rank, _, world = dist_env()
+    rows = task.to_rows(train_examples, tokenizer, task.max_length, config.vocab_size, recipe.task.pack)
+    per_step = cfg.batch_size * world * cfg.grad_accum
+    steps_per_epoch = len(rows) // per_step
+    if steps_per_epoch < 1:
+        raise CpmctlError(f"{data}/train.jsonl: {len(rows)} training rows is fewer than one step of "
+                          f"{cfg.batch_size} x {cfg.grad_accum} accumulation x {world} processes; lower train.batch_size")
+    if recipe.tune.epochs is not None:
+        cfg = dataclasses.replace(cfg, steps=recipe.tune.epochs * steps_per_epoch)
+    reader = TaskReader(rows, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
+    dev_rows = task.to_rows(dev_examples, tokenizer, task.max_length, config.vocab_size, recipe.task.pack)
+    valid = None
+    if cfg.valid_batches > 0 and len(dev_rows) >= world:
+        valid = TaskReader(dev_rows, min(cfg.batch_size, len(dev_rows) // world), seed=cfg.seed, rank=rank,
+                           world_size=world, shuffle=False)
+
+    # The model: frozen base weights, fp32 LoRA weights.
+    model, info = load_model(model_path, dtype=BASE_DTYPES[recipe.tune.base_dtype])
+    inject_lora(model, recipe.lora, base_model=str(model_path))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    counts = parameter_counts(model)
+    log(f"LoRA r {recipe.lora.r}, alpha {recipe.lora.alpha:g} on {', '.join(recipe.lora.targets)}: "
+        f"{counts['trainable']:,} trainable of {counts['total']:,} parameters ({counts['trainable_percent']:.3f}%)")
+    log(f"task {task.name}: {len(train_examples)} train examples in {len(rows)} rows, {len(dev_examples)} dev; "
+        f"{steps_per_epoch} steps per epoch, {cfg.steps} steps")
+
+    meta = adapter_meta(config, task=task.name, model=str(model_path))
+    is_main = rank == 0
+    decode = {k: v for k, v in dataclasses.asdict(recipe.decode).items() if v is not None}
+
+    def evaluate(m) -> dict:
+        predictions = task.predict(m, tokenizer, dev_examples, batch_size=recipe.tune.eval_batch_size, **decode)
+        return task.score(predictions, dev_examples)
+
+    def save_best(m, row) -> None:
+        if is_main:
+            write_adapter(out_dir / BEST_DIR, adapter_state_dict(m), recipe.lora,
+                          {**meta, "epoch": row["epoch"], "step": row["step"], "metric": metric,
+                           "dev": row["metrics"]}, base_model=str(model_path))
+
+    tracker = EpochTracker(evaluate, save_best, metric, recipe.tune.patience, log=log,
+                           on_history=(lambda h: _write_dev_log(out_dir / DEV_LOG, h)) if is_main else None)
+
+    def on_step(step: int, m) -> None:
+        if step > 1 and (step - 1) % steps_per_epoch == 0:
+            tracker.end_epoch((step - 1) // steps_per_epoch, step - 1, m)
+
+    def save_model(m, directory: Path) -> None:
+        write_adapter_files(Path(directory), adapter_state_dict(m), recipe.lora, meta, base_model=str(model_path))
+
+    stopped_early = False
+    result = None
+    try:
+        result = train(model, reader, cfg, out_dir, valid=valid, param_groups=_lora_param_groups(model, cfg),
+                       on_step=on_step, save_model=save_model, extra_state=tracker, resume=resume,
+                       progress=progress)
+        # The last epoch ends with the run (a run of train.steps may end inside an epoch: a fractional epoch).
+        whole, rest = divmod(result.steps, steps_per_epoch)
+        tracker.end_epoch(whole if rest == 0 else round(result.steps / steps_per_epoch, 3), result.steps, model)
+    except EarlyStop:
+        stopped_early = True
+    last = tracker.history[-1] if tracker.history else None
+    summary = {
+        "task": task.name,
+        "model": str(model_path),
+        "data": str(data),
+        "out": str(out_dir),
+        "adapter": str(out_dir / BEST_DIR),
+        "metric": metric,
+        "best": tracker.best,
+        "epochs": last["epoch"] if last else 0,
+        "steps": last["step"] if last else (result.steps if result else 0),
+        "steps_per_epoch": steps_per_epoch,
+        "stopped_early": stopped_early,
+        "trainable": counts["trainable"],
+        "total": counts["total"],
+        "train_loss": _last_train_loss(out_dir),
+        "history": tracker.history,
+    }
+    if is_main:
+        _write_json(out_dir / RESULT_FILE, summary)
+    return summary

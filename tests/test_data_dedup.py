@@ -1,0 +1,271 @@
+"""Paragraph-hash dedup: the threshold boundary, a store shared across runs, resume after SIGKILL, workers, and
+clear errors for bad stores and inputs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from cpmctl import CpmctlError
+from cpmctl.data.dedup import dedup, required_seen
+from cpmctl.data.store import DedupStore
+from cpmctl.data.textio import output_spec, resolve_inputs
+
+REPO = Path(__file__).resolve().parent.parent
+CHARS = "的一是了我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会家可下而过天去能对小多然于心学"
+
+
+def para(i: int) -> str:
+    """A distinct paragraph for each i."""
+    rng = random.Random(i)
+    return "".join(rng.choice(CHARS) for _ in range(30)) + f"{i}。"
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t, "n": i}, ensure_ascii=False) + "\n" for i, t in enumerate(texts)),
+                    encoding="utf-8")
+    return path
+
+
+def run(inputs, out, store, **kw):
+    shards = resolve_inputs([str(p) for p in inputs])
+    return dedup(shards, output_spec(out, shards[0].format, shards[0].compression), store, **kw)
+
+
+def kept_texts(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def cli(capsys, *args) -> subprocess.CompletedProcess:
+    """`cpmctl data ARGS` in-process (the real entry point, exit code included)."""
+    from cpmctl.cli.app import main
+
+    capsys.readouterr()
+    try:
+        main(["data", *map(str, args)])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def test_required_seen_is_exact_at_the_boundary():
+    assert required_seen(0.7, 10) == 7
+    assert required_seen(0.7, 3) == 3  # 2/3 = 0.667 < 0.7
+    assert required_seen(0.7, 20) == 14
+    assert required_seen(0.5, 4) == 2
+    assert required_seen(1.0, 5) == 5
+    for n in range(1, 200):
+        k = required_seen(0.7, n)
+        assert k / n >= 0.7 - 1e-12 and (k - 1) / n < 0.7
+
+
+def test_threshold_boundary_exactly_70_percent(tmp_path):
+    seen = [para(i) for i in range(10)]
+    base = "\n".join(seen)
+    seven = "\n".join(seen[:7] + [para(100 + i) for i in range(3)])  # 7 of 10 known: duplicate (>= 0.7)
+    six = "\n".join(seen[:6] + [para(200 + i) for i in range(4)])  # 6 of 10 known: kept
+    src = write_jsonl(tmp_path / "in.jsonl", [base, seven, six])
+    r = run([src], tmp_path / "out.jsonl", tmp_path / "s.sqlite")
+    assert kept_texts(tmp_path / "out.jsonl") == [base, six]
+    assert (r.documents, r.kept, r.duplicates) == (3, 2, 1)
+    # The kept document's new paragraphs were added; the duplicate's were not.
+    with DedupStore.open(tmp_path / "s.sqlite") as store:
+        h = lambda p: xxhash.xxh3_64_intdigest(p.encode()) - (1 << 64 if xxhash.xxh3_64_intdigest(p.encode()) >= 1 << 63 else 0)  # noqa: E731
+        assert h(para(200)) in store
+        assert h(para(100)) not in store
+        assert store.paragraph_count == 14
+
+
+def test_paragraphs_are_stripped_distinct_and_empty_documents_dropped(tmp_path):
+    a = f"  {para(1)}  \n\n{para(2)}\n{para(1)}"  # para(1) twice: counted once
+    src = write_jsonl(tmp_path / "in.jsonl", [a, "   \n  ", f"{para(1)}\n{para(2)}", ""])
+    r = run([src], tmp_path / "out.jsonl", tmp_path / "s.sqlite")
+    assert (r.documents, r.kept, r.duplicates, r.empty) == (4, 1, 1, 2)
+    assert r.paragraphs == 3 + 2
+
+
+def test_matches_a_plain_set_implementation(tmp_path):
+    rng = random.Random(0)
+    pool = [para(i) for i in range(400)]
+    texts = ["\n".join(rng.choice(pool) for _ in range(rng.randint(1, 8))) for _ in range(1500)]
+    src = write_jsonl(tmp_path / "in.jsonl", texts)
+    run([src], tmp_path / "out.jsonl", tmp_path / "s.sqlite", chunk_bytes=20_000)
+    seen, expected = set(), []
+    for t in texts:
+        hs = {p.strip() for p in t.split("\n") if p.strip()}
+        if sum(h in seen for h in hs) >= required_seen(0.7, len(hs)):
+            continue
+        expected.append(t)
+        seen |= hs
+    assert kept_texts(tmp_path / "out.jsonl") == expected
+    assert 0 < len(expected) < len(texts)
+
+
+def test_second_run_deduplicates_against_the_first(tmp_path):
+    first = write_jsonl(tmp_path / "week1.jsonl", [para(1) + "\n" + para(2), para(3)])
+    second = write_jsonl(tmp_path / "week2.jsonl", [para(2) + "\n" + para(1), para(4), para(3) + "\n" + para(5)])
+    store = tmp_path / "s.sqlite"
+    r1 = run([first], tmp_path / "o1.jsonl", store)
+    r2 = run([second], tmp_path / "o2.jsonl", store)
+    assert r1.kept == 2
+    # para(2)+para(1): 2/2 known; para(4) new; para(3)+para(5): 1/2 = 0.5 < 0.7 kept.
+    assert kept_texts(tmp_path / "o2.jsonl") == [para(4), para(3) + "\n" + para(5)]
+    assert r2.store_paragraphs == 5
+    # Rerunning a finished command replays its decisions: same output, store untouched.
+    r3 = run([second], tmp_path / "o3.jsonl", store)
+    assert (tmp_path / "o3.jsonl").read_bytes() == (tmp_path / "o2.jsonl").read_bytes()
+    assert r3.replayed == 3 and r3.new_paragraphs == 0 and r3.store_paragraphs == 5
+
+
+def test_workers_give_the_same_result(tmp_path):
+    rng = random.Random(1)
+    pool = [para(i) for i in range(300)]
+    texts = ["\n".join(rng.choice(pool) for _ in range(rng.randint(1, 6))) for _ in range(2000)]
+    src = write_jsonl(tmp_path / "in.jsonl", texts)
+    run([src], tmp_path / "one.jsonl", tmp_path / "one.sqlite", chunk_bytes=8_000)
+    run([src], tmp_path / "two.jsonl", tmp_path / "two.sqlite", chunk_bytes=8_000, workers=2)
+    assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "two.jsonl").read_bytes()
+
+
+def test_text_format_gzip_and_directory_outputs(tmp_path):
+    lines = [f"{para(1)}<n>{para(2)}", f"{para(2)}<n>{para(1)}", f"{para(3)}"]
+    src = tmp_path / "raw.txt.gz"
+    with gzip.open(src, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    r = run([src], tmp_path / "out", tmp_path / "s.sqlite", shard_bytes=50)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["shards"]] == ["part-00000.txt.gz", "part-00001.txt.gz"]
+    got = b"".join(gzip.open(tmp_path / "out" / s["name"]).read() for s in manifest["shards"]).decode()
+    assert got.splitlines() == [lines[0], lines[2]] and r.kept == 2
+
+
+def _corpus(path: Path, docs: int) -> Path:
+    rng = random.Random(7)
+    pool = [para(i) for i in range(docs // 2)]
+    return write_jsonl(path, ["\n".join(rng.choice(pool) for _ in range(rng.randint(1, 6))) for _ in range(docs)])
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, capsys):
+    src = _corpus(tmp_path / "in.jsonl", 30000)
+    store, out = tmp_path / "s.sqlite", tmp_path / "out.jsonl"
+    args = ["dedup", "--input", src, "--output", out, "--store", store, "--chunk-mb", "0.01"]
+    proc = subprocess.Popen([sys.executable, "-m", "cpmctl", "data", *map(str, args)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    batches, deadline = 0, time.time() + 120
+    while batches < 20 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+        if store.exists():
+            try:
+                with sqlite3.connect(store, timeout=1) as db:
+                    batches = db.execute("SELECT count(*) FROM batches").fetchone()[0]
+            except sqlite3.OperationalError:
+                pass  # tables not created yet
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not out.exists(), "a killed run must not leave a partial output"
+
+    resumed = cli(capsys, *args, "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["replayed"] >= 20  # decisions committed before the kill were reproduced, not redone
+
+    reference = tmp_path / "ref.jsonl"
+    run([src], reference, tmp_path / "ref.sqlite")
+    assert out.read_bytes() == reference.read_bytes()
+    with DedupStore.open(store) as a, DedupStore.open(tmp_path / "ref.sqlite") as b:
+        assert a.paragraph_count == b.paragraph_count
+        assert a.conn.execute("SELECT count(*) FROM paragraphs").fetchone()[0] == a.paragraph_count
+
+
+def test_resume_rejects_an_input_changed_inside_the_committed_part(tmp_path):
+    src = _corpus(tmp_path / "in.jsonl", 300)
+    store = tmp_path / "s.sqlite"
+    run([src], tmp_path / "o.jsonl", store, chunk_bytes=4000)
+    # Completed inputs are keyed by (path, size, mtime); an interrupted one by path, its lines checked on replay.
+    with sqlite3.connect(store) as db:
+        db.execute("UPDATE inputs SET complete = 0")  # as if the run had been killed before it finished
+    lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[3] = json.dumps({"text": "改过的文档" + para(999)}, ensure_ascii=False) + "\n"
+    src.write_text("".join(lines), encoding="utf-8")
+    with pytest.raises(CpmctlError, match=r"in.jsonl: lines 1-\d+ differ"):
+        run([src], tmp_path / "o2.jsonl", store, chunk_bytes=4000)
+
+
+def test_strict_stops_at_a_malformed_line_and_a_fixed_file_resumes(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    good = [json.dumps({"text": para(i)}, ensure_ascii=False) for i in range(200)]
+    src.write_text("\n".join(good[:150] + ['{"text": 3}'] + good[150:]) + "\n", encoding="utf-8")
+    store = tmp_path / "s.sqlite"
+    r = cli(capsys, "dedup", "--input", src, "--output", tmp_path / "o.jsonl", "--store", store, "--strict", "--chunk-mb", "0.001")
+    assert r.returncode == 2
+    assert "in.jsonl:151: no string field 'text'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+    # Without --strict the line is skipped and counted.
+    ok = run([src], tmp_path / "o2.jsonl", tmp_path / "s2.sqlite")
+    assert ok.malformed == 1 and ok.kept == 200
+    # Fix the line and rerun the strict command: it resumes after the committed chunks.
+    src.write_text("\n".join(good[:150] + [json.dumps({"text": para(1000)}, ensure_ascii=False)] + good[150:]) + "\n",
+                   encoding="utf-8")
+    r = cli(capsys, "dedup", "--input", src, "--output", tmp_path / "o.jsonl", "--store", store, "--strict",
+            "--chunk-mb", "0.001", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["replayed"] > 0 and json.loads(r.stdout)["kept"] == 201
+
+
+def test_store_errors_are_one_line(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", [para(1)])
+    corrupt = tmp_path / "corrupt.sqlite"
+    corrupt.write_bytes(b"this is not a database, just bytes" * 200)
+    r = cli(capsys, "dedup", "--input", src, "--output", tmp_path / "o.jsonl", "--store", corrupt)
+    assert r.returncode == 2 and "not a usable SQLite database" in r.stderr and "Traceback" not in r.stderr
+    assert corrupt.read_bytes().startswith(b"this is not a database")  # nothing overwritten
+
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE t (x)")
+    r = cli(capsys, "dedup", "--input", src, "--output", tmp_path / "o.jsonl", "--store", other)
+    assert r.returncode == 2 and "not a cpmctl dedup store" in r.stderr
+
+    store = tmp_path / "s.sqlite"
+    run([src], tmp_path / "o.jsonl", store, threshold=0.8, normalize=True)
+    r = cli(capsys, "dedup", "--input", src, "--output", tmp_path / "o.jsonl", "--store", store, "--threshold", "0.7")
+    assert r.returncode == 2 and "written with --threshold 0.8, this run asks 0.7" in r.stderr
+    r = cli(capsys, "dedup", "--input", src, "--output", tmp_path / "o.jsonl", "--store", store, "--no-normalize")
+    assert r.returncode == 2 and "normalize=true" in r.stderr
+    # Settings not given come from the store.
+    assert run([src], tmp_path / "o3.jsonl", store).threshold == 0.8
+
+
+def test_store_is_locked_while_a_run_holds_it(tmp_path):
+    with DedupStore.open(tmp_path / "s.sqlite"):
+        with pytest.raises(CpmctlError, match="in use by another dedup run"):
+            DedupStore.open(tmp_path / "s.sqlite")
+
+
+def test_unreadable_shard_is_named_and_nothing_is_written(tmp_path, capsys):
+    good = write_jsonl(tmp_path / "a.jsonl", [para(1)])
+    bad = tmp_path / "b.jsonl.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00garbage that is not deflate data")
+    r = cli(capsys, "dedup", "--input", good, "--input", bad, "--output", tmp_path / "o.jsonl", "--store", tmp_path / "s.sqlite")
+    assert r.returncode == 2 and "b.jsonl.gz: unreadable" in r.stderr
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "s.sqlite").exists()
+
+
+def test_normalization_option(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", ["今天天气不错，我们去公园。Hello World", "今天天气不错 我们去公园 hello world!"])
+    assert run([src], tmp_path / "a.jsonl", tmp_path / "a.sqlite").kept == 2
+    assert run([src], tmp_path / "b.jsonl", tmp_path / "b.sqlite", normalize=True).kept == 1

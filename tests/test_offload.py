@@ -1,0 +1,203 @@
+"""Memory-limited execution on the CPU device: same outputs as the resident model, accounting within the budget,
+lazy loading, clear errors. (tests/test_offload_cuda.py-style checks run in bench/memory.py and below when CUDA is
+present.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from cpmctl import CpmctlError
+from cpmctl.cli.app import main
+from cpmctl.generate.decode import GenerationConfig, beam_search, build_inputs, greedy, sample
+from cpmctl.generate.lazy import MappedCheckpoint
+from cpmctl.generate.offload import load_offloaded, materialized_weight_bytes
+from cpmctl.generate.plan import GB, plan_memory
+from cpmctl.model.ant import build_model
+from cpmctl.model.checkpoint import convert, load_model, save_native, save_original
+from tests.conftest import tiny_config
+
+PROMPTS = [[6, 20, 31, 42, 53, 64, 75], [6, 90, 81]]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_vocab):
+    from cpmctl.model.tokenizer import CPMAntTokenizer
+
+    cfg = tiny_config(CPMAntTokenizer(tiny_vocab).vocab_size, num_layers=5)
+    model = build_model(cfg, seed=3)
+    return save_native(model, tmp_path_factory.mktemp("offload") / "ckpt", vocab=tiny_vocab)
+
+
+def cpu_budget(config, resident_blocks: float) -> int:
+    """A CPU budget that leaves room for `resident_blocks` blocks beside the fixed weights and staging."""
+    plan = plan_memory(config, device_type="cpu", dtype=torch.float32, budget=None)
+    return plan.minimum_bytes + int((resident_blocks - 1) * plan.block_bytes[0])
+
+
+def decode_all(model):
+    inputs = build_inputs(model, PROMPTS)
+    return (
+        greedy(model, inputs, GenerationConfig(decode="greedy", max_new_tokens=12)),
+        beam_search(model, inputs, GenerationConfig(decode="beam", beam_size=3, max_new_tokens=6)),
+        sample(model, inputs, GenerationConfig(decode="sample", max_new_tokens=8, seed=7)),
+    )
+
+
+@pytest.mark.parametrize("resident_blocks", [1, 2.5, 4])  # one buffer; two buffers + 0 resident; some resident
+def test_streamed_outputs_equal_resident_outputs(checkpoint, resident_blocks):
+    reference, _ = load_model(checkpoint)
+    config = reference.config
+    offloaded = load_offloaded(checkpoint, budget=cpu_budget(config, resident_blocks), batch_rows=6)
+    try:
+        assert offloaded.plan.streamed, "the budget must force streaming"
+        expected_slots = 1 if resident_blocks == 1 else 2
+        assert offloaded.plan.num_slots == expected_slots
+        inputs = build_inputs(reference, PROMPTS)
+        args = (inputs["input"], inputs["segment"], inputs["context"], inputs["span"])
+        with torch.no_grad():  # as in decoding (with autograd on, SDPA may pick another kernel)
+            assert torch.equal(reference(*args), offloaded.model(*args))
+        assert decode_all(reference) == decode_all(offloaded.model)
+        assert offloaded.streamer.loads >= len(offloaded.plan.streamed)
+    finally:
+        offloaded.close()
+
+
+def test_accounting_never_exceeds_the_budget(checkpoint):
+    config = MappedCheckpoint(checkpoint).config
+    budget = cpu_budget(config, 3)
+    offloaded = load_offloaded(checkpoint, budget=budget)
+    model, plan, streamer = offloaded.model, offloaded.plan, offloaded.streamer
+    measured = []
+
+    def measure(block, args):  # runs after the streamer's own pre-hook has bound the block
+        measured.append(materialized_weight_bytes(model, streamer))
+        bound = sum(p.device.type != "meta" for b in model.encoder.layers if b.layer in plan.streamed
+                    for p in b.parameters())
+        assert bound == sum(1 for _ in block.parameters())  # only the running streamed block is bound
+
+    hooks = [model.encoder.layers[i].register_forward_pre_hook(measure) for i in plan.streamed]
+    try:
+        decode_all(model)
+    finally:
+        for h in hooks:
+            h.remove()
+        offloaded.close()
+    assert measured and max(measured) <= plan.weight_bytes
+    assert offloaded.ledger.peak <= plan.charged_bytes <= budget
+    assert offloaded.ledger.by_kind["staging"] == 0  # every staging charge was released
+    for i in plan.streamed:  # between uses, streamed blocks hold no memory
+        assert all(p.device.type == "meta" for p in model.encoder.layers[i].parameters())
+
+
+def test_budget_below_minimum_fails_before_reading_weights(checkpoint, monkeypatch):
+    def no_reads(self, key, dtype):
+        raise AssertionError("a weight was read before the budget was checked")
+
+    monkeypatch.setattr(MappedCheckpoint, "folded", no_reads)
+    config = MappedCheckpoint(checkpoint).config
+    minimum = plan_memory(config, device_type="cpu", dtype=torch.float32, budget=None).minimum_bytes
+    with pytest.raises(CpmctlError, match=f"below the minimum of {minimum / GB:.3g} GB"):
+        load_offloaded(checkpoint, budget=minimum - 1)
+
+
+def test_original_and_fp16_checkpoints_load_lazily(checkpoint, tmp_path):
+    reference, _ = load_model(checkpoint)
+    pt, _ = save_original(reference, tmp_path / "orig" / "model.pt", dtype=torch.float16)
+    expected, _ = load_model(pt, dtype=torch.float32)  # folds from fp16, as the lazy path must
+    budget = cpu_budget(reference.config, 2.5)
+    offloaded = load_offloaded(pt, budget=budget)
+    try:
+        assert offloaded.plan.streamed
+        assert decode_all(expected) == decode_all(offloaded.model)
+    finally:
+        offloaded.close()
+
+
+def test_mapped_tensors_are_views_not_copies(checkpoint):
+    ckpt = MappedCheckpoint(checkpoint)
+    t = ckpt.raw("input_embedding.weight")
+    assert ckpt.is_mapped(t)
+    assert not ckpt.is_mapped(ckpt.folded("input_embedding.weight", torch.float32))
+
+
+def test_hf_layout_is_refused_with_a_hint(checkpoint, tmp_path):
+    hf = convert(checkpoint, "hf", tmp_path / "hf")
+    with pytest.raises(CpmctlError, match="convert --to native"):
+        load_offloaded(hf, budget=None)
+
+
+def test_loading_holds_one_copy_of_the_weights(tmp_path):
+    """Peak anonymous host memory while loading ~48 MB of weights stays near one copy (sampled every ms)."""
+    cfg = tiny_config(4000, dim_model=512, dim_ff=1024, num_layers=6, num_heads=8, dim_head=64)
+    model = build_model(cfg, seed=0)
+    path = save_native(model, tmp_path / "big")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    script = textwrap.dedent(f"""
+        import threading, time, json, sys
+        import torch
+        from cpmctl.generate.offload import load_offloaded
+        from cpmctl.model.checkpoint import load_model
+
+        def anon():
+            for line in open("/proc/self/status"):
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+
+        def peak_during(fn):
+            base, peak, done = anon(), [0], [False]
+            def sample():
+                while not done[0]:
+                    peak[0] = max(peak[0], anon())
+                    time.sleep(0.001)
+            t = threading.Thread(target=sample); t.start()
+            result = fn()
+            done[0] = True; t.join()
+            return max(peak[0], anon()) - base, result
+
+        lazy, _ = peak_during(lambda: load_offloaded({str(path)!r}, budget=None))
+        eager, _ = peak_during(lambda: load_model({str(path)!r}))
+        print(json.dumps({{"lazy": lazy, "eager": eager}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    peaks = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert peaks["lazy"] < 1.35 * weight_bytes, peaks
+    assert peaks["eager"] > peaks["lazy"], peaks  # the measurement can tell one copy from two
+
+
+# ----- the CLI -------------------------------------------------------------------------------------------------
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def test_cli_generate_with_memory_limit_equals_without(checkpoint, capsys):
+    base = ["generate", "今天天气", "--model", str(checkpoint), "--device", "cpu", "--decode", "greedy",
+            "--max-new-tokens", "10", "--json"]
+    code, plain, _ = run_cli(base, capsys)
+    assert code == 0
+    config = MappedCheckpoint(checkpoint).config
+    limit = cpu_budget(config, 2.5) / GB
+    code, limited, err = run_cli(base + ["--memory-limit", f"{limit:.9f}"], capsys)
+    assert code == 0, err
+    assert "streamed" in err
+    assert json.loads(limited)["token_ids"] == json.loads(plain)["token_ids"]
+
+
+def test_cli_rejects_bad_memory_limits(checkpoint, capsys):
+    base = ["generate", "今天天气", "--model", str(checkpoint), "--device", "cpu", "--decode", "greedy"]
+    code, _, err = run_cli(base + ["--memory-limit", "-1"], capsys)
+    assert code == 2 and "positive" in err
+    code, _, err = run_cli(base + ["--memory-limit", "0.00001"], capsys)
+    assert code == 2 and "below the minimum of" in err
+    code, _, err = run_cli(base + ["--memory-limit", "100000"], capsys)
+    assert code == 2 and "more than cpu has" in err
