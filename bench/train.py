@@ -45,10 +45,10 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tenso
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="mini-10b", help="A ladder name (mini-10b, 300m, ...) or '1b'.")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256, help="Positions per row, the 32 prompt slots included.")
-    p.add_argument("--steps", type=int, default=4, help="Timed steps per round.")
-    p.add_argument("--warmup", type=int, default=2, help="Untimed steps before each round.")
+    p.add_argument("--steps", type=int, default=3, help="Timed steps per round.")
+    p.add_argument("--warmup", type=int, default=1, help="Untimed steps before each round.")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -56,6 +56,7 @@ def parse_args():
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (cpmctl) / the model (peer).")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--no-peer", action="store_true", help="Measure cpmctl only (e.g. for MFU on a large config).")
+    p.add_argument("--profile", action="store_true", help="Print the top operators of cpmctl's training step.")
     p.add_argument("--json", action="store_true", help="Also print one JSON object with the numbers.")
     return p.parse_args()
 
@@ -199,6 +200,17 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
+def profile_step(model, batch, args, device) -> None:
+    """torch.profiler over the timed steps of one more cpmctl round: where the time goes, by operator."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        cpmctl_round(model, batch, args, device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+
+
 def main():
     args = parse_args()
     warnings.filterwarnings("ignore")
@@ -214,7 +226,12 @@ def main():
           f"{args.rounds} rounds x {args.steps} steps")
 
     model = build_model(config, seed=0)
-    peer_step = None if args.no_peer else make_peer(config, batch, args, device)
+    peer_step = None
+    if not args.no_peer:
+        try:
+            peer_step = make_peer(config, batch, args, device)
+        except ImportError as e:
+            print(f"transformers is not available ({e}): measuring cpmctl only")
     ours, peer = [], []
     for _ in range(args.rounds):  # alternate, so that load from other processes hits both alike
         ours.append(cpmctl_round(model, batch, args, device))
@@ -232,6 +249,8 @@ def main():
         print(f"transformers  {tokens / peer_s:12,.0f} tokens/s   ({peer_s * 1e3:8.1f} ms/step; rounds "
               f"{', '.join(f'{t * 1e3:.1f}' for t in peer)})")
         print(f"ratio cpmctl / transformers: {peer_s / ours_s:.2f}x")
+    if args.profile:
+        profile_step(model, batch, args, device)
     peak = peak_flops(device)
     if peak:
         flops = train_flops_per_step(config, args.batch_size, args.seq_len)

@@ -7,6 +7,7 @@ A recipe class is a dataclass whose fields are scalars, lists of scalars, Option
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 from cpmctl import CpmctlError
 
 T = TypeVar("T")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _type_name(tp) -> str:
@@ -74,6 +76,8 @@ def _coerce(value: Any, tp, path: str):
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `lr: 1e-3` as a string
         raise CpmctlError(f"{path}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -116,8 +120,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(raw, str) and raw and value is not None and isinstance(value, (int, float)) and "e" in raw.lower():
-        value = float(raw)
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 as a string; a recipe user means the number
     return key.split("."), value
 
 

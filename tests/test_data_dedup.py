@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import random
 import signal
 import sqlite3
@@ -159,14 +158,20 @@ def _corpus(path: Path, docs: int) -> Path:
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, capsys):
-    src = _corpus(tmp_path / "in.jsonl", 30000)
+    src = _corpus(tmp_path / "in.jsonl", 15000)
     store, out = tmp_path / "s.sqlite", tmp_path / "out.jsonl"
     args = ["dedup", "--input", src, "--output", out, "--store", store, "--chunk-mb", "0.01"]
-    proc = subprocess.Popen([sys.executable, "-m", "cpmctl", "data", *map(str, args)], cwd=REPO,
+    # The killed process runs the same core call the CLI makes (without the CLI's torch import, to start fast).
+    script = (
+        "import sys; from cpmctl.data.dedup import dedup; from cpmctl.data.textio import resolve_inputs, output_spec;"
+        "s = resolve_inputs([sys.argv[1]]); dedup(s, output_spec(sys.argv[2], 'jsonl', None), sys.argv[3],"
+        " chunk_bytes=10485)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(src), str(out), str(store)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     batches, deadline = 0, time.time() + 120
     while batches < 20 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
+        time.sleep(0.01)
         if store.exists():
             try:
                 with sqlite3.connect(store, timeout=1) as db:

@@ -159,6 +159,7 @@ def dedup(
     workers: int = typer.Option(1, "--workers", "-w", help=WORKERS_HELP),
     shard_mb: int = typer.Option(512, "--shard-mb", help="Directory outputs: start a new shard after this many MB."),
     chunk_mb: float = typer.Option(4.0, "--chunk-mb", help=CHUNK_HELP),
+    cache_mb: int = typer.Option(128, "--cache-mb", help="SQLite page cache: bounds memory whatever the store's size."),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ):
@@ -167,11 +168,13 @@ def dedup(
     from cpmctl.data.dedup import dedup as run_dedup
     from cpmctl.data.textio import output_spec
 
+    if cache_mb < 1:
+        raise CpmctlError(f"--cache-mb must be >= 1, got {cache_mb}")
     shards = _inputs(inputs, fmt)
     spec = output_spec(output, shards[0].format, shards[0].compression)
     with byte_progress(shards, "dedup") as advance:
         r = run_dedup(shards, spec, store, threshold, normalize, _workers(workers), strict, _chunk_bytes(chunk_mb),
-                      shard_mb << 20, advance, _warn)
+                      shard_mb << 20, advance, _warn, cache_mb)
     if json_out:
         emit_json(r.to_dict())
         return

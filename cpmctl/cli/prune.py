@@ -74,6 +74,9 @@ def prune(
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
+_SHORT = {"attention": "attn", "ffn": "ffn", "heads": "heads", "channels": "ff"}
+
+
 def _render_plan(source: str, target: str, model: Path | None, rows: list[dict], json_out: bool) -> None:
     if json_out:
         emit_json({"dry_run": True, "from": source, "to": target, "model": str(model) if model else None,
@@ -84,7 +87,7 @@ def _render_plan(source: str, target: str, model: Path | None, rows: list[dict],
         table.add_column(col)
     for r in rows:
         t = r["target"]
-        table.add_row(f"{r['from']} -> {r['to']}", ", ".join(r["prunes"]), str(t["attention_layers_kept"]),
+        table.add_row(f"{r['from']} -> {r['to']}", ", ".join(_SHORT[k] for k in r["prunes"]), str(t["attention_layers_kept"]),
                       str(t["ffn_layers_kept"]), str(t["num_heads"]), str(t["dim_ff"]),
                       format_count(r["params_non_embedding"]), f"{100 * r['non_embedding_kept']:.1f}%")
     out.print(table)

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import re
 import time
-from collections import deque
 import unicodedata
 from array import array
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,7 +27,7 @@ import xxhash
 
 from cpmctl import CpmctlError
 from cpmctl.data.parallel import ordered_map
-from cpmctl.data.store import DedupStore, InputRecord
+from cpmctl.data.store import CACHE_MB, DedupStore, InputRecord
 from cpmctl.data.textio import (
     DEFAULT_CHUNK_BYTES,
     DocumentWriter,
@@ -78,6 +78,7 @@ class HashedChunk:
     hashes: array  # signed 64-bit hashes, concatenated
     paragraphs: int = 0
     malformed: list = field(default_factory=list)  # (line offset in chunk, reason)
+    fingerprint: int = 0  # of the chunk's raw bytes, for the journal
 
 
 _worker_settings: tuple[str, bool] = ("jsonl", False)
@@ -117,6 +118,7 @@ def hash_lines(item: tuple[int, list[bytes]]) -> HashedChunk:
         unsigned.extend(distinct)
     # SQLite integers are signed 64-bit: reinterpret the same bits.
     chunk.hashes = array("q", unsigned.tobytes())
+    chunk.fingerprint = _fingerprint(lines)
     return chunk
 
 
@@ -262,12 +264,13 @@ def dedup(
     shard_bytes: int = 512 << 20,
     on_progress: Callable[[int], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    cache_mb: int = CACHE_MB,
 ) -> DedupResult:
     """Deduplicate `shards` into `output` against the store at `store_path` (created if missing)."""
     check_readable(shards)
     start = time.perf_counter()
     errors = LineErrors(strict, warn)
-    with DedupStore.open(store_path, threshold, normalize) as store:
+    with DedupStore.open(store_path, threshold, normalize, cache_mb) as store:
         settings = store.settings
         result = DedupResult(files=len(shards), output=str(output.path), threshold=settings.threshold,
                              normalize=settings.normalize)
@@ -303,7 +306,7 @@ def _dedup_shard(shard, store, writer, result, errors, workers, chunk_bytes, on_
         for offset, reason in hashed.malformed:
             errors(shard.path, first + offset, reason)
         codes, new_hashes = decide(hashed, store, store.settings.threshold)
-        store.commit_batch(record, first, len(lines), _fingerprint(lines), bytes(codes), new_hashes,
+        store.commit_batch(record, first, len(lines), hashed.fingerprint, bytes(codes), new_hashes,
                            hashed.paragraphs)
         for line, code in zip(lines, codes):
             result.count(code)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
 
 from cpmctl import CpmctlError
 
@@ -163,6 +165,9 @@ _CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u200b-\u200f\u202a-
 _HSPACE = re.compile(r"[ \t\xa0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]")
 _UNITS = re.compile(r"[A-Za-z0-9]+|[^\W_A-Za-z0-9]")
+_NOT_UNIT = re.compile(r"(?:[^\w\U000F0000-\U000FFFFF]|_)+")  # keeps letters, digits and the word stand-ins
+_ASCII_WORD = re.compile(r"[A-Za-z0-9]+")
+_DIGIT = re.compile(r"\d")
 _WHITESPACE = re.compile(r"\s+")
 _SYMBOL_ASCII = set("#*|~^_=<>@[]{}\\`")
 
@@ -185,6 +190,7 @@ def clean_text(text: str, converter=None) -> str:
     return "\n".join(p for p in (q.strip() for q in text.split("\n")) if p)
 
 
+@lru_cache(maxsize=8)  # several rules ask for the same document's count
 def visible_chars(text: str) -> int:
     return len(text) - sum(len(m) for m in _WHITESPACE.findall(text))
 
@@ -253,14 +259,10 @@ def check_paragraph_length(text: str, rule: ParagraphLengthRule) -> str | None:
 
 def check_symbols(text: str, rule: SymbolRule) -> str | None:
     n = visible_chars(text) or 1
-    symbols = digits = 0
-    for ch in text:
-        if ch.isdigit():
-            digits += 1
-        elif ch in _SYMBOL_ASCII or (ord(ch) > 127 and unicodedata.category(ch)[0] == "S"):
-            symbols += 1
+    symbols = len(text) - len(text.translate(_symbol_table()))
     if symbols / n > rule.max_symbol_ratio:
         return f"symbol ratio {symbols / n:.2f} > {rule.max_symbol_ratio}"
+    digits = len(_DIGIT.findall(text))
     if digits / n > rule.max_digit_ratio:
         return f"digit ratio {digits / n:.2f} > {rule.max_digit_ratio}"
     paras = text.split("\n")
@@ -268,6 +270,42 @@ def check_symbols(text: str, rule: SymbolRule) -> str | None:
     if ellipsis > rule.max_ellipsis_paragraph_fraction:
         return f"paragraphs ending in an ellipsis {ellipsis:.2f} > {rule.max_ellipsis_paragraph_fraction}"
     return None
+
+
+@lru_cache(maxsize=1)
+def _symbol_table() -> dict[int, None]:
+    """A str.translate table deleting every Unicode symbol (category S*) of planes 0-1 and some ASCII markup
+    characters; built once per process. len(text) - len(text.translate(table)) counts them at C speed."""
+    table = {cp: None for cp in range(0x80, 0x20000) if unicodedata.category(chr(cp))[0] == "S"}
+    table.update((ord(c), None) for c in _SYMBOL_ASCII)
+    return table
+
+
+def unit_codes(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """The units of `text` as one integer code each, and each unit's length in characters."""
+    words: dict[str, str] = {}
+
+    def word(m: re.Match) -> str:  # an ASCII word becomes one private-use character
+        return words.setdefault(m.group(), chr(0xF0000 + len(words)))
+
+    s = _NOT_UNIT.sub("", _ASCII_WORD.sub(word, text))
+    codes = np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    lengths = np.ones(len(codes), dtype=np.int64)
+    if words:
+        word_lengths = np.array([len(w) for w in words], dtype=np.int64)
+        is_word = codes >= 0xF0000
+        lengths[is_word] = word_lengths[(codes[is_word] - 0xF0000).astype(np.int64)]
+    return codes, lengths
+
+
+def _ngram_ids(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(id of each n-gram start, count of each id): n-grams compared by a 64-bit polynomial hash."""
+    m = len(codes) - n + 1
+    h = np.zeros(m, dtype=np.uint64)
+    for k in range(n):
+        h = h * np.uint64(0x100000001B3) + codes[k : k + m]
+    _, inverse, counts = np.unique(h, return_inverse=True, return_counts=True)
+    return inverse, counts
 
 
 def check_repetition(text: str, rule: RepetitionRule) -> str | None:
@@ -284,31 +322,48 @@ def check_repetition(text: str, rule: RepetitionRule) -> str | None:
     total = sum(len(p) for p in paras) or 1
     if dup_chars / total > rule.max_duplicate_paragraph_char_fraction:
         return f"characters in duplicate paragraphs {dup_chars / total:.2f} > {rule.max_duplicate_paragraph_char_fraction}"
-    words = units(text)
-    lengths = [len(w) for w in words]
-    unit_chars = sum(lengths) or 1
-    for n, limit in zip(rule.top_ngram_sizes, rule.top_ngram_max_fraction):
-        if len(words) < n:
+    codes, lengths = unit_codes(text)
+    unit_chars = int(lengths.sum()) or 1
+    window = np.concatenate([[0], np.cumsum(lengths)])  # chars of units [i, i+n) = window[i+n] - window[i]
+    # Top n-gram: the most frequent n-gram's occurrences x its characters, over all unit characters.
+    best_small = None  # (n, top count) of the smallest size: bounds the larger ones
+    longest = int(lengths.max()) if len(lengths) else 0
+    for n, limit in sorted(zip(rule.top_ngram_sizes, rule.top_ngram_max_fraction)):
+        if len(codes) < n:
             continue
-        counts = Counter(zip(*(words[i:] for i in range(n))))
-        gram, count = counts.most_common(1)[0]
+        if best_small is not None and best_small * n * longest / unit_chars <= limit:
+            continue  # an n-gram occurs at most as often as the top smaller n-gram: cannot exceed the limit
+        inverse, counts = _ngram_ids(codes, n)
+        top = int(counts.argmax())
+        count = int(counts[top])
+        best_small = count if best_small is None else best_small
         if count > 1:
-            share = count * sum(len(w) for w in gram) / unit_chars
+            i = int(np.argmax(inverse == top))
+            share = count * int(window[i + n] - window[i]) / unit_chars
             if share > limit:
-                return f"top {n}-gram {''.join(gram)!r} covers {share:.2f} > {limit} of the text"
-    for n, limit in zip(rule.duplicate_ngram_sizes, rule.duplicate_ngram_max_fraction):
-        if len(words) < n:
+                gram = "".join(_decode_units(codes[i : i + n]))
+                return f"top {n}-gram {gram!r} covers {share:.2f} > {limit} of the text"
+    # Duplicate n-grams: characters covered by any n-gram occurring more than once. Coverage only shrinks as n
+    # grows, so when the smallest size is under every limit, the larger sizes are too.
+    sizes = sorted(zip(rule.duplicate_ngram_sizes, rule.duplicate_ngram_max_fraction))
+    for k, (n, limit) in enumerate(sizes):
+        if len(codes) < n:
             continue
-        grams = list(zip(*(words[i:] for i in range(n))))
-        counts = Counter(grams)
-        covered = bytearray(len(words))
-        for i, g in enumerate(grams):
-            if counts[g] > 1:
-                covered[i : i + n] = b"\x01" * n
-        share = sum(l for l, c in zip(lengths, covered) if c) / unit_chars
+        inverse, counts = _ngram_ids(codes, n)
+        starts = np.flatnonzero(counts[inverse] > 1)
+        m = len(codes) + 1
+        covered = np.cumsum(np.bincount(starts, minlength=m) - np.bincount(starts + n, minlength=m))[:-1] > 0
+        share = int(lengths[covered].sum()) / unit_chars
         if share > limit:
             return f"duplicate {n}-grams cover {share:.2f} > {limit} of the text"
+        if k == 0 and share <= min(lim for _, lim in sizes):
+            break
     return None
+
+
+def _decode_units(codes: np.ndarray):
+    for c in codes.tolist():
+        yield chr(c) if c < 0xF0000 else "\ufffd"
 
 
 class Boilerplate:

@@ -27,9 +27,10 @@ FORMAT = "cpmctl-dedup"
 VERSION = 1
 HASH = "xxh3_64"
 DEFAULT_THRESHOLD = 0.7
-CACHE_MB = 64
-_IN_BATCH = 30000  # host parameters per SELECT ... IN (SQLite allows 32766)
+CACHE_MB = 128  # SQLite page cache: the bound on the store's memory, whatever its size
+_IN_BATCH = 256  # host parameters per SELECT ... IN: one fixed size, so the prepared statement is reused
 
+_LOOKUP_SQL = f"SELECT hash FROM paragraphs WHERE hash IN ({','.join('?' * _IN_BATCH)})"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS paragraphs (hash INTEGER PRIMARY KEY);
@@ -61,7 +62,8 @@ class DedupStore:
 
     # ----- opening -----------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, threshold: float | None = None, normalize: bool | None = None) -> "DedupStore":
+    def open(cls, path: str | Path, threshold: float | None = None, normalize: bool | None = None,
+             cache_mb: int = CACHE_MB) -> "DedupStore":
         """Open or create the store. Settings not given are taken from the store (or the defaults for a new one);
         settings given must equal the recorded ones."""
         from cpmctl.data.dedup import DedupSettings
@@ -74,7 +76,7 @@ class DedupStore:
         try:
             conn = sqlite3.connect(str(path), isolation_level=None, timeout=30)
             try:
-                _configure(conn)
+                _configure(conn, cache_mb)
                 existing = _table_names(conn)
             except sqlite3.DatabaseError as e:
                 conn.close()
@@ -108,13 +110,14 @@ class DedupStore:
 
     # ----- paragraphs --------------------------------------------------------------------------------------
     def lookup(self, hashes) -> set[int]:
-        """The subset of `hashes` already in the store."""
-        hashes = list(hashes)
+        """The subset of `hashes` already in the store. Probed in sorted order: neighbouring keys share B-tree
+        pages, which keeps the page cache hot."""
+        hashes = sorted(hashes)
         found: set[int] = set()
         for i in range(0, len(hashes), _IN_BATCH):
             part = hashes[i : i + _IN_BATCH]
-            sql = f"SELECT hash FROM paragraphs WHERE hash IN ({','.join('?' * len(part))})"
-            found.update(row[0] for row in self.conn.execute(sql, part))
+            part += part[:1] * (_IN_BATCH - len(part))  # pad with a repeat: same statement text every time
+            found.update(row[0] for row in self.conn.execute(_LOOKUP_SQL, part))
         return found
 
     def __contains__(self, h: int) -> bool:
@@ -204,10 +207,10 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def _configure(conn: sqlite3.Connection) -> None:
+def _configure(conn: sqlite3.Connection, cache_mb: int) -> None:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute(f"PRAGMA cache_size=-{CACHE_MB * 1024}")
+    conn.execute(f"PRAGMA cache_size=-{cache_mb * 1024}")
     conn.execute("PRAGMA temp_store=MEMORY")
 
 

@@ -9,6 +9,7 @@ The HF layout (folded, prefixed, prompt rows inside the embedding) is not read l
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import struct
@@ -34,6 +35,28 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+def _load_madvise():
+    try:
+        return ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+
+
+_MADVISE = _load_madvise()
+
+
+def advise(t: torch.Tensor, advice: int) -> None:
+    """madvise the pages under a mapped tensor: MADV_WILLNEED starts reading them from disk in the background,
+    MADV_DONTNEED drops them from this process (the mapping is private and never written, so a later access
+    simply reads the file again). Pages shared with a neighbouring tensor are included: harmless for both."""
+    if _MADVISE is None or t.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    start = t.data_ptr() // page * page
+    end = t.data_ptr() + t.numel() * t.element_size()
+    _MADVISE(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(advice))
 
 
 def _map_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -134,6 +157,14 @@ class MappedCheckpoint:
     def is_mapped(self, t: torch.Tensor) -> bool:
         """Whether `t` is (a view starting at) a tensor of the mapping rather than memory of its own."""
         return t.device.type == "cpu" and t.numel() > 0 and t.data_ptr() in self._mapped_ptrs
+
+    def prefetch(self, key: str) -> None:
+        """Ask the OS to start reading this tensor from disk (returns at once)."""
+        advise(self._tensors[key], getattr(mmap, "MADV_WILLNEED", 3))
+
+    def release(self, key: str) -> None:
+        """Drop this tensor's pages from the process once it has been folded into memory of its own."""
+        advise(self._tensors[key], getattr(mmap, "MADV_DONTNEED", 4))
 
     def folded(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         return fold({key: self._tensors[key]}, self.config, dtype=dtype)[key]

@@ -5,15 +5,14 @@ The model is an ordinary CPMAnt, so decode.py's greedy / sampling / beam search 
 block's parameters are placeholders on the meta device; a forward pre-hook binds them to views of the buffer that
 holds the block, and starts copying the next streamed block into the other buffer; a forward hook unbinds them and
 marks the buffer free. On CUDA the copy runs on a side stream from pinned host memory (one flat copy per block) and
-the compute stream waits on an event; on the CPU device the "copy" folds the block's tensors out of the memory-
-mapped checkpoint on a worker thread. Either way the arithmetic is the same as the fully resident model's, so the
-outputs are bit-identical.
+the compute stream waits on an event; on the CPU device prefetching asks the OS to read the block's pages of the
+memory-mapped checkpoint ahead, and the block is folded into its buffer when it runs. Either way the arithmetic is
+the same as the fully resident model's, so the outputs are bit-identical.
 """
 
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -49,8 +48,8 @@ BLOCK_PREFIX = "encoder.layers"
 
 # ----- accounting ----------------------------------------------------------------------------------------------
 class MemoryLedger:
-    """Bytes of weights the executor holds on the device, by kind, with the peak; thread-safe (the CPU worker
-    charges its staging tensors from its own thread)."""
+    """Bytes of weights the executor holds on the device, by kind (fixed, resident, buffers, staging), with the
+    peak. Thread-safe, so a store may charge from a copy thread."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -96,8 +95,16 @@ def block_tensors(ckpt: MappedCheckpoint, layer: int, layout: list[LayoutEntry],
             else:
                 yield entry, ckpt.folded(key, dtype)
         finally:
+            ckpt.release(key)  # consumed: its mapped pages can leave this process
             if ledger is not None:
                 ledger.release("staging", staged)
+
+
+def block_keys(layer: int, layout: list[LayoutEntry]) -> list[str]:
+    """Checkpoint keys of a block's layout (an int8 weight and its scale come from one key)."""
+    stems = [e.name[: -len("_int8")] if e.name.endswith(".weight_int8") else e.name
+             for e in layout if not e.name.endswith(".scale")]
+    return [f"{BLOCK_PREFIX}.{layer}.{stem}" for stem in stems]
 
 
 def buffer_views(flat: torch.Tensor, layout: list[LayoutEntry]) -> list[torch.Tensor]:
@@ -136,10 +143,16 @@ class PinnedHostStore:
 
 class MappedStore:
     """CPU device: a streamed block is folded (and quantized) straight out of the memory-mapped checkpoint into
-    the buffer; its weights are otherwise never in memory."""
+    its buffer when it runs; its weights are otherwise never in memory. Prefetching asks the OS to read the
+    block's pages ahead (MADV_WILLNEED), so disk reads overlap compute without a second thread competing for the
+    cores."""
 
     def __init__(self, ckpt: MappedCheckpoint, layouts: dict, dtype: torch.dtype, ledger: MemoryLedger):
         self.ckpt, self.layouts, self.dtype, self.ledger = ckpt, layouts, dtype, ledger
+
+    def prefetch(self, layer: int) -> None:
+        for key in block_keys(layer, self.layouts[layer]):
+            self.ckpt.prefetch(key)
 
     def fill(self, layer: int, slot: torch.Tensor) -> None:
         layout = self.layouts[layer]
@@ -153,7 +166,7 @@ class MappedStore:
 class _Slot:
     flat: torch.Tensor
     owner: int | None = None  # the block loaded (or loading) here
-    ready: object = None  # CUDA event or Future of the fill
+    ready: object = None  # CUDA: event of the finished copy; CPU: True once filled, False while only prefetched
     free: object = None  # CUDA event recorded when the last block using it finished
     bindings: dict = field(default_factory=dict)  # layer -> views of this buffer in that block's layout
 
@@ -178,7 +191,6 @@ class BlockStreamer:
         self.loads = 0  # blocks copied to the device so far
         self.cuda = device.type == "cuda"
         self.side_stream = torch.cuda.Stream(device) if self.cuda else None
-        self.worker = None if self.cuda else ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpmctl-stream")
         self.hooks = []
         for layer in self.order:
             block = model.encoder.layers[layer]
@@ -208,13 +220,15 @@ class BlockStreamer:
                 slot.ready = torch.cuda.Event()
                 slot.ready.record(self.side_stream)
         else:
-            slot.ready = self.worker.submit(self.store.fill, layer, slot.flat)
+            self.store.prefetch(layer)
+            slot.ready = False
 
     def _wait_ready(self, slot: _Slot) -> None:
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
-        else:
-            slot.ready.result()  # re-raises a failed fill
+        elif not slot.ready:
+            self.store.fill(slot.owner, slot.flat)
+            slot.ready = True
 
     def _evict(self) -> _Slot:
         busy = self.bound[1] if self.bound else None
@@ -260,8 +274,6 @@ class BlockStreamer:
         for h in self.hooks:
             h.remove()
         self.hooks = []
-        if self.worker is not None:
-            self.worker.shutdown(wait=True)
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
@@ -321,6 +333,7 @@ def load_offloaded(
     for key in ckpt.keys():
         if not key.startswith(BLOCK_PREFIX + "."):
             t = _to_device(ckpt.folded(key, dtype), ckpt, device)
+            ckpt.release(key)
             _set_tensor(model, key, t)
             ledger.charge("fixed", t.numel() * t.element_size())
     for layer in plan.resident:

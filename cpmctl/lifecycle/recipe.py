@@ -11,9 +11,9 @@ ASSETS = REPO_ROOT / "cpmctl" / "assets"
 
 @dataclass
 class DataSection:
-    input: list[str] = field(default_factory=lambda: [str(ASSETS / "corpus" / "corpus.jsonl.gz")])
+    input: list[str] = field(default_factory=lambda: [str(ASSETS / "corpus" / "batch1.jsonl")])
     # A later batch deduplicated against the same store (shows the store persisting across batches).
-    next_batch: list[str] = field(default_factory=lambda: [str(ASSETS / "corpus" / "batch2.jsonl.gz")])
+    next_batch: list[str] = field(default_factory=lambda: [str(ASSETS / "corpus" / "batch2.jsonl")])
     filter_recipe: str = str(REPO_ROOT / "recipes" / "data" / "filter.yaml")
     filter_overrides: list[str] = field(default_factory=list)
     dedup_threshold: float = 0.7

@@ -164,6 +164,7 @@ def save_checkpoint(
             optimizer_state = optimizer.state_dict()
             trainable = _trainable_names(module)
             params = {k: v for k, v in module.state_dict().items() if k in trainable}
+            state = {**state, "outside_params": [p.detach().cpu().clone() for p in _outside_params(module, optimizer)]}
         if engine.is_main:
             (tmp / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
             if params is not None:
@@ -185,6 +186,12 @@ def save_checkpoint(
         raise
     engine.barrier()
     return final
+
+
+def _outside_params(module, optimizer) -> list[torch.Tensor]:
+    """Optimized tensors that are not parameters of the model (pruning's gates and multipliers), in group order."""
+    own = {id(p) for p in module.parameters()}
+    return [p for g in optimizer.param_groups for p in g["params"] if id(p) not in own]
 
 
 # ----- loading -------------------------------------------------------------------------------------------------
@@ -237,6 +244,13 @@ def restore_optimizer_and_shards(model, optimizer, engine: Engine, path: Path, s
             optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise CpmctlError(f"{path}: optimizer state does not match this run's parameters ({e})") from None
+        outside, saved = _outside_params(unwrap(model), optimizer), state.get("outside_params", [])
+        if len(outside) != len(saved):
+            raise CpmctlError(f"{path}: {len(saved)} optimized tensors outside the model were saved, this run has "
+                              f"{len(outside)}")
+        with torch.no_grad():
+            for p, value in zip(outside, saved):
+                p.copy_(value)
 
 
 def check_compatible(path: Path, state: dict, engine: Engine) -> None:

@@ -157,10 +157,16 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         encoder.gradient_checkpointing = True
 
 
-def compile_blocks(model: nn.Module) -> None:
-    """torch.compile each TransformerBlock in place: works under DDP, FSDP2 and activation checkpointing."""
+def compile_model(model: nn.Module, kind: str) -> None:
+    """torch.compile in place. FSDP2 gathers parameters per block, so each TransformerBlock is compiled on its own;
+    otherwise the whole CPM-Ant forward is one graph (the attention bias is built and cast once, not per layer)."""
+    compiled = lambda m: getattr(m, "_compiled_call_impl", None) is not None  # noqa: E731 - already compiled
+    if kind != "fsdp" and isinstance(model, CPMAnt):
+        if not compiled(model):
+            model.compile()
+        return
     for module in model.modules():
-        if isinstance(module, TransformerBlock):
+        if isinstance(module, TransformerBlock) and not compiled(module):
             module.compile()
 
 

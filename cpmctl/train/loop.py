@@ -30,7 +30,7 @@ from cpmctl.train.engine import (
     autocast,
     check_precision,
     clip_gradients,
-    compile_blocks,
+    compile_model,
     enable_activation_checkpointing,
     gradient_sync,
     grad_scaler,
@@ -241,7 +241,7 @@ def _run(model, data, cfg, out_dir, engine, *, valid, loss_fn, param_groups, on_
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     if cfg.compile:
-        compile_blocks(model)
+        compile_model(model, cfg.engine)
     model = wrap_model(model, engine)
     model.train()
     optimizer = build_optimizer(model, cfg, param_groups, engine)

@@ -148,7 +148,7 @@ class EpochTracker:
     def evaluated(self, epoch: int) -> bool:
         return any(row["epoch"] == epoch for row in self.history)
 
-    def end_epoch(self, epoch: int, step: int, model) -> None:
+    def end_epoch(self, epoch: int | float, step: int, model, final: bool = False) -> None:
         if self.evaluated(epoch):
             return  # a resumed run passes the same boundary again
         was_training = model.training
@@ -171,7 +171,7 @@ class EpochTracker:
                  + (" (best)" if improved else f", best {self.best['score']:.3f} at epoch {self.best['epoch']}"))
         if self.on_history is not None:
             self.on_history(self.history)
-        if not improved and self.patience and self.bad_epochs >= self.patience:
+        if not final and not improved and self.patience and self.bad_epochs >= self.patience:
             self.stopped = True
             self.log(f"early stop: no better dev {self.metric} for {self.bad_epochs} epochs")
             raise EarlyStop()
@@ -239,15 +239,91 @@ def _last_train_loss(out_dir: Path) -> float | None:
     return losses[-1] if losses else None
 
 
+@dataclass
+class LoraRun:
+    """A prepared tuning run: the LoRA model, its data, the loop settings and the epoch tracker. `fit()` trains."""
+
+    task: object
+    model: torch.nn.Module
+    reader: object
+    valid: object
+    cfg: TrainConfig
+    recipe: TuneRecipe
+    tracker: EpochTracker
+    out_dir: Path
+    steps_per_epoch: int
+    counts: dict
+    meta: dict
+    info: dict  # model, data: for the summary
+    resume: bool = False
+    is_main: bool = True
+
+    def on_step(self, step: int, model) -> None:
+        """Before step `step`: if the previous step ended an epoch, score the dev split (may stop the run)."""
+        if step > 1 and (step - 1) % self.steps_per_epoch == 0:
+            self.tracker.end_epoch((step - 1) // self.steps_per_epoch, step - 1, model)
+
+    def save_model(self, model, directory: Path) -> None:
+        """The model part of each training checkpoint: the adapter (a step directory is a loadable adapter)."""
+        write_adapter_files(Path(directory), adapter_state_dict(model), self.recipe.lora, self.meta,
+                            base_model=self.info["model"])
+
+    def fit(self, progress: bool = True) -> dict:
+        from cpmctl.train.loop import train
+
+        stopped_early, result = False, None
+        try:
+            result = train(self.model, self.reader, self.cfg, self.out_dir, valid=self.valid,
+                           param_groups=_lora_param_groups(self.model, self.cfg), on_step=self.on_step,
+                           save_model=self.save_model, extra_state=self.tracker, resume=self.resume,
+                           progress=progress)
+            # The last epoch ends with the run (a run of train.steps may end inside an epoch: a fractional epoch).
+            whole, rest = divmod(result.steps, self.steps_per_epoch)
+            epoch = whole if rest == 0 else round(result.steps / self.steps_per_epoch, 3)
+            self.tracker.end_epoch(epoch, result.steps, self.model, final=True)
+        except EarlyStop:
+            stopped_early = True
+        last = self.tracker.history[-1] if self.tracker.history else None
+        summary = {
+            "task": self.task.name,
+            **self.info,
+            "out": str(self.out_dir),
+            "adapter": str(self.out_dir / BEST_DIR),
+            "metric": self.tracker.metric,
+            "best": self.tracker.best,
+            "epochs": last["epoch"] if last else 0,
+            "steps": last["step"] if last else (result.steps if result else 0),
+            "steps_per_epoch": self.steps_per_epoch,
+            "stopped_early": stopped_early,
+            "trainable": self.counts["trainable"],
+            "total": self.counts["total"],
+            "train_loss": _last_train_loss(self.out_dir),
+            "history": self.tracker.history,
+        }
+        if self.is_main:
+            _write_json(self.out_dir / RESULT_FILE, summary)
+        return summary
+
+
 def tune_lora(model_path: str | Path | None, data: str | Path | None, out_dir: str | Path | None, recipe: TuneRecipe,
               vocab: str | Path | None = None, resume: bool = False, log: Callable = print,
               progress: bool = True) -> dict:
     """Tune LoRA on `recipe.task` and keep the best adapter (by the dev metric) in OUT/best. Returns a summary."""
+    finished = Path(out_dir) / RESULT_FILE if out_dir is not None else None
+    if resume and finished is not None and finished.exists():
+        log(f"{out_dir}: the run has already finished ({RESULT_FILE})")
+        return json.loads(finished.read_text(encoding="utf-8"))
+    return prepare_run(model_path, data, out_dir, recipe, vocab=vocab, resume=resume, log=log).fit(progress)
+
+
+def prepare_run(model_path: str | Path | None, data: str | Path | None, out_dir: str | Path | None,
+                recipe: TuneRecipe, vocab: str | Path | None = None, resume: bool = False,
+                log: Callable = print) -> LoraRun:
+    """Check the inputs (data and config before any weight is read), load the model, inject LoRA, build the rows."""
     from cpmctl.model.checkpoint import load_model, read_config
     from cpmctl.model.tokenizer import CPMAntTokenizer
     from cpmctl.train import checkpointing as ckpt
     from cpmctl.train.engine import dist_env
-    from cpmctl.train.loop import train
     from cpmctl.tune.lora import inject_lora, parameter_counts
     from cpmctl.tune.tasks import TaskReader
 
@@ -258,18 +334,13 @@ def tune_lora(model_path: str | Path | None, data: str | Path | None, out_dir: s
     out_dir, data = Path(out_dir), Path(data)
     task = _resolve_task(recipe)
     metric = resolve_metric(task, recipe.tune.metric)
-    finished = out_dir / RESULT_FILE
-    if resume and finished.exists():
-        log(f"{out_dir}: the run has already finished")
-        return json.loads(finished.read_text(encoding="utf-8"))
-    if not resume and (ckpt.list_checkpoints(out_dir) or finished.exists()):
+    if not resume and (ckpt.list_checkpoints(out_dir) or (out_dir / RESULT_FILE).exists()):
         raise CpmctlError(f"{out_dir}: holds an earlier tuning run; add --resume to continue it or choose another --out")
 
-    # Cheap checks first: the data, the config and the vocabulary, before any weight is read.
     train_examples, dev_examples = _load_splits(task, data, recipe.tune.dev_limit)
     config, _ = read_config(model_path)
-    vocab_path = Path(vocab) if vocab is not None else Path(model_path if Path(model_path).is_dir()
-                                                            else Path(model_path).parent) / "vocab.txt"
+    root = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
+    vocab_path = Path(vocab) if vocab is not None else root / "vocab.txt"
     if not vocab_path.exists():
         raise CpmctlError(f"{model_path}: no vocab.txt beside the checkpoint; pass --vocab FILE")
     tokenizer = CPMAntTokenizer(vocab_path)
@@ -279,23 +350,24 @@ def tune_lora(model_path: str | Path | None, data: str | Path | None, out_dir: s
     cfg = recipe.train
     rank, _, world = dist_env()
     rows = task.to_rows(train_examples, tokenizer, task.max_length, config.vocab_size, recipe.task.pack)
-    per_step = cfg.batch_size * world * cfg.grad_accum
-    steps_per_epoch = len(rows) // per_step
+    steps_per_epoch = len(rows) // (cfg.batch_size * world * cfg.grad_accum)
     if steps_per_epoch < 1:
-        raise CpmctlError(f"{data}/train.jsonl: {len(rows)} training rows is fewer than one step of "
+        raise CpmctlError(f"{data / 'train.jsonl'}: {len(rows)} training rows is fewer than one step of "
                           f"{cfg.batch_size} x {cfg.grad_accum} accumulation x {world} processes; lower train.batch_size")
     if recipe.tune.epochs is not None:
         cfg = dataclasses.replace(cfg, steps=recipe.tune.epochs * steps_per_epoch)
-    reader = TaskReader(rows, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
-    dev_rows = task.to_rows(dev_examples, tokenizer, task.max_length, config.vocab_size, recipe.task.pack)
+    reader = TaskReader(rows, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, name=f"{data}/train.jsonl")
     valid = None
+    dev_rows = task.to_rows(dev_examples, tokenizer, task.max_length, config.vocab_size, recipe.task.pack)
     if cfg.valid_batches > 0 and len(dev_rows) >= world:
         valid = TaskReader(dev_rows, min(cfg.batch_size, len(dev_rows) // world), seed=cfg.seed, rank=rank,
-                           world_size=world, shuffle=False)
+                           world_size=world, shuffle=False, name=f"{data}/dev.jsonl")
 
-    # The model: frozen base weights, fp32 LoRA weights.
-    model, info = load_model(model_path, dtype=BASE_DTYPES[recipe.tune.base_dtype])
-    inject_lora(model, recipe.lora, base_model=str(model_path))
+    # Frozen base weights (fp32 or bf16), fp32 LoRA weights.
+    model, _ = load_model(model_path, dtype=BASE_DTYPES[recipe.tune.base_dtype])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # peft draws lora_A at random: the same run gets the same start
+        inject_lora(model, recipe.lora, base_model=str(model_path))
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -316,48 +388,10 @@ def tune_lora(model_path: str | Path | None, data: str | Path | None, out_dir: s
     def save_best(m, row) -> None:
         if is_main:
             write_adapter(out_dir / BEST_DIR, adapter_state_dict(m), recipe.lora,
-                          {**meta, "epoch": row["epoch"], "step": row["step"], "metric": metric,
-                           "dev": row["metrics"]}, base_model=str(model_path))
+                          {**meta, "epoch": row["epoch"], "step": row["step"], "metric": metric, "dev": row["metrics"]},
+                          base_model=str(model_path))
 
     tracker = EpochTracker(evaluate, save_best, metric, recipe.tune.patience, log=log,
                            on_history=(lambda h: _write_dev_log(out_dir / DEV_LOG, h)) if is_main else None)
-
-    def on_step(step: int, m) -> None:
-        if step > 1 and (step - 1) % steps_per_epoch == 0:
-            tracker.end_epoch((step - 1) // steps_per_epoch, step - 1, m)
-
-    def save_model(m, directory: Path) -> None:
-        write_adapter_files(Path(directory), adapter_state_dict(m), recipe.lora, meta, base_model=str(model_path))
-
-    stopped_early = False
-    result = None
-    try:
-        result = train(model, reader, cfg, out_dir, valid=valid, param_groups=_lora_param_groups(model, cfg),
-                       on_step=on_step, save_model=save_model, extra_state=tracker, resume=resume,
-                       progress=progress)
-        # The last epoch ends with the run (a run of train.steps may end inside an epoch: a fractional epoch).
-        whole, rest = divmod(result.steps, steps_per_epoch)
-        tracker.end_epoch(whole if rest == 0 else round(result.steps / steps_per_epoch, 3), result.steps, model)
-    except EarlyStop:
-        stopped_early = True
-    last = tracker.history[-1] if tracker.history else None
-    summary = {
-        "task": task.name,
-        "model": str(model_path),
-        "data": str(data),
-        "out": str(out_dir),
-        "adapter": str(out_dir / BEST_DIR),
-        "metric": metric,
-        "best": tracker.best,
-        "epochs": last["epoch"] if last else 0,
-        "steps": last["step"] if last else (result.steps if result else 0),
-        "steps_per_epoch": steps_per_epoch,
-        "stopped_early": stopped_early,
-        "trainable": counts["trainable"],
-        "total": counts["total"],
-        "train_loss": _last_train_loss(out_dir),
-        "history": tracker.history,
-    }
-    if is_main:
-        _write_json(out_dir / RESULT_FILE, summary)
-    return summary
+    return LoraRun(task, model, reader, valid, cfg, recipe, tracker, out_dir, steps_per_epoch, counts, meta,
+                   {"model": str(model_path), "data": str(data)}, resume=resume, is_main=is_main)

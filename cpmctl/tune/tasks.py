@@ -28,7 +28,7 @@ import torch
 from cpmctl import CpmctlError
 from cpmctl.data.packed import FIELDS, IGNORE, PackedReader
 from cpmctl.evaluate import metrics as M
-from cpmctl.model.tokenizer import BOS, EOS, PAD, CPMAntTokenizer
+from cpmctl.model.tokenizer import BOS, EOS, CPMAntTokenizer
 
 SPLITS = ("train", "dev", "test")
 KINDS = ("generation", "choice", "ranking")

@@ -1,0 +1,40 @@
+"""`cpmctl run RECIPE`: data -> pretrain -> prune -> tune -> eval -> generate, with a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cpmctl.cli.common import emit_json, err, out
+from cpmctl.lifecycle.recipe import LifecycleRecipe
+from cpmctl.lifecycle.report import write_report
+from cpmctl.lifecycle.runner import run_lifecycle
+from cpmctl.lifecycle.stages import STAGES
+from cpmctl.recipe import dump_recipe, load_recipe
+
+
+def run(
+    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="Lifecycle recipe (recipes/lifecycle/mini.yaml)."),
+    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Recipe overrides, e.g. run_dir=runs/x."),
+    from_stage: str = typer.Option(None, "--from-stage", help="Rerun from this stage on (earlier ones must be done)."),
+    only: str = typer.Option(None, "--only", help="Run only this stage."),
+    print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per stage and one for the report."),
+):
+    """Run the recipe's stages in order (finished stages are skipped) and write report.md into the run directory."""
+    recipe = load_recipe(LifecycleRecipe, recipe_path, overrides or [])
+    if print_recipe:
+        out.print(dump_recipe(recipe), markup=False)
+        return
+    echo = (lambda s: err.print(s, markup=False)) if json_out else (lambda s: out.print(s, markup=False))
+    state = run_lifecycle(recipe, STAGES, from_stage=from_stage, only=only, echo=echo)
+    report = write_report(state)
+    if json_out:
+        for name in recipe.stages:
+            rec = state.state["stages"].get(name)
+            if rec:
+                emit_json({"stage": name, "seconds": rec["seconds"], "outputs": rec["outputs"]})
+        emit_json({"report": str(report), "run_dir": str(state.dir)})
+    else:
+        out.print(f"report: {report}")

@@ -1,0 +1,1 @@
+"""The whole lifecycle in one command: `cpmctl run recipes/lifecycle/mini.yaml`."""

@@ -1,0 +1,135 @@
+"""torch.distributed training on CPU (gloo), 2 processes launched by torchrun: DDP replicas stay identical, FSDP2
+equals single-process training on the same global batch, and a sharded checkpoint resumes exactly.
+
+Run as a script (under torchrun) this file is the DDP worker: it trains and saves each rank's parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import tiny_config  # noqa: E402
+from cpmctl.data.packed import PackedDataset, PackedReader  # noqa: E402
+from cpmctl.model.ant import build_model  # noqa: E402
+from cpmctl.model.checkpoint import read_checkpoint  # noqa: E402
+from cpmctl.model.tokenizer import CPMAntTokenizer  # noqa: E402
+from cpmctl.train.loop import TrainConfig, train  # noqa: E402
+from cpmctl.train.metrics import read_metrics  # noqa: E402
+from cpmctl.train.synthetic import write_synthetic_packed  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+VOCAB = 120
+
+
+def loop_config(**kw) -> TrainConfig:
+    base = dict(steps=4, batch_size=2, lr=1e-2, schedule="cosine", warmup_steps=1, log_every=1, save_every=2,
+                keep_last=0, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def ddp_worker(data_dir: str, out: str) -> None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    model = build_model(tiny_config(VOCAB), seed=0)
+    data = PackedReader(PackedDataset(data_dir), 2, seed=0, rank=rank, world_size=world)
+    train(model, data, loop_config(engine="ddp"), out, progress=False)
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, Path(out) / f"rank{rank}.pt")
+
+
+def torchrun(*args, timeout=120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def cpmctl(*args, timeout=120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "cpmctl", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=REPO)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def single_process(data_dir, out, vocab_size=VOCAB) -> dict:
+    """The same global batch in one process: two micro-batches of 2 rows = the rows of rank 0 and rank 1."""
+    model = build_model(tiny_config(vocab_size), seed=0)
+    train(model, PackedReader(PackedDataset(data_dir), 2, seed=0), loop_config(grad_accum=2), out, progress=False)
+    return model.state_dict()
+
+
+def test_ddp_replicas_stay_identical_and_equal_single_process_training(tmp_path):
+    data = write_synthetic_packed(tmp_path / "data", VOCAB, 24, max_length=80, seed=0, words=40)
+    run = torchrun(__file__, str(data), str(tmp_path / "ddp"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "ddp" / "rank0.pt"), torch.load(tmp_path / "ddp" / "rank1.pt")
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    reference = single_process(data, tmp_path / "single")
+    for key, value in reference.items():
+        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl")]
+    single = [r["loss"] for r in read_metrics(tmp_path / "single" / "metrics.jsonl")]
+    assert losses == pytest.approx(single, rel=1e-5)
+
+
+def test_fsdp_equals_single_process_and_resumes_a_sharded_checkpoint(tmp_path, tiny_vocab):
+    vocab_size = CPMAntTokenizer(tiny_vocab).vocab_size
+    data = write_synthetic_packed(tmp_path / "data", vocab_size, 24, max_length=80, seed=0, words=40)
+    config = tmp_path / "tiny.json"
+    tiny_config(vocab_size).save(config)
+    run_dir = tmp_path / "fsdp"
+    args = ["pretrain", f"model.init={config}", f"model.vocab={tiny_vocab}", f"data.train={data}",
+            f"out_dir={run_dir}", "train.engine=fsdp", "train.checkpoint_format=sharded", "train.device=cpu",
+            "train.steps=4", "train.batch_size=2", "train.lr=1e-2", "train.schedule=cosine", "train.warmup_steps=1",
+            "train.log_every=1", "train.save_every=2", "train.keep_last=0", "--json"]
+    first = cpmctl(*args, "--nproc", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert sorted(p.name for p in (run_dir / "step-0000002" / "trainer" / "sharded").iterdir())[0].endswith(".distcp")
+
+    # FSDP2 on 2 ranks == one process on the same global batch (2 micro-batches of 2 rows).
+    _, fsdp_state = read_checkpoint(run_dir / "final")
+    _, single_state = read_checkpoint(_single_native(data, tmp_path / "single", vocab_size))
+    for key, value in single_state.items():
+        torch.testing.assert_close(fsdp_state[key], value, rtol=1e-4, atol=1e-5)
+
+    # Resume the sharded step-2 checkpoint of a copy: the same curve and the same final weights, exactly.
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed_dir, ignore=shutil.ignore_patterns("step-0000004", "final"))
+    (resumed_dir / "latest").write_text("step-0000002\n")
+    second = cpmctl(*[a for a in args if not a.startswith("out_dir=")], "--nproc", "2", "--resume", str(resumed_dir))
+    assert second.returncode == 0, second.stderr[-3000:]
+    straight = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    resumed = [r["loss"] for r in read_metrics(resumed_dir / "metrics.jsonl")]
+    assert resumed == straight and len(resumed) == 4
+    _, resumed_state = read_checkpoint(resumed_dir / "final")
+    for key, value in fsdp_state.items():
+        assert torch.equal(resumed_state[key], value), key
+
+
+def _single_native(data, out, vocab_size) -> Path:
+    model = build_model(tiny_config(vocab_size), seed=0)
+    result = train(model, PackedReader(PackedDataset(data), 2, seed=0), loop_config(grad_accum=2), out,
+                   progress=False)
+    return result.checkpoint
+
+
+if __name__ == "__main__":
+    ddp_worker(sys.argv[1], sys.argv[2])
