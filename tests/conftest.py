@@ -9,6 +9,12 @@ import pytest
 from cpmctl.model.config import CPMAntConfig
 from cpmctl.model.tokenizer import SPECIAL_TOKENS
 
+import torch
+
+# Tiny models are all small ops: on shared CPUs, one intra-op thread is 10-50x faster than waiting at OpenMP
+# barriers for a descheduled second thread.
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parent.parent
 ANT_VOCAB = REPO.parent / "shared" / "reference" / "ant.txt"
 

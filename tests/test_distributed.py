@@ -102,7 +102,8 @@ def test_fsdp_equals_single_process_and_resumes_a_sharded_checkpoint(tmp_path, t
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads(first.stdout.strip().splitlines()[-1])
     assert summary["world_size"] == 2 and summary["steps"] == 4
-    assert sorted(p.name for p in (run_dir / "step-0000002" / "trainer" / "sharded").iterdir())[0].endswith(".distcp")
+    shards = sorted(p.name for p in (run_dir / "step-0000002" / "trainer" / "sharded").glob("*.distcp"))
+    assert len(shards) == 2  # one file per rank: nothing was gathered
 
     # FSDP2 on 2 ranks == one process on the same global batch (2 micro-batches of 2 rows).
     _, fsdp_state = read_checkpoint(run_dir / "final")
@@ -114,7 +115,7 @@ def test_fsdp_equals_single_process_and_resumes_a_sharded_checkpoint(tmp_path, t
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(run_dir, resumed_dir, ignore=shutil.ignore_patterns("step-0000004", "final"))
     (resumed_dir / "latest").write_text("step-0000002\n")
-    second = cpmctl(*[a for a in args if not a.startswith("out_dir=")], "--nproc", "2", "--resume", str(resumed_dir))
+    second = torchrun("-m", "cpmctl", *[a for a in args if not a.startswith("out_dir=")], "--resume", str(resumed_dir))
     assert second.returncode == 0, second.stderr[-3000:]
     straight = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
     resumed = [r["loss"] for r in read_metrics(resumed_dir / "metrics.jsonl")]

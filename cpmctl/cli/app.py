@@ -57,6 +57,9 @@ def _register() -> None:
     from cpmctl.cli import prune
 
     app.command("prune")(prune.prune)
+    from cpmctl.cli import run
+
+    app.command("run")(run.run)
 
 
 _register()

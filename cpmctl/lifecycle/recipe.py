@@ -17,7 +17,7 @@ class DataSection:
     filter_recipe: str = str(REPO_ROOT / "recipes" / "data" / "filter.yaml")
     filter_overrides: list[str] = field(default_factory=list)
     dedup_threshold: float = 0.7
-    vocab_size: int = 8192
+    vocab_size: int = 5000
     max_length: int = 256
     valid_fraction: float = 0.05
     workers: int = 2

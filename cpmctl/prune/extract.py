@@ -36,9 +36,10 @@ def target_config(source: CPMAntConfig, selection: Selection) -> CPMAntConfig:
 def extracted_state(model: CPMAnt, selection: Selection) -> dict[str, torch.Tensor]:
     """The folded state dict of the pruned model."""
     config = model.config
-    heads = torch.nonzero(selection.head_keep).flatten()
-    h, dh, d = config.num_heads, config.dim_head, config.dim_model
     src = model.state_dict()
+    device = src["input_embedding.weight"].device
+    heads = torch.nonzero(selection.head_keep).flatten().to(device)
+    h, dh, d = config.num_heads, config.dim_head, config.dim_model
     out = {
         "input_embedding.weight": src["input_embedding.weight"],
         "prompt_embedding.weight": src["prompt_embedding.weight"],
@@ -54,17 +55,17 @@ def extracted_state(model: CPMAnt, selection: Selection) -> dict[str, torch.Tens
             for name in ("project_q", "project_k", "project_v"):
                 w = src[a + name + ".weight"].view(h, dh, d)
                 out[a + name + ".weight"] = w[heads].reshape(-1, d)
-            scale = (selection.head_scale[i] * selection.attention_scale[i]).to(torch.float32)
-            w = src[a + "attention_out.weight"].view(d, h, dh).float() * scale.view(1, h, 1).to(src[a + "attention_out.weight"].device)
+            scale = (selection.head_scale[i] * selection.attention_scale[i]).to(device, torch.float32)
+            w = src[a + "attention_out.weight"].view(d, h, dh).float() * scale.view(1, h, 1)
             out[a + "attention_out.weight"] = w[:, heads].reshape(d, -1).to(src[a + "attention_out.weight"].dtype)
         if selection.ffn_keep[i]:
             f = p + "ffn.ffn."
-            channels = torch.nonzero(selection.channel_keep[i]).flatten()
+            channels = torch.nonzero(selection.channel_keep[i]).flatten().to(device)
             out[p + "ffn.layernorm_before_ffn.weight"] = src[p + "ffn.layernorm_before_ffn.weight"]
             out[f + "w_in.w_0.weight"] = src[f + "w_in.w_0.weight"][channels]
             out[f + "w_in.w_1.weight"] = src[f + "w_in.w_1.weight"][channels]
             w_out = src[f + "w_out.weight"]
-            scale = (selection.channel_scale[i] * selection.ffn_scale[i]).to(torch.float32).to(w_out.device)
+            scale = (selection.channel_scale[i] * selection.ffn_scale[i]).to(device, torch.float32)
             out[f + "w_out.weight"] = (w_out.float() * scale.view(1, -1))[:, channels].to(w_out.dtype)
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 

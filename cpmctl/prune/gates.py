@@ -102,13 +102,14 @@ class Selection:
 
     def apply(self, model: CPMAnt) -> None:
         """Set the model's gates to this selection: the deterministic masked model."""
+        device = model.input_embedding.weight.device
         for i, block in enumerate(model.encoder.layers):
             if block.self_att is not None:
-                block.attention_gate = self.attention_scale[i] * self.attention_keep[i]
-                block.self_att.self_attention.head_gate = self.head_scale[i] * self.head_keep
+                block.attention_gate = (self.attention_scale[i] * self.attention_keep[i]).to(device)
+                block.self_att.self_attention.head_gate = (self.head_scale[i] * self.head_keep).to(device)
             if block.ffn is not None:
-                block.ffn_gate = self.ffn_scale[i] * self.ffn_keep[i]
-                block.ffn.ffn.channel_gate = self.channel_scale[i] * self.channel_keep[i]
+                block.ffn_gate = (self.ffn_scale[i] * self.ffn_keep[i]).to(device)
+                block.ffn.ffn.channel_gate = (self.channel_scale[i] * self.channel_keep[i]).to(device)
 
 
 def clear_gates(model: CPMAnt) -> None:
