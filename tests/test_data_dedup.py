@@ -96,7 +96,11 @@ def test_paragraphs_are_stripped_distinct_and_empty_documents_dropped(tmp_path):
     assert r.paragraphs == 3 + 2
 
 
-def test_matches_a_plain_set_implementation(tmp_path):
+@pytest.mark.parametrize("merge_rows", [1_000_000, 100])
+def test_matches_a_plain_set_implementation(tmp_path, monkeypatch, merge_rows):
+    import cpmctl.data.store
+
+    monkeypatch.setattr(cpmctl.data.store, "MERGE_ROWS", merge_rows)  # 100: many bulk merges into `paragraphs`
     rng = random.Random(0)
     pool = [para(i) for i in range(400)]
     texts = ["\n".join(rng.choice(pool) for _ in range(rng.randint(1, 8))) for _ in range(1500)]
@@ -111,6 +115,9 @@ def test_matches_a_plain_set_implementation(tmp_path):
         seen |= hs
     assert kept_texts(tmp_path / "out.jsonl") == expected
     assert 0 < len(expected) < len(texts)
+    with DedupStore.open(tmp_path / "s.sqlite") as store:
+        in_main = store.conn.execute("SELECT count(*) FROM paragraphs").fetchone()[0]
+        assert store.paragraph_count == len(seen) and (in_main > 0) == (merge_rows == 100)
 
 
 def test_second_run_deduplicates_against_the_first(tmp_path):
@@ -158,7 +165,7 @@ def _corpus(path: Path, docs: int) -> Path:
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, capsys):
-    src = _corpus(tmp_path / "in.jsonl", 15000)
+    src = _corpus(tmp_path / "in.jsonl", 40000)
     store, out = tmp_path / "s.sqlite", tmp_path / "out.jsonl"
     args = ["dedup", "--input", src, "--output", out, "--store", store, "--chunk-mb", "0.01"]
     # The killed process runs the same core call the CLI makes (without the CLI's torch import, to start fast).
@@ -193,7 +200,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, capsys):
     assert out.read_bytes() == reference.read_bytes()
     with DedupStore.open(store) as a, DedupStore.open(tmp_path / "ref.sqlite") as b:
         assert a.paragraph_count == b.paragraph_count
-        assert a.conn.execute("SELECT count(*) FROM paragraphs").fetchone()[0] == a.paragraph_count
+        rows = "SELECT (SELECT count(*) FROM paragraphs) + (SELECT count(*) FROM recent)"
+        assert a.conn.execute(rows).fetchone()[0] == a.paragraph_count
 
 
 def test_resume_rejects_an_input_changed_inside_the_committed_part(tmp_path):

@@ -105,6 +105,7 @@ def test_position_bucket_matches_the_formula():
     rel = torch.arange(-5000, 5001)
     ours = bias.position_bucket(rel[None])[0].tolist()
     assert ours == [reference_bucket(r) for r in rel.tolist()]
+    assert bias.bucket_of_distance(rel[None], 5000)[0].tolist() == ours  # the lookup table decoding steps use
 
 
 @pytest.mark.parametrize("overrides", [{}, {"num_layers": 3, "num_heads": 2, "dim_head": 24, "dim_ff": 40}])

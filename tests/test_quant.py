@@ -34,19 +34,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("in_features", [64, 60, 13])  # 60 and 13: padded to a multiple of 8
+@pytest.mark.parametrize("in_features", [64, 60, 13, 104])  # all but 64: padded to a multiple of 16
 def test_quantize_weight_error_is_half_a_step(in_features):
     torch.manual_seed(0)
     w = torch.randn(24, in_features) * torch.linspace(0.01, 3.0, 24)[:, None]  # rows of very different ranges
     q, scale = quantize_weight(w, torch.bfloat16)
-    assert q.dtype == torch.int8 and q.shape == (24, -(-in_features // 8) * 8) and scale.dtype == torch.bfloat16
+    assert q.dtype == torch.int8 and q.shape == (24, -(-in_features // 16) * 16) and scale.dtype == torch.bfloat16
     assert torch.all(q[:, in_features:] == 0)
     error = (dequantize_weight(q, scale, in_features) - w).abs()
     assert torch.all(error <= scale.float()[:, None] / 2 + 1e-6)  # rounding against the stored (bf16) scale
     assert q.abs().max() <= 127
 
 
-@pytest.mark.parametrize("in_features", [64, 60])
+@pytest.mark.parametrize("in_features", [64, 60, 104, 3735 // 5])  # 104, 747: where the raw kernel is wrong
 def test_int8_linear_matches_its_dequantized_weight(in_features):
     torch.manual_seed(0)
     linear = torch.nn.Linear(in_features, 40, bias=False)

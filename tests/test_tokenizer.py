@@ -69,6 +69,8 @@ TEXTS = [
     "混合English和中文mixed的句子，包括URL https://www.example.com/path?q=1&r=2 以及 email: a.b@c.org",
     "《红楼梦》是中国古典四大名著之一，作者曹雪芹。“满纸荒唐言，一把辛酸泪！”",
     "Ελληνικά, русский, العربية, हिन्दी, 日本語のひらがな、한국어",
+    "C++与C#、.NET以及100%的A-B测试_v2.0，价格+税&运费#1",
+    "今天天气不错，今天天气不错，今天天气不错。",
     "",
 ]
 
@@ -77,7 +79,7 @@ def _fuzz_texts(tokenizer: CPMAntTokenizer, n: int, seed: int = 0) -> list[str]:
     """Random mixtures of vocabulary tokens, whitespace, digits and characters outside the vocabulary."""
     rng = random.Random(seed)
     tokens = [t for t in tokenizer.id_to_token[10:] if not t.startswith("<")]
-    extras = [" ", "  ", "\n", "\t", "😀", "𠀀", "é", "。", "，", "123", "abc", "\u3000"]
+    extras = [" ", "  ", "\n", "\t", "😀", "𠀀", "é", "。", "，", "123", "abc", "\u3000", "+", "#", "&", ".", "_", "%", "-", "\r\n"]
     return ["".join(rng.choice(tokens if rng.random() < 0.8 else extras) for _ in range(rng.randint(1, 60))) for _ in range(n)]
 
 

@@ -30,14 +30,15 @@ def init(
     """A randomly initialised model (the original init: std 1 before folding) in the native format."""
     cfg = resolve_config(config)
     tokenizer = CPMAntTokenizer(require_file(vocab, "vocab file"))
-    if tokenizer.vocab_size != cfg.vocab_size:
-        # The vocabulary defines the embedding size of a new model.
-        err.print(f"vocab_size {cfg.vocab_size} -> {tokenizer.vocab_size} (from {vocab})")
-        cfg.vocab_size = tokenizer.vocab_size
+    # The vocabulary defines the embedding size of a new model.
+    resized = tokenizer.vocab_size != cfg.vocab_size
+    old_vocab_size, cfg.vocab_size = cfg.vocab_size, tokenizer.vocab_size
     counts = param_counts(cfg)
     if counts["total"] > 2e9:
         raise CpmctlError(f"{config}: {format_count(counts['total'])} parameters is too large to initialise here; "
                           "initialise on the training cluster")
+    if resized:
+        err.print(f"vocab_size {old_vocab_size} -> {tokenizer.vocab_size} (from {vocab})")
     model = build_model(cfg, seed=seed)
     save_native(model, out_dir, vocab=vocab)
     result = {"out": str(out_dir), "config": config, "seed": seed, **{f"params_{k}": v for k, v in counts.items()}}

@@ -3,6 +3,9 @@
 Tables
   meta(key, value)      format, version, hash, threshold, normalize, paragraphs (row count kept up to date)
   paragraphs(hash)      signed 64-bit xxh3_64 of each paragraph ever added (the rowid: compact and indexed)
+  recent(hash)          paragraphs added since the last merge; merged into `paragraphs` in sorted bulk when it
+                        holds MERGE_ROWS, because inserting random keys one chunk at a time into a large B-tree
+                        rewrites a page per key (a paragraph is in the store when it is in either table)
   inputs(...)           one row per input file a run has started: path, size, mtime, lines done, complete
   batches(...)          per committed chunk of an input: its line range, a fingerprint of its bytes, one decision
                         byte per line and its paragraph count, so a rerun reproduces earlier decisions exactly
@@ -30,10 +33,14 @@ DEFAULT_THRESHOLD = 0.7
 CACHE_MB = 128  # SQLite page cache: the bound on the store's memory, whatever its size
 _IN_BATCH = 256  # host parameters per SELECT ... IN: one fixed size, so the prepared statement is reused
 
-_LOOKUP_SQL = f"SELECT hash FROM paragraphs WHERE hash IN ({','.join('?' * _IN_BATCH)})"
+MERGE_ROWS = 1_000_000
+_PARAMS = ",".join(f"?{i + 1}" for i in range(_IN_BATCH))
+_LOOKUP_SQL = (f"SELECT hash FROM paragraphs WHERE hash IN ({_PARAMS}) "
+               f"UNION ALL SELECT hash FROM recent WHERE hash IN ({_PARAMS})")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS paragraphs (hash INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS recent (hash INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS inputs (
     id INTEGER PRIMARY KEY, path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
     lines INTEGER NOT NULL DEFAULT 0, complete INTEGER NOT NULL DEFAULT 0, started REAL, finished REAL
@@ -59,6 +66,7 @@ class DedupStore:
         self.path, self.conn, self._lock_fd, self.settings = path, conn, lock_fd, settings
         self.paragraph_count = int(self._meta().get("paragraphs", 0))
         self.last_inserted = 0
+        self.recent_rows = conn.execute("SELECT count(*) FROM recent").fetchone()[0]
 
     # ----- opening -----------------------------------------------------------------------------------------
     @classmethod
@@ -121,7 +129,22 @@ class DedupStore:
         return found
 
     def __contains__(self, h: int) -> bool:
-        return self.conn.execute("SELECT 1 FROM paragraphs WHERE hash = ?", (h,)).fetchone() is not None
+        return bool(self.lookup([h]))
+
+    def merge_recent(self) -> None:
+        """Move `recent` into `paragraphs` in key order: each B-tree page is rewritten once per merge, not once
+        per key. One transaction, so a kill leaves either table state intact."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("INSERT OR IGNORE INTO paragraphs(hash) SELECT hash FROM recent ORDER BY hash")
+            conn.execute("DELETE FROM recent")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self.recent_rows = 0
 
     # ----- inputs and the decision journal ------------------------------------------------------------------
     def begin_input(self, path: Path) -> InputRecord:
@@ -161,7 +184,7 @@ class DedupStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             before = conn.total_changes
-            conn.executemany("INSERT OR IGNORE INTO paragraphs(hash) VALUES (?)", ((h,) for h in new_hashes))
+            conn.executemany("INSERT OR IGNORE INTO recent(hash) VALUES (?)", ((h,) for h in new_hashes))
             self.last_inserted = conn.total_changes - before
             conn.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?)",
                          (record.id, first_line, lines, fingerprint, codes, paragraphs))
@@ -174,7 +197,10 @@ class DedupStore:
                 conn.execute("ROLLBACK")
             raise
         self.paragraph_count += self.last_inserted
+        self.recent_rows += self.last_inserted
         record.lines = first_line + lines
+        if self.recent_rows >= MERGE_ROWS:
+            self.merge_recent()
 
     def finish_input(self, record: InputRecord) -> None:
         if not record.complete:

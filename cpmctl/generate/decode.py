@@ -139,29 +139,32 @@ def _step(model: CPMAnt, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
     return logits[:, -1].float()
 
 
+def _finish(tokens: torch.Tensor, ended_at: torch.Tensor) -> list[list[int]]:
+    """Rows of `tokens` cut where each ended (-1 = ran to the limit): one host copy for the whole batch."""
+    return [row[:end] if end >= 0 else row for row, end in zip(tokens.tolist(), ended_at.tolist())]
+
+
 def greedy(model, inputs, cfg: GenerationConfig, on_token: Callable | None = None) -> list[list[int]]:
     b = inputs["input"].shape[0]
     logits, cache = _prefill(model, inputs, cfg.max_new_tokens + 1)
-    out = torch.empty(b, 0, dtype=torch.long, device=logits.device)
-    done = torch.zeros(b, dtype=torch.bool, device=logits.device)
-    results: list[list[int] | None] = [None] * b
+    device = logits.device
+    tokens = torch.empty(b, 0, dtype=torch.long, device=device)
+    ended_at = torch.full((b,), -1, dtype=torch.long, device=device)
     for i in range(cfg.max_new_tokens):
         if i == 0 and cfg.bans_first_step:
             logits = _ban_first(logits)
-        logits = apply_repetition_penalty(logits, out, cfg.repetition_penalty)
+        logits = apply_repetition_penalty(logits, tokens, cfg.repetition_penalty)
         token = logits.argmax(-1)
-        for r in range(b):
-            if not done[r] and token[r].item() == EOS:
-                done[r] = True
-                results[r] = out[r].tolist()
-        if bool(done.all()):
+        # A row ends at its first </s>; later tokens of an ended row are computed but not returned.
+        ended_at = torch.where((ended_at < 0) & (token == EOS), i, ended_at)
+        if bool((ended_at >= 0).all()):  # the one host sync of a step
             break
-        out = torch.cat([out, token[:, None]], 1)
+        tokens = torch.cat([tokens, token[:, None]], 1)
         if on_token is not None:
             on_token(token.tolist())
         if i + 1 < cfg.max_new_tokens:
             logits = _step(model, cache, token)
-    return [r if r is not None else out[i].tolist() for i, r in enumerate(results)]
+    return _finish(tokens, ended_at)
 
 
 def sample(model, inputs, cfg: GenerationConfig, on_token: Callable | None = None) -> list[list[int]]:
@@ -172,24 +175,24 @@ def sample(model, inputs, cfg: GenerationConfig, on_token: Callable | None = Non
     gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
     steps = cfg.max_new_tokens + 1
     logits, cache = _prefill(model, inputs, steps + 1)
-    out = torch.empty(b, 0, dtype=torch.long, device=logits.device)
-    results: list[list[int] | None] = [None] * b
+    device = logits.device
+    tokens = torch.empty(b, 0, dtype=torch.long, device=device)
+    ended_at = torch.full((b,), -1, dtype=torch.long, device=device)
     for i in range(steps):
         if i == 0 and cfg.bans_first_step:
             logits = _ban_first(logits)
-        logits = apply_repetition_penalty(logits, out, cfg.repetition_penalty)
+        logits = apply_repetition_penalty(logits, tokens, cfg.repetition_penalty)
         logits = top_k_top_p_filter(logits / cfg.temperature, cfg.top_k, cfg.top_p)
         token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)[:, 0]
-        for r in range(b):
-            if results[r] is None and (token[r].item() == EOS or i == steps - 1):
-                results[r] = out[r].tolist()
-        if all(r is not None for r in results):
+        ends = (token == EOS) | (i == steps - 1)
+        ended_at = torch.where((ended_at < 0) & ends, i, ended_at)
+        if bool((ended_at >= 0).all()):
             break
-        out = torch.cat([out, token[:, None]], 1)
+        tokens = torch.cat([tokens, token[:, None]], 1)
         if on_token is not None:
             on_token(token.tolist())
         logits = _step(model, cache, token)
-    return results  # type: ignore[return-value]
+    return _finish(tokens, ended_at)
 
 
 class _Hypotheses:
@@ -230,7 +233,10 @@ def beam_search(model, inputs, cfg: GenerationConfig) -> list[list[int]]:
     beam_scores = beam_scores.view(-1)
     hyps = [_Hypotheses(beam) for _ in range(b)]
     done = [False] * b
+    # Generated tokens per row: on the device for the penalty, and as lists for the hypotheses (no per-candidate
+    # host copies).
     out = torch.empty(b * beam, 0, dtype=torch.long, device=device)
+    generated: list[list[int]] = [[] for _ in range(b * beam)]
     for i in range(limit + 1):
         if i == 0 and cfg.bans_first_step:
             logits = _ban_first(logits)
@@ -249,7 +255,7 @@ def beam_search(model, inputs, cfg: GenerationConfig) -> list[list[int]]:
                 beam_id, word = divmod(idx, vocab)
                 row = s * beam + beam_id
                 if word == EOS or i == limit:
-                    hyps[s].add(out[row].tolist(), value)
+                    hyps[s].add(generated[row], value)
                 else:
                     sent.append((value, word, row))
                 if len(sent) == beam:
@@ -260,9 +266,9 @@ def beam_search(model, inputs, cfg: GenerationConfig) -> list[list[int]]:
         if i == limit or all(done):
             break
         beam_scores = torch.tensor([x[0] for x in next_beam], device=device)
-        words = torch.tensor([x[1] for x in next_beam], device=device, dtype=torch.long)
-        rows = torch.tensor([x[2] for x in next_beam], device=device, dtype=torch.long)
+        words, rows = torch.tensor([[x[1] for x in next_beam], [x[2] for x in next_beam]], device=device)
         out = torch.cat([out.index_select(0, rows), words[:, None]], 1)
+        generated = [generated[row] + [word] for _, word, row in next_beam]
         cache.reorder(rows)
         logits = _step(model, cache, words)
     return [max(h.hyps, key=lambda x: x[0])[1] if h.hyps else [] for h in hyps]

@@ -6,8 +6,9 @@ from memory (a quarter of fp32, half of fp16), which is what bounds decoding spe
 only for bf16 activations, so activations are rounded to bf16 for the matmul and the output is cast back; the
 embeddings and the tied output head stay in the model dtype. docs/memory.md reports the effect on quality.
 
-The CPU kernel needs the input dimension to be a multiple of 8 (it crashes otherwise), so weights are stored with
-zero columns up to the next multiple of 8 and inputs are zero-padded the same way (exact: zeros add nothing).
+The CPU kernel needs the input dimension to be a multiple of 16 (torch 2.13: odd multiples of 8 give wrong sums
+and can crash, smaller ones garbage), so weights are stored with zero columns up to the next multiple of 16 and
+inputs are zero-padded the same way (exact: zeros add nothing).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 from cpmctl import CpmctlError
 
 QUANTIZE_CHOICES = ("int8",)
-K_MULTIPLE = 8
+K_MULTIPLE = 16
 
 
 def padded_in_features(in_features: int) -> int:

@@ -155,11 +155,24 @@ class SegmentPositionBias(nn.Module):
         large = large.clamp(max=half - 1)
         return bucket + torch.where(r < max_exact, r.to(torch.int32), large)
 
+    def bucket_of_distance(self, rel: torch.Tensor, max_distance: int) -> torch.Tensor:
+        """position_bucket(rel) for |rel| <= max_distance, read from a table that position_bucket itself fills (so
+        the buckets are identical): one gather per step instead of a dozen element-wise ops with a log."""
+        table = getattr(self, "_bucket_table", None)
+        if table is None or table.device != rel.device or table.shape[0] < 2 * max_distance + 1:
+            half_width = max(max_distance, 1024)
+            table = self.position_bucket(torch.arange(-half_width, half_width + 1, device=rel.device))
+            self._bucket_table = table
+        return table[rel + table.shape[0] // 2]
+
     def forward(self, q_seg, q_pos, k_seg, k_pos) -> torch.Tensor:
-        """Bias (b, H, len_q, len_k): distance buckets within a segment, segment-pair buckets across."""
+        """Bias (b, H, len_q, len_k): distance buckets within a segment, segment-pair buckets across.
+
+        Positions are indices in the sequence (0 <= q_pos, k_pos < len_q + len_k), as CPMAnt.forward builds them."""
         with torch.no_grad():
             same = q_seg[:, :, None] == k_seg[:, None, :]
-            by_distance = self.position_bucket(k_pos[:, None, :] - q_pos[:, :, None])
+            bound = q_pos.shape[-1] + k_pos.shape[-1]
+            by_distance = self.bucket_of_distance(k_pos[:, None, :] - q_pos[:, :, None], bound)
             by_segment = self.num_buckets + q_seg[:, :, None] * self.segment_types + k_seg[:, None, :]
             bucket = torch.where(same, by_distance, by_segment.to(torch.int32))
         return F.embedding(bucket, self.relative_attention_bias).permute(0, 3, 1, 2)
