@@ -66,6 +66,7 @@ def parse_args():
     p.add_argument("--contenders", default="resident,cpmctl,cpmctl-int8,accelerate,resident-int8",
                    help="Comma list of: resident, cpmctl, cpmctl-int8, accelerate, naive, resident-int8.")
     p.add_argument("--text", default=None, help="Text file for the int8 perplexity (needs vocab.txt beside --checkpoint).")
+    p.add_argument("--no-quality", action="store_true", help="Skip the int8 quality measurement.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="Also print one JSON object per contender.")
     return p.parse_args()
@@ -196,9 +197,12 @@ def run_accelerate(path, args, device, dtype, prompt, budget, offload_dir: Path)
     for v in device_map.values():
         placed[str(v)] = placed.get(str(v), 0) + 1
     measured = measure_at_blocks(model) if device.type == "cpu" else [0]
+    # accelerate brings offloaded weights in per leaf module, inside its forward, where no hook can see them:
+    # count the largest offloaded leaf as in flight.
+    in_flight = max((p.numel() * p.element_size() for p in model.parameters() if p.device.type == "meta"), default=0)
     ids, secs, prefill_s = decode(model, prompt, args.new_tokens, device, args.repeats)
-    result = dict(load_s=load_s, ids=ids, seconds=secs, prefill_s=prefill_s, peak=peak_bytes(device, max(measured)),
-                  note=f"device_map entries {placed}")
+    result = dict(load_s=load_s, ids=ids, seconds=secs, prefill_s=prefill_s,
+                  peak=peak_bytes(device, max(measured) + in_flight), note=f"device_map entries {placed}")
     del model
     return result
 
@@ -226,6 +230,36 @@ def run_naive(path, args, device, dtype, prompt, budget):
                   note="synchronous .to()")
     del model
     return result
+
+
+# ----- int8 kernels -------------------------------------------------------------------------------------------
+@torch.no_grad()
+def int8_kernel_times(config: CPMAntConfig, device, dtype, repeats: int = 50) -> dict:
+    """Milliseconds of one decoding-step matmul (1 row) with the largest linear of the config: the model dtype,
+    aten._weight_int8pack_mm, and dequantize-then-matmul."""
+    from cpmctl.generate.quant import quantize_weight, scale_dtype
+
+    n, k = config.dim_ff, config.dim_model
+    weights = [torch.randn(n, k, device=device, dtype=dtype) / k**0.5 for _ in range(8)]  # > caches
+    act = scale_dtype(device, dtype)
+    packed = [quantize_weight(w, act) for w in weights]
+    x = torch.randn(1, k, device=device, dtype=dtype)
+    xa = x.to(act)
+
+    def time_ms(fn):
+        fn()
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync(device)
+        return (time.perf_counter() - start) / repeats / len(weights) * 1e3
+
+    return {
+        "dense": time_ms(lambda: [F.linear(x, w) for w in weights]),
+        "int8pack": time_ms(lambda: [torch.ops.aten._weight_int8pack_mm(xa, q, s) for q, s in packed]),
+        "dequant": time_ms(lambda: [F.linear(xa, q.to(act) * s[:, None]) for q, s in packed]),
+    }
 
 
 # ----- int8 quality --------------------------------------------------------------------------------------------
@@ -293,6 +327,9 @@ def main():
           f"device {device}, limit {args.limit} GB, prompt {len(prompt)} tokens, {args.new_tokens} new tokens, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
 
+    kernels = int8_kernel_times(config, device, dtype)
+    print(f"one {config.dim_ff}x{config.dim_model} matmul, 1 row: {args.dtype} {kernels['dense']:.3f} ms, "
+          f"int8pack {kernels['int8pack']:.3f} ms, int8 dequant+matmul {kernels['dequant']:.3f} ms", flush=True)
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     if "accelerate" in contenders:
         try:
@@ -349,6 +386,11 @@ def main():
         ratio = results["resident-int8"]["tokens_per_s"] / results["resident"]["tokens_per_s"]
         print(f"  resident-int8 / resident ({args.dtype}): {ratio:.2f}x tokens/s")
 
+    if args.json:
+        for name, r in results.items():
+            print(json.dumps({"contender": name, **{k: v for k, v in r.items() if k != "ids"}}))
+    if args.no_quality:
+        return
     tokens = prompt + torch.randint(10, config.vocab_size, (192,), generator=gen).tolist()
     if args.text:
         from cpmctl.model.tokenizer import CPMAntTokenizer
@@ -361,8 +403,6 @@ def main():
           f"top-1 agreement {quality['top1_agreement']:.3f}, ppl {quality['ppl_reference']:.2f} -> "
           f"{quality['ppl_int8']:.2f}")
     if args.json:
-        for name, r in results.items():
-            print(json.dumps({"contender": name, **{k: v for k, v in r.items() if k != "ids"}}))
         print(json.dumps({"int8_quality": quality}))
 
 

@@ -186,6 +186,29 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path):
     assert peaks["eager"] > 1.7 * weight_bytes, (peaks, weight_bytes)  # the measurement tells one copy from two
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("resident_blocks", [1, 2.5])
+def test_cuda_streaming_is_exact_and_within_budget(checkpoint, resident_blocks):
+    device = torch.device("cuda", torch.cuda.current_device())
+    reference, _ = load_model(checkpoint, device=device)
+    expected = decode_all(reference)
+    config = reference.config
+    del reference
+    shape = dict(batch_rows=6, prefill_length=32 + 7, capacity=32 + 7 + 16)  # decode_all's largest use
+    plan = plan_memory(config, device_type="cuda", dtype=torch.float32, budget=None, **shape)
+    budget = plan.minimum_bytes + int((resident_blocks - 1) * plan.block_bytes[0])
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    offloaded = load_offloaded(checkpoint, device=device, budget=budget, **shape)
+    try:
+        assert offloaded.plan.streamed
+        assert decode_all(offloaded.model) == expected
+        torch.cuda.synchronize(device)
+        assert torch.cuda.max_memory_allocated(device) <= budget
+    finally:
+        offloaded.close()
+
+
 # ----- the CLI -------------------------------------------------------------------------------------------------
 def run_cli(args, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -45,7 +45,7 @@ def _run(argv, capsys):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tiny_vocab):
     root = tmp_path_factory.mktemp("tune")
-    vocab = root / "vocab.txt"  # the tiny vocabulary plus what option scoring needs ("否", and "确" of [是否正确])
+    vocab = root / "vocab.txt"  # the tiny vocabulary plus what option scoring needs: "否", and "确" of [是否正确]
     vocab.write_text(tiny_vocab.read_text(encoding="utf-8") + "否\n确\n", encoding="utf-8")
     model = build_model(tiny_config(CPMAntTokenizer(vocab).vocab_size), seed=0)
     return save_native(model, root / "base", vocab=vocab)
@@ -135,8 +135,8 @@ def test_generate_with_adapter_equals_the_merged_model(tuned, base, tmp_path, ca
     assert code == 0, err
     texts = []
     for argv in (["--model", str(base), "--adapter", adapter], ["--model", str(tmp_path / "m")]):
-        code, stdout, err = _run(["generate", "今天天气不错", *argv, "--decode", "greedy", "--max-new-tokens", "8",
-                                  "--device", "cpu", "--json"], capsys)
+        code, stdout, err = _run(["generate", "今天天气不错", *argv, "--decode", "greedy",
+                                  "--max-new-tokens", "8", "--device", "cpu", "--json"], capsys)
         assert code == 0, err
         texts.append(json.loads(stdout)["token_ids"])
     assert texts[0] == texts[1]

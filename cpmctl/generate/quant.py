@@ -13,6 +13,8 @@ inputs are zero-padded the same way (exact: zeros add nothing).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,11 +22,18 @@ from torch import nn
 from cpmctl import CpmctlError
 
 QUANTIZE_CHOICES = ("int8",)
+KERNELS = ("int8pack", "dequant")  # dequant: int8 -> model dtype per call, then the dense matmul (GPU fallback)
 K_MULTIPLE = 16
 
 
 def padded_in_features(in_features: int) -> int:
     return -(-in_features // K_MULTIPLE) * K_MULTIPLE
+
+
+def int8_kernel(device: torch.device | str) -> str:
+    """The int8 matmul used on `device`: aten._weight_int8pack_mm, unless CPMCTL_INT8_KERNEL says otherwise."""
+    kernel = os.environ.get("CPMCTL_INT8_KERNEL", "int8pack")
+    return kernel if kernel in KERNELS else "int8pack"
 
 
 def scale_dtype(device: torch.device | str, compute_dtype: torch.dtype) -> torch.dtype:
@@ -59,6 +68,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.act_dtype = act_dtype  # the kernel's activation dtype (== scale dtype)
+        self.kernel = int8_kernel(device if device is not None else "cpu")
         k = padded_in_features(in_features)
         self.register_buffer("weight_int8", torch.empty(out_features, k, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=act_dtype, device=device))
@@ -76,11 +86,16 @@ class Int8Linear(nn.Module):
         pad = self.weight_int8.shape[1] - self.in_features
         if pad:
             x2 = F.pad(x2, (0, pad))
-        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale)
+        if self.kernel == "dequant":
+            w = self.weight_int8.to(self.act_dtype) * self.scale[:, None]
+            y = F.linear(x2, w)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, act_dtype={self.act_dtype}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, act_dtype={self.act_dtype}, "
+                f"kernel={self.kernel}")
 
 
 def block_linear_names(block: nn.Module) -> list[str]:

@@ -39,7 +39,8 @@ def read_delta(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged or non-torch file
-        raise CpmctlError(f"{path}: cannot read delta checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        raise CpmctlError(f"{path}: cannot read delta checkpoint ({reason})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -47,7 +48,8 @@ def read_delta(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def convert_delta(state: dict[str, torch.Tensor], source: str = "delta") -> tuple[dict[str, torch.Tensor], LoraSettings, int]:
+def convert_delta(state: dict[str, torch.Tensor],
+                  source: str = "delta") -> tuple[dict[str, torch.Tensor], LoraSettings, int]:
     """OpenDelta keys -> peft keys (with the `base_model.model.` prefix). Returns (state, settings-without-alpha,
     number of ignored non-LoRA keys)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}

@@ -241,7 +241,8 @@ def check_adapter_fits(adapter: Adapter, config: CPMAntConfig, model_name: str =
     ours = config.to_dict()
     diffs = []
     for key in SHAPE_KEYS:
-        a, b = base.get(key, [] if key == "mask_modules" else None), ours.get(key, [] if key == "mask_modules" else None)
+        empty = [] if key == "mask_modules" else None
+        a, b = base.get(key, empty), ours.get(key, empty)
         if a != b:
             diffs.append(key if key == "mask_modules" else f"{key} {a} != {b}")
     if diffs:
@@ -311,7 +312,8 @@ def merge_lora(model: CPMAnt) -> CPMAnt:
     return model
 
 
-def merge_adapter(model_path: str | Path, adapter: str | Path, out: str | Path, vocab: str | Path | None = None) -> dict:
+def merge_adapter(model_path: str | Path, adapter: str | Path, out: str | Path,
+                  vocab: str | Path | None = None) -> dict:
     """Write a native checkpoint with the adapter merged into the base weights. Merged in fp32, saved in the
     checkpoint's own dtype."""
     from cpmctl.model.checkpoint import save_native

@@ -335,7 +335,8 @@ def prepare_run(model_path: str | Path | None, data: str | Path | None, out_dir:
     task = _resolve_task(recipe)
     metric = resolve_metric(task, recipe.tune.metric)
     if not resume and (ckpt.list_checkpoints(out_dir) or (out_dir / RESULT_FILE).exists()):
-        raise CpmctlError(f"{out_dir}: holds an earlier tuning run; add --resume to continue it or choose another --out")
+        raise CpmctlError(f"{out_dir}: holds an earlier tuning run; add --resume to continue it, or choose another "
+                          "--out")
 
     train_examples, dev_examples = _load_splits(task, data, recipe.tune.dev_limit)
     config, _ = read_config(model_path)
@@ -353,7 +354,8 @@ def prepare_run(model_path: str | Path | None, data: str | Path | None, out_dir:
     steps_per_epoch = len(rows) // (cfg.batch_size * world * cfg.grad_accum)
     if steps_per_epoch < 1:
         raise CpmctlError(f"{data / 'train.jsonl'}: {len(rows)} training rows is fewer than one step of "
-                          f"{cfg.batch_size} x {cfg.grad_accum} accumulation x {world} processes; lower train.batch_size")
+                          f"{cfg.batch_size} x {cfg.grad_accum} accumulation x {world} processes; "
+                          "lower train.batch_size")
     if recipe.tune.epochs is not None:
         cfg = dataclasses.replace(cfg, steps=recipe.tune.epochs * steps_per_epoch)
     reader = TaskReader(rows, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, name=f"{data}/train.jsonl")
