@@ -2,12 +2,18 @@
 
 Both run the same random weights (a cpmctl model converted with `checkpoint.convert(..., to="hf")`), the same prompt
 and the same number of new tokens. HF is forced to produce exactly N tokens (min_new_tokens = max_new_tokens = N,
-eos suppressed). cpmctl's beam search, like the original, spends one extra step to score its last candidates: it
-is asked for N - 1 tokens so that it returns N (see docs/generate.md), and the step count it pays for is the same as
-HF's plus one. The script first checks that both produce the same token ids, then prints tokens/s and the ratio.
+eos suppressed). cpmctl's beam search, like the original, spends one extra step scoring its last candidates and
+returns up to max_new_tokens + 1 tokens: it is asked for N - 1 so that both return N (docs/generate.md). The
+script checks that both produce the same ids, then prints tokens/s and the ratio (best of --repeats, runs
+interleaved). On the CPU it also prints the ratio of process CPU time, which other load on a shared machine
+disturbs much less than wall time (exact with --threads 1).
 
-    python bench/generate.py                       # ~100M parameters, CPU fp32, 64 new tokens
-    python bench/generate.py --device cuda --dtype bf16 --new-tokens 128
+Two workloads by default: a short prompt (32 tokens, 64 new) and a summarization-like one (256-token prompt, 64
+new, as LCSTS tuning and evaluation decode).
+
+    python bench/generate.py                                  # ~100M parameters, CPU fp32
+    python bench/generate.py --threads 1 --workloads 32:128
+    python bench/generate.py --device cuda --dtype bf16 --workloads 32:128,256:128
 """
 
 from __future__ import annotations
@@ -39,40 +45,56 @@ def parse_args():
     p.add_argument("--dim-head", type=int, default=64)
     p.add_argument("--dim-ff", type=int, default=2048)
     p.add_argument("--vocab-size", type=int, default=30720)
-    p.add_argument("--prompt-tokens", type=int, default=32, help="Text tokens in the prompt (after <s>).")
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--workloads", default="32:64,256:64", help="PROMPT_TOKENS:NEW_TOKENS pairs, comma-separated.")
     p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=2, help="Timed runs per contender; the best is reported.")
     p.add_argument("--modes", default="greedy,beam")
+    p.add_argument("--repeats", type=int, default=2, help="Timed runs per contender after one warm-up; best kept.")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice).")
-    p.add_argument("--json", action="store_true", help="Also print one JSON object per mode.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="Also print one JSON object per measurement.")
     return p.parse_args()
 
 
-def sync(device):
+def measure(fn, device):
+    """(wall seconds, process CPU seconds, result, peak CUDA bytes or None) of one run."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeats: int):
-    """Best wall time of `repeats` runs after one warm-up run, the last result, and the peak memory (CUDA)."""
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    wall, cpu = time.perf_counter(), time.process_time()
     result = fn()
-    best = float("inf")
-    peak = None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        sync(device)
-        t0 = time.perf_counter()
-        result = fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device)
-    return best, result, peak
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return wall, cpu, result, peak
+
+
+def contenders(mode, ours, hf, text, n, beam_size, device):
+    hf_input = torch.tensor([text], device=device)
+    if mode == "greedy":
+        cfg = GenerationConfig(decode="greedy", max_new_tokens=n)
+        hf_kwargs = dict(num_beams=1)
+        decode = greedy
+    elif mode == "beam":
+        # No first-step ban here, so that HF (which has none) can take the same path.
+        cfg = GenerationConfig(decode="beam", beam_size=beam_size, max_new_tokens=n - 1, ban_first_step=False)
+        hf_kwargs = dict(num_beams=beam_size, length_penalty=1.0, early_stopping=False)
+        decode = beam_search
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+
+    def run_ours():
+        return decode(ours, build_inputs(ours, [text]), cfg)[0]
+
+    def run_hf():
+        with torch.no_grad():
+            out = hf.generate(hf_input, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=EOS,
+                              pad_token_id=0, **hf_kwargs)
+        return out[0, len(text):].tolist()
+
+    return run_ours, run_hf
 
 
 def main():
@@ -99,61 +121,47 @@ def main():
         hf = CpmAntForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=dtype)
     ours = ours.to(device=device, dtype=dtype).eval()
     hf = hf.to(device).eval()
+    print(f"model: {counts['total'] / 1e6:.1f}M parameters ({config.num_layers} layers, dim {config.dim_model}, "
+          f"vocab {config.vocab_size}); {args.device} {args.dtype}, threads {torch.get_num_threads()}")
 
     gen = torch.Generator().manual_seed(args.seed + 1)
-    text = [BOS] + torch.randint(10, min(args.vocab_size, 30000), (args.prompt_tokens,), generator=gen).tolist()
-    hf_input = torch.tensor([text], device=device)
-    n = args.new_tokens
-    print(f"model: {counts['total'] / 1e6:.1f}M parameters ({config.num_layers} layers, dim {config.dim_model}), "
-          f"{args.device} {args.dtype}, threads {torch.get_num_threads()}; prompt {len(text)} tokens, {n} new tokens")
-
-    rows = []
-    for mode in args.modes.split(","):
-        if mode == "greedy":
-            cfg = GenerationConfig(decode="greedy", max_new_tokens=n)
-            run_ours = lambda: greedy(ours, build_inputs(ours, [text]), cfg)[0]  # noqa: E731
-            hf_kwargs = dict(num_beams=1)
-        elif mode == "beam":
-            # The original's beam returns up to max_new_tokens + 1 tokens; no first-step ban so HF can match it.
-            cfg = GenerationConfig(decode="beam", beam_size=args.beam_size, max_new_tokens=n - 1, ban_first_step=False)
-            run_ours = lambda: beam_search(ours, build_inputs(ours, [text]), cfg)[0]  # noqa: E731
-            hf_kwargs = dict(num_beams=args.beam_size, length_penalty=1.0, early_stopping=False)
-        else:
-            raise SystemExit(f"unknown mode {mode}")
-
-        def run_hf():
-            with torch.no_grad():
-                out = hf.generate(hf_input, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=EOS,
-                                  pad_token_id=0, **hf_kwargs)
-            return out[0, len(text):].tolist()
-
-        # Interleave so that load from other processes hits both sides alike.
-        t_ours, t_hf, ids_ours, ids_hf, peak_ours, peak_hf = float("inf"), float("inf"), None, None, None, None
-        for _ in range(max(1, args.repeats)):
-            t, ids_hf, peak_hf = timed(run_hf, device, 1)
-            t_hf = min(t_hf, t)
-            t, ids_ours, peak_ours = timed(run_ours, device, 1)
-            t_ours = min(t_ours, t)
-        same = ids_ours == ids_hf
-        tps_ours, tps_hf = len(ids_ours) / t_ours, len(ids_hf) / t_hf
-        row = {
-            "mode": mode, "device": args.device, "dtype": args.dtype, "params": counts["total"],
-            "new_tokens_cpmctl": len(ids_ours), "new_tokens_hf": len(ids_hf), "same_ids": same,
-            "cpmctl_tokens_per_s": round(tps_ours, 2), "hf_tokens_per_s": round(tps_hf, 2),
-            "ratio": round(tps_ours / tps_hf, 3),
-        }
-        if peak_ours is not None:
-            row["cpmctl_peak_mib"] = round(peak_ours / 2**20, 1)
-            row["hf_peak_mib"] = round(peak_hf / 2**20, 1)
-        rows.append(row)
-        mem = f", peak memory {row['cpmctl_peak_mib']} MiB vs {row['hf_peak_mib']} MiB" if peak_ours else ""
-        print(f"{mode:7s} cpmctl {tps_ours:8.2f} tok/s  hf {tps_hf:8.2f} tok/s  ratio {row['ratio']:.2f}x  "
-              f"(tokens {len(ids_ours)} vs {len(ids_hf)}, same ids: {'yes' if same else 'NO'}{mem})")
-        if not same and dtype != torch.float32:
-            print("        (half precision: the two implementations round differently, so long greedy/beam paths may "
-                  "part; in fp32 the ids must be equal)")
-        if args.json:
-            print(json.dumps(row))
+    for workload in args.workloads.split(","):
+        prompt_tokens, n = (int(x) for x in workload.split(":"))
+        text = [BOS] + torch.randint(10, min(args.vocab_size, 30000), (prompt_tokens,), generator=gen).tolist()
+        for mode in args.modes.split(","):
+            run_ours, run_hf = contenders(mode, ours, hf, text, n, args.beam_size, device)
+            run_hf(), run_ours()  # warm-up
+            best = {"ours": [float("inf")] * 2, "hf": [float("inf")] * 2}
+            results, peaks = {}, {}
+            # Interleaved, so that load from other processes hits both sides alike.
+            for _ in range(max(1, args.repeats)):
+                for name, fn in (("hf", run_hf), ("ours", run_ours)):
+                    wall, cpu, results[name], peaks[name] = measure(fn, device)
+                    best[name] = [min(best[name][0], wall), min(best[name][1], cpu)]
+            ids_ours, ids_hf = results["ours"], results["hf"]
+            tps_ours, tps_hf = len(ids_ours) / best["ours"][0], len(ids_hf) / best["hf"][0]
+            row = {
+                "mode": mode, "prompt_tokens": len(text), "new_tokens": n, "device": args.device, "dtype": args.dtype,
+                "threads": torch.get_num_threads(), "params": counts["total"],
+                "new_tokens_cpmctl": len(ids_ours), "new_tokens_hf": len(ids_hf), "same_ids": ids_ours == ids_hf,
+                "cpmctl_tokens_per_s": round(tps_ours, 2), "hf_tokens_per_s": round(tps_hf, 2),
+                "ratio": round(tps_ours / tps_hf, 3),
+            }
+            extra = ""
+            if device.type == "cpu":
+                row["cpu_time_ratio"] = round((best["hf"][1] / len(ids_hf)) / (best["ours"][1] / len(ids_ours)), 3)
+                extra = f", CPU-time ratio {row['cpu_time_ratio']:.2f}x"
+            else:
+                row["cpmctl_peak_mib"] = round(peaks["ours"] / 2**20, 1)
+                row["hf_peak_mib"] = round(peaks["hf"] / 2**20, 1)
+                extra = f", peak memory {row['cpmctl_peak_mib']} MiB vs {row['hf_peak_mib']} MiB"
+            print(f"{mode:6s} prompt {len(text):4d} new {n:4d}: cpmctl {tps_ours:8.2f} tok/s  hf {tps_hf:8.2f} tok/s  "
+                  f"ratio {row['ratio']:.2f}x{extra}  (tokens {len(ids_ours)}/{len(ids_hf)}, "
+                  f"same ids: {'yes' if row['same_ids'] else 'NO'})")
+            if not row["same_ids"] and dtype != torch.float32:
+                print("       half precision: the two round differently, so long paths may part; in fp32 they must not")
+            if args.json:
+                print(json.dumps(row))
 
 
 if __name__ == "__main__":

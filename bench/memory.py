@@ -3,16 +3,18 @@ accelerate's offloading (`infer_auto_device_map` + `dispatch_model` with the sam
 with the same greedy decode (decode.greedy); then int8 weights against the model dtype, with their effect on quality.
 
 Every contender's greedy ids are compared with the resident model's. Decoding speed is (new tokens - 1) divided by
-the time of a full greedy run minus the time of a 1-token run (the prefill), best of --repeats. Peak memory is torch.cuda.max_memory_allocated
-on a GPU (from before loading to the end of decoding); on the CPU it is the bytes of weights materialized at once
-(cpmctl: measured from the tensors; accelerate: the weights it keeps in memory, the rest being offloaded to disk).
+the time of a full greedy run minus the time of a 1-token run (the prefill), best of --repeats. Peak memory is
+torch.cuda.max_memory_allocated on a GPU (from before loading to the end of decoding); on the CPU it is the bytes
+of weights materialized at once (cpmctl: measured from the tensors at every block; accelerate: the weights it keeps
+in memory plus its largest offloaded leaf, the rest being offloaded to disk).
 
     python bench/memory.py                                    # CPU, ~100M parameters, budget = 50% of the weights
     python bench/memory.py --device cuda --config 3b --dtype fp16 --limit 4 --new-tokens 32
     python bench/memory.py --checkpoint DIR --text FILE       # real weights; int8 perplexity on a real text
 
-The weights are random (original init), with the </s> row of the embedding zeroed so that every contender generates
-exactly --new-tokens tokens; the int8 quality numbers on random weights measure the numerical effect only.
+With no --checkpoint, the weights are random (original init), with the </s> row of the embedding zeroed so that
+every contender generates exactly --new-tokens tokens; the int8 quality numbers on random weights measure the
+numerical effect only.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import gc
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -65,7 +68,8 @@ def parse_args():
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     p.add_argument("--contenders", default="resident,cpmctl,cpmctl-int8,accelerate,resident-int8",
                    help="Comma list of: resident, cpmctl, cpmctl-int8, accelerate, naive, resident-int8.")
-    p.add_argument("--text", default=None, help="Text file for the int8 perplexity (needs vocab.txt beside --checkpoint).")
+    p.add_argument("--text", default=None,
+                   help="Text file for the int8 perplexity (needs vocab.txt beside --checkpoint).")
     p.add_argument("--no-quality", action="store_true", help="Skip the int8 quality measurement.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="Also print one JSON object per contender.")
@@ -293,13 +297,20 @@ def int8_quality(path, device, dtype, tokens: list[int]) -> dict:
 # ----- main ----------------------------------------------------------------------------------------------------
 def main():
     args = parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="cpmctl-bench-memory-"))
+    try:
+        run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the random checkpoint (6 GB for 3b) and accelerate's offload
+
+
+def run(args, tmp: Path):
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", 0)
     dtype = DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="cpmctl-bench-memory-"))
     if args.checkpoint:
         path = Path(args.checkpoint)
         config = read_config(path)[0]
@@ -395,7 +406,12 @@ def main():
     if args.text:
         from cpmctl.model.tokenizer import CPMAntTokenizer
 
-        tokenizer = CPMAntTokenizer(Path(path) / "vocab.txt" if Path(path).is_dir() else Path(path).parent / "vocab.txt")
+        from cpmctl.generate.lazy import checkpoint_vocab
+
+        vocab = checkpoint_vocab(path)
+        if vocab is None:
+            sys.exit(f"--text needs vocab.txt beside {path}")
+        tokenizer = CPMAntTokenizer(vocab)
         tokens = ([BOS] + tokenizer.encode_for_model(Path(args.text).read_text(encoding="utf-8")))[:512]
     quality = int8_quality(path, device, dtype, tokens)
     print(f"\nint8 quality ({'text ' + args.text if args.text else 'random tokens, random weights'}, "

@@ -110,14 +110,23 @@ class _Timed(Exception):
     """Raised by the step callback once the timed steps are done: leaves the loop without its final checkpoint."""
 
 
-def cpmctl_round(model, batch, args, device) -> float:
-    """Seconds per step of the real training loop, from timestamps taken at each step's start."""
+def clocks() -> tuple[float, float]:
+    """Wall time and this process's CPU time: on a shared machine the CPU time is the steadier measure."""
+    return time.perf_counter(), time.process_time()
+
+
+def per_step(start, end, steps) -> tuple[float, float]:
+    return (end[0] - start[0]) / steps, (end[1] - start[1]) / steps
+
+
+def cpmctl_round(model, batch, args, device) -> tuple[float, float]:
+    """(wall, CPU) seconds per step of the real training loop, from clocks read at each step's start."""
     stamps = {}
     last = args.warmup + args.steps + 1  # this step's start closes the last timed step
 
     def on_step(step, _model):
         sync(device)
-        stamps[step] = time.perf_counter()
+        stamps[step] = clocks()
         if step == last:
             raise _Timed
 
@@ -129,7 +138,7 @@ def cpmctl_round(model, batch, args, device) -> float:
             train(model, FixedBatches(batch), cfg, out, on_step=on_step, progress=False)
         except _Timed:
             pass
-    return (stamps[last] - stamps[args.warmup + 1]) / args.steps
+    return per_step(stamps[args.warmup + 1], stamps[last], args.steps)
 
 
 # ----- transformers --------------------------------------------------------------------------------------------
@@ -164,15 +173,15 @@ def make_peer(config, batch, args, device):
     return step
 
 
-def peer_round(step, args, device) -> float:
+def peer_round(step, args, device) -> tuple[float, float]:
     for _ in range(args.warmup):
         step()
     sync(device)
-    start = time.perf_counter()
+    start = clocks()
     for _ in range(args.steps):
         step()
     sync(device)
-    return (time.perf_counter() - start) / args.steps
+    return per_step(start, clocks(), args.steps)
 
 
 # ----- FLOPs ---------------------------------------------------------------------------------------------------
@@ -237,18 +246,22 @@ def main():
         ours.append(cpmctl_round(model, batch, args, device))
         if peer_step is not None:
             peer.append(peer_round(peer_step, args, device))
-    ours_s = statistics.median(ours)
+    ours_s = statistics.median(w for w, _ in ours)
     result = {"preset": args.preset, "params": params, "device": str(device), "precision": args.precision,
-              "batch_size": args.batch_size, "seq_len": args.seq_len,
+              "threads": torch.get_num_threads(), "batch_size": args.batch_size, "seq_len": args.seq_len,
               "cpmctl_tokens_per_s": tokens / ours_s, "cpmctl_step_s": ours_s}
-    print(f"cpmctl        {tokens / ours_s:12,.0f} tokens/s   ({ours_s * 1e3:8.1f} ms/step; rounds "
-          f"{', '.join(f'{t * 1e3:.1f}' for t in ours)})")
+    show = lambda rounds: ", ".join(f"{w * 1e3:.0f}" for w, _ in rounds)  # noqa: E731
+    print(f"cpmctl        {tokens / ours_s:12,.0f} tokens/s   ({ours_s * 1e3:8.1f} ms/step; rounds {show(ours)})")
     if peer:
-        peer_s = statistics.median(peer)
+        peer_s = statistics.median(w for w, _ in peer)
         result.update(hf_tokens_per_s=tokens / peer_s, hf_step_s=peer_s, ratio=peer_s / ours_s)
-        print(f"transformers  {tokens / peer_s:12,.0f} tokens/s   ({peer_s * 1e3:8.1f} ms/step; rounds "
-              f"{', '.join(f'{t * 1e3:.1f}' for t in peer)})")
-        print(f"ratio cpmctl / transformers: {peer_s / ours_s:.2f}x")
+        print(f"transformers  {tokens / peer_s:12,.0f} tokens/s   ({peer_s * 1e3:8.1f} ms/step; rounds {show(peer)})")
+        print(f"ratio cpmctl / transformers: {peer_s / ours_s:.2f}x (wall-clock tokens/s)")
+        if device.type == "cpu":
+            ours_cpu, peer_cpu = statistics.median(c for _, c in ours), statistics.median(c for _, c in peer)
+            result.update(cpmctl_cpu_s=ours_cpu, hf_cpu_s=peer_cpu, cpu_ratio=peer_cpu / ours_cpu)
+            print(f"ratio by CPU time per step: {peer_cpu / ours_cpu:.2f}x ({ours_cpu * 1e3:.0f} vs "
+                  f"{peer_cpu * 1e3:.0f} ms; steadier than wall time when other processes share the cores)")
     if args.profile:
         profile_step(model, batch, args, device)
     peak = peak_flops(device)

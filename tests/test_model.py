@@ -230,6 +230,34 @@ def test_cache_reorder_follows_beams():
     assert (step - full).abs().max().item() < 1e-4
 
 
+def test_cache_reorder_of_generated_positions_only():
+    """Beam search gathers only the generated positions (start = prompt length): rows that move among the beams of
+    one prompt see exactly what a full recomputation of their sequence sees."""
+    model = build_model(tiny_config(VOCAB), seed=20).eval()
+    inputs = build_inputs(model, _random_texts([6, 9], seed=21))
+    n = inputs["input"].shape[1]
+    beams = torch.tensor([0, 0, 1, 1])
+    ctx = torch.zeros(4, 1, dtype=torch.bool)
+    seg, span = torch.full((4, 1), 2), torch.zeros(4, 1, dtype=torch.long)
+    first, second = torch.tensor([[20], [21], [22], [23]]), torch.tensor([[30], [31], [32], [33]])
+    moved = torch.tensor([1, 0, 3, 3])
+    with torch.no_grad():
+        cache = KVCache.allocate(model, 2, n + 2)
+        model(inputs["input"], inputs["segment"], inputs["context"], inputs["span"], cache=cache)
+        cache.reorder(beams)  # two beams per prompt
+        model(first, seg, ctx, span, cache=cache)
+        cache.reorder(moved, start=n)
+        step = model(second, seg, ctx, span, cache=cache)[:, -1]
+        rows = beams[moved]
+        full = model(
+            torch.cat([inputs["input"][rows], first[moved], second], 1),
+            torch.cat([inputs["segment"][rows], seg, seg], 1),
+            torch.cat([inputs["context"][rows], ctx, ctx], 1),
+            torch.cat([inputs["span"][rows], span, span], 1),
+        )[:, -1]
+    assert (step - full).abs().max().item() < 1e-4
+
+
 def _masked_config(**overrides):
     mask = [[False, False], [True, False], [False, True], [True, True]]
     return tiny_config(VOCAB, num_layers=4, mask_modules=mask, **overrides)

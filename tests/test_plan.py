@@ -128,7 +128,7 @@ def test_memory_limit_bytes_rejects_bad_limits():
 
 def test_generation_shape_matches_decode_sizes():
     cfg = tiny_config(300)
-    assert generation_shape(cfg, [5, 9, 3], 2, "beam", 3, 10) == (6, 32 + 9, 32 + 9 + 13)
+    assert generation_shape(cfg, [5, 9, 3], 2, "beam", 3, 10) == (2 * 3 + 2, 32 + 9, 32 + 9 + 13)
     assert generation_shape(cfg, [5], 8, "greedy", 3, 10) == (1, 37, 50)
 
 

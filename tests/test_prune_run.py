@@ -14,8 +14,8 @@ from cpmctl.cli.app import main
 from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import load_model, save_native
 from cpmctl.model.tokenizer import CPMAntTokenizer
-from cpmctl.prune import prune as prune_module
-from cpmctl.prune.prune import distillation_kl
+from cpmctl.prune import mask_phase
+from cpmctl.prune.mask_phase import distillation_kl
 from cpmctl.train.synthetic import write_synthetic_packed
 from tests.conftest import REPO, tiny_config, write_tiny_vocab
 
@@ -108,14 +108,14 @@ def test_interrupted_stage_resumes_to_the_same_result(setup, capsys, tmp_path, m
     code, _, err = cli(prune_args(root, "t0", "t1", root / "m0", tmp_path / "straight", *steps), capsys)
     assert code == 0, err
 
-    original_on_step = prune_module.MaskPhase.on_step
+    original_on_step = mask_phase.MaskPhase.on_step
 
     def interrupt_at_step_5(self, step, model):
         if step == 5:
             raise KeyboardInterrupt
         original_on_step(self, step, model)
 
-    monkeypatch.setattr(prune_module.MaskPhase, "on_step", interrupt_at_step_5)
+    monkeypatch.setattr(mask_phase.MaskPhase, "on_step", interrupt_at_step_5)
     code, out, err = cli(prune_args(root, "t0", "t1", root / "m0", tmp_path / "cut", *steps), capsys)
     assert code == 130, err
     assert json.loads(out)["interrupted"] is True
@@ -123,7 +123,7 @@ def test_interrupted_stage_resumes_to_the_same_result(setup, capsys, tmp_path, m
     assert (stage / "mask" / "latest").read_text().strip() == "step-0000004"
     assert not (stage / "extracted").exists() and not (stage / "report.json").exists()
 
-    monkeypatch.setattr(prune_module.MaskPhase, "on_step", original_on_step)
+    monkeypatch.setattr(mask_phase.MaskPhase, "on_step", original_on_step)
     code, out, err = cli(prune_args(root, "t0", "t1", root / "m0", tmp_path / "cut", *steps), capsys)
     assert code == 0, err
     rows = [json.loads(line) for line in (stage / "mask" / "metrics.jsonl").read_text().splitlines()]

@@ -126,6 +126,15 @@ def test_bad_vocab_files(tmp_path):
     bad.write_text("hello\nworld\n", encoding="utf-8")
     with pytest.raises(CpmctlError, match="not a CPM-Ant vocabulary"):
         CPMAntTokenizer(bad)
+    specials = "<pad>\n<unk>\n<mask>\n<sep>\n</n>\n</_>\n<s>\n</s>\n<d>\n</d>\n"
+    # Lines the original's line.strip() would change or skip: refused, since every later id would shift.
+    for body, message in [("a\n\nb\n", ":12: empty token"), ("a\nb \n", ":12: empty token or token with surrounding"),
+                          ("a\nb\na\n", ":13: duplicate token 'a'")]:
+        bad.write_text(specials + body, encoding="utf-8")
+        with pytest.raises(CpmctlError, match=message):
+            CPMAntTokenizer(bad)
+    bad.write_bytes((specials + "a\nb\n").replace("\n", "\r\n").encode())  # read as text, like the original
+    assert CPMAntTokenizer(bad).id_to_token[10:] == ["a", "b"]
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(CpmctlError, match="not UTF-8"):

@@ -123,7 +123,8 @@ def test_vocab_mismatch_fails_before_training(capsys, setup, tmp_path):
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(setup):
     tmp_path, overrides = setup
-    args = [o for o in overrides if not o.startswith("train.steps")] + ["train.steps=100000", "train.save_every=100000"]
+    args = [o for o in overrides if not o.startswith(("train.steps", "train.log_every"))] + [
+        "train.steps=100000", "train.save_every=100000", "train.log_every=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, "-m", "cpmctl", "pretrain", *args, "--json"], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

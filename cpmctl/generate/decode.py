@@ -223,6 +223,7 @@ def beam_search(model, inputs, cfg: GenerationConfig) -> list[list[int]]:
     b = inputs["input"].shape[0]
     limit = cfg.max_new_tokens + 1
     logits, cache = _prefill(model, inputs, limit + 2)
+    prompt_length = inputs["input"].shape[1]
     device = logits.device
     expand = torch.arange(b, device=device).repeat_interleave(beam)
     cache.reorder(expand)
@@ -237,6 +238,7 @@ def beam_search(model, inputs, cfg: GenerationConfig) -> list[list[int]]:
     # host copies).
     out = torch.empty(b * beam, 0, dtype=torch.long, device=device)
     generated: list[list[int]] = [[] for _ in range(b * beam)]
+    identity = list(range(b * beam))
     for i in range(limit + 1):
         if i == 0 and cfg.bans_first_step:
             logits = _ban_first(logits)
@@ -266,10 +268,15 @@ def beam_search(model, inputs, cfg: GenerationConfig) -> list[list[int]]:
         if i == limit or all(done):
             break
         beam_scores = torch.tensor([x[0] for x in next_beam], device=device)
-        words, rows = torch.tensor([[x[1] for x in next_beam], [x[2] for x in next_beam]], device=device)
-        out = torch.cat([out.index_select(0, rows), words[:, None]], 1)
+        row_list = [x[2] for x in next_beam]
+        words, rows = torch.tensor([[x[1] for x in next_beam], row_list], device=device)
         generated = [generated[row] + [word] for _, word, row in next_beam]
-        cache.reorder(rows)
+        if row_list != identity:  # every beam extending itself needs no copy of the cache
+            out = out.index_select(0, rows)
+            # Rows only move among the beams of their own prompt (rows of a finished prompt are never read
+            # again), and those share the prompt's positions: gather only the generated ones.
+            cache.reorder(rows, start=prompt_length)
+        out = torch.cat([out, words[:, None]], 1)
         logits = _step(model, cache, words)
     return [max(h.hyps, key=lambda x: x[0])[1] if h.hyps else [] for h in hyps]
 

@@ -20,7 +20,6 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from cpmctl import CpmctlError
 from cpmctl.generate.lazy import MappedCheckpoint
 from cpmctl.generate.plan import (
     GB,
@@ -71,11 +70,14 @@ class MemoryLedger:
 
 # ----- producing a block's tensors -----------------------------------------------------------------------------
 def block_tensors(ckpt: MappedCheckpoint, layer: int, layout: list[LayoutEntry], dtype: torch.dtype,
-                  ledger: MemoryLedger | None = None) -> Iterator[tuple[LayoutEntry, torch.Tensor]]:
+                  ledger: MemoryLedger | None = None, release: bool = True
+                  ) -> Iterator[tuple[LayoutEntry, torch.Tensor]]:
     """(entry, tensor) for every tensor of block `layer`: folded from the mapping into `dtype`, and quantized to
     int8 + scales where the layout asks for it (from the folded `dtype` weight, as quantize_model does).
 
-    While a tensor is produced and consumed, its fp32 temporaries are charged to `ledger` as staging."""
+    While a tensor is produced and consumed, its fp32 temporaries are charged to `ledger` as staging. With
+    `release`, its mapped pages leave the process once consumed (loading); streaming keeps them mapped, as page
+    cache the OS may reclaim, so that the next step does not fault them in again."""
     by_name = {e.name: e for e in layout}
     for entry in layout:
         if entry.name.endswith(".scale"):
@@ -95,7 +97,8 @@ def block_tensors(ckpt: MappedCheckpoint, layer: int, layout: list[LayoutEntry],
             else:
                 yield entry, ckpt.folded(key, dtype)
         finally:
-            ckpt.release(key)  # consumed: its mapped pages can leave this process
+            if release:
+                ckpt.release(key)
             if ledger is not None:
                 ledger.release("staging", staged)
 
@@ -157,7 +160,8 @@ class MappedStore:
     def fill(self, layer: int, slot: torch.Tensor) -> None:
         layout = self.layouts[layer]
         views = buffer_views(slot, layout)
-        for (entry, t), view in zip(block_tensors(self.ckpt, layer, layout, self.dtype, self.ledger), views):
+        tensors = block_tensors(self.ckpt, layer, layout, self.dtype, self.ledger, release=False)
+        for (entry, t), view in zip(tensors, views):
             view.copy_(t)
 
 

@@ -22,13 +22,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from cpmctl import CpmctlError
-from cpmctl.generate.quant import check_int8_support, check_quantize_name, replace_linears, scale_dtype
+from cpmctl.generate.quant import check_int8_support, check_quantize_name, int8_kernel, replace_linears, scale_dtype
 from cpmctl.model.ant import TransformerBlock
 from cpmctl.model.config import CPMAntConfig
 
 GB = 10**9  # --memory-limit is in GB (10^9 bytes), the stricter reading of "4 GB"
 ALIGN = 512  # every tensor of a streaming buffer starts on a 512-byte boundary (CUDA and CPU allocator alignment)
-CUDA_WORKSPACE = 64 * 2**20  # cuBLAS workspace and allocator rounding
+# cuBLAS / cuBLASLt / attention workspaces and allocator rounding. 3b fp16 at 4 GB on an H100 peaked 8 MB above a
+# plan made with 64 MiB here (still under the limit): 128 MiB leaves room.
+CUDA_WORKSPACE = 128 * 2**20
 
 
 def _align(n: int) -> int:
@@ -50,7 +52,8 @@ class LayoutEntry:
     nbytes: int
 
 
-def block_layout(config: CPMAntConfig, layer: int, dtype: torch.dtype, int8_act: torch.dtype | None) -> list[LayoutEntry]:
+def block_layout(config: CPMAntConfig, layer: int, dtype: torch.dtype,
+                 int8_act: torch.dtype | None) -> list[LayoutEntry]:
     """The tensors of block `layer` (parameters and int8 buffers), each at an aligned offset of a flat buffer.
 
     Built from a meta-device TransformerBlock, so the layout always matches the modules the executor binds.
@@ -84,7 +87,7 @@ def kv_cache_bytes(config: CPMAntConfig, dtype: torch.dtype, rows: int, capacity
 
 
 def activation_bytes(config: CPMAntConfig, dtype: torch.dtype, rows: int, prefill: int, capacity: int,
-                     int8: bool) -> int:
+                     int8: bool, dequant: bool = False) -> int:
     """Peak transient memory of one forward (prefill of `prefill` tokens, or one step against `capacity` keys)
     plus the decoding loop's work on the last logits. An upper bound read off CPMAnt.forward, block by block."""
     e = dtype_bytes(dtype)
@@ -101,6 +104,8 @@ def activation_bytes(config: CPMAntConfig, dtype: torch.dtype, rows: int, prefil
         ffn = 4 * rows * n_q * ff * e + hidden * e
         widest = max(d, ff, inner)
         int8_io = rows * n_q * widest * (4 + e) if int8 else 0  # bf16 input (padded) and output before the cast
+        if dequant:  # the dequantizing kernel builds the weight in the model dtype, then scales it
+            int8_io += 2 * max(ff * d, inner * d) * e
         block = 2 * hidden * e + max(norm, attention, ffn) + int8_io
         logits = rows * v * (e + 4)
         return max(bias_build, bias + max(4 * hidden * e, block, logits))
@@ -195,7 +200,8 @@ def plan_memory(
         fixed_bytes=fixed_bytes(config, dtype),
         block_bytes=blocks,
         cache_bytes=kv_cache_bytes(config, dtype, batch_rows, capacity),
-        activation_bytes=activation_bytes(config, dtype, batch_rows, prefill_length, capacity, int8_act is not None),
+        activation_bytes=activation_bytes(config, dtype, batch_rows, prefill_length, capacity, int8_act is not None,
+                                          int8_act is not None and int8_kernel(device_type) == "dequant"),
         workspace_bytes=CUDA_WORKSPACE if device_type == "cuda" else 0,
     )
     streamable = [i for i in range(config.num_layers) if blocks[i] > 0]
@@ -258,8 +264,11 @@ def memory_limit_bytes(limit_gb: float | None, device: torch.device) -> int | No
 def generation_shape(config: CPMAntConfig, prompt_tokens: list[int], batch_size: int, decode: str,
                      beam_size: int, max_new_tokens: int) -> tuple[int, int, int]:
     """(rows, prefill length, cache capacity) of decoding prompts of these token counts, as decode.py sizes them:
-    the 32 prompt slots + the longest prompt; up to max_new_tokens + 3 cached steps (beam search's limit + 2)."""
-    rows = min(batch_size, len(prompt_tokens)) * (beam_size if decode == "beam" else 1)
+    the 32 prompt slots + the longest prompt; up to max_new_tokens + 3 cached steps (beam search's limit + 2).
+    Beam search expands the prompt's cache to batch x beam rows while the batch's own cache still exists: both
+    are counted."""
+    batch = min(batch_size, len(prompt_tokens))
+    rows = batch * (beam_size + 1) if decode == "beam" else batch
     prefill = config.prompt_length + max(prompt_tokens)
     return rows, prefill, prefill + max_new_tokens + 3
 
@@ -296,9 +305,16 @@ def plan_for_config(config: CPMAntConfig, *, device: torch.device, dtype: torch.
                        batch_rows=rows, prefill_length=prefill, capacity=capacity)
 
 
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", GB), ("MB", 10**6), ("KB", 10**3)):
+        if n >= size:
+            return f"{n / size:.3f} {unit}"
+    return f"{n} B"
+
+
 def plan_table(plan: MemoryPlan) -> list[tuple[str, str]]:
     """Human rows of a plan (label, value) for `model info`."""
-    gb = lambda n: f"{n / GB:.3f} GB"  # noqa: E731
+    gb = human_bytes
     rows = [
         ("device", f"{plan.device_type} ({plan.dtype}{', int8 linears' if plan.quantize else ''})"),
         ("memory limit", gb(plan.budget) if plan.budget is not None else "none"),

@@ -229,15 +229,27 @@ class KVCache:
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Select batch rows (beam search): keys, values and metadata follow the chosen beams."""
+    def reorder(self, index: torch.Tensor, start: int = 0) -> None:
+        """Select batch rows (beam search): keys, values and metadata follow the chosen beams.
+
+        With `start`, only positions start..length-1 are gathered (in place): beam search passes the prompt length,
+        since the beams of one prompt share their prompt positions and only the generated ones differ."""
+        if start == 0 or index.numel() != self.segment.shape[0]:
+            for store in (self.k, self.v):
+                for i, t in enumerate(store):
+                    if t is not None:
+                        store[i] = t.index_select(0, index)
+            self.segment = self.segment.index_select(0, index)
+            self.context = self.context.index_select(0, index)
+            self.span = self.span.index_select(0, index)
+            return
+        s = slice(start, self.length)
         for store in (self.k, self.v):
-            for i, t in enumerate(store):
+            for t in store:
                 if t is not None:
-                    store[i] = t.index_select(0, index)
-        self.segment = self.segment.index_select(0, index)
-        self.context = self.context.index_select(0, index)
-        self.span = self.span.index_select(0, index)
+                    t[:, :, s] = t[:, :, s].index_select(0, index)
+        for t in (self.segment, self.context, self.span):
+            t[:, s] = t[:, s].index_select(0, index)
 
 
 class Encoder(nn.Module):

@@ -44,6 +44,15 @@ class CPMAntTokenizer:
                 f"{self.path}: not a CPM-Ant vocabulary (the first {len(SPECIAL_TOKENS)} lines must be "
                 f"{' '.join(SPECIAL_TOKENS)})"
             )
+        # The original reads the file with line.strip() and skips empty lines: a token that those would change
+        # shifts every later id, and a duplicate takes another's id. Refuse such a file instead of diverging.
+        seen: set[str] = set()
+        for line, tok in enumerate(tokens, 1):
+            if not tok or tok != tok.strip():
+                raise CpmctlError(f"{self.path}:{line}: empty token or token with surrounding whitespace {tok!r}")
+            if tok in seen:
+                raise CpmctlError(f"{self.path}:{line}: duplicate token {tok!r}")
+            seen.add(tok)
         self.id_to_token = tokens
         # The space and newline tokens are matched by the characters they stand for.
         self.token_to_id = {tok: i for i, tok in enumerate(tokens)}

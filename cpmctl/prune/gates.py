@@ -151,6 +151,11 @@ class StageMasks(nn.Module):
         for gate in self.gates.values():
             gate.resample(generator)
 
+    @torch.no_grad()
+    def clamp_(self, limit: float) -> None:
+        for gate in self.gates.values():
+            gate.log_alpha.clamp_(-limit, limit)
+
     def apply(self, model: CPMAnt, deterministic: bool = False) -> None:
         """Feed the gates into the model (sampled z, or the median in deterministic mode); the attributes hold
         non-leaf tensors, so the LM loss backpropagates into log_alpha."""

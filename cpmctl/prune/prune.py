@@ -19,106 +19,30 @@ checkpoint, and starts extraction again from the finished mask phase (extraction
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from cpmctl import CpmctlError
-from cpmctl.data.packed import IGNORE, TASK_NAMES, PackedDataset, PackedReader
+from cpmctl.data.packed import PackedDataset, PackedReader
 from cpmctl.io import atomic_file
 from cpmctl.model.ant import CPMAnt
 from cpmctl.model.checkpoint import VOCAB_FILE, load_model, read_config, save_native, save_original
 from cpmctl.prune.baselines import magnitude_selection, random_selection
 from cpmctl.prune.extract import extract
-from cpmctl.prune.gates import Lagrangian, Selection, StageMasks, clear_gates
+from cpmctl.prune.gates import Selection, clear_gates
+from cpmctl.prune.mask_phase import MaskPhase, lm_objective
+from cpmctl.prune.recipe import PruneData, PruneRecipe
 from cpmctl.prune.report import kept_summary, plot_survivors
 from cpmctl.prune.targets import Shape, Stage, check_checkpoint_shape, plan_stages
-from cpmctl.recipe import load_recipe
 from cpmctl.train.engine import Engine, resolve_device
-from cpmctl.train.loop import TrainConfig, default_param_groups, evaluate, train
-
-METHODS = ("learned", "random", "magnitude")
-
-
-# ----- recipe --------------------------------------------------------------------------------------------------
-@dataclass
-class GateConfig:
-    init_mean: float = 3.0  # log_alpha ~ N(init_mean, init_std); the original's 10 saturates z at 1 (no gradient)
-    init_std: float = 0.01
-    lr: float = 0.1  # log_alpha learning rate (constant; the original 0.1, Sheared-LLaMA 1.0)
-    lambda_lr: float = 0.1  # Lagrange multipliers, gradient ascent
-    target_warmup: float = 0.2  # fraction of the mask phase over which the target goes from 1 to the final size
-
-
-@dataclass
-class DistillConfig:
-    weight: float = 0.0  # 0 = off; loss = (1 - weight) * CE + weight * T^2 * KL(teacher || student)
-    temperature: float = 2.0
-
-
-@dataclass
-class PruneData:
-    train: str = ""  # packed training data (`cpmctl data pack`); --data sets it
-    valid: str | None = None  # packed validation data; default: the last valid_rows rows of train, held out
-    valid_rows: int = 64
-    eval_batches: int = 8  # validation batches behind each loss in the report
-
-
-@dataclass
-class PruneRecipe:
-    method: str = "learned"  # learned (hard-concrete masks) | random | magnitude (baselines: no mask phase)
-    mask: TrainConfig = field(default_factory=TrainConfig)  # the mask phase
-    gates: GateConfig = field(default_factory=GateConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    recovery: TrainConfig = field(default_factory=TrainConfig)  # recovery training after extraction
-    data: PruneData = field(default_factory=PruneData)
-    seed: int = 0  # gate noise and random selection
-
-
-# Defaults a prune recipe starts from (TrainConfig's own defaults are for pretraining).
-RECIPE_BASE = {
-    "mask": {"steps": 200, "lr": 1e-3, "schedule": "constant", "warmup_steps": 0, "save_every": 100,
-             "valid_every": 10**9, "log_every": 10},
-    "recovery": {"steps": 200, "lr": 1e-3, "schedule": "cosine", "warmup_steps": 20, "save_every": 100,
-                 "valid_every": 100, "log_every": 10},
-}
-
-
-def load_prune_recipe(path: str | Path | None, overrides: list[str] | None = None) -> PruneRecipe:
-    recipe = load_recipe(PruneRecipe, path, overrides, base=copy.deepcopy(RECIPE_BASE))
-    validate_recipe(recipe)
-    return recipe
-
-
-def validate_recipe(recipe: PruneRecipe) -> None:
-    if recipe.method not in METHODS:
-        raise CpmctlError(f"method: expected one of {', '.join(METHODS)}, got {recipe.method!r}")
-    for name in ("mask", "recovery"):
-        cfg: TrainConfig = getattr(recipe, name)
-        try:
-            cfg.validate()
-        except CpmctlError as e:
-            raise CpmctlError(str(e).replace("train.", f"{name}.", 1)) from None
-        if cfg.engine != "single":
-            raise CpmctlError(f"{name}.engine: pruning runs in one process (engine single), got {cfg.engine!r}")
-    if not 0.0 <= recipe.distill.weight <= 1.0:
-        raise CpmctlError(f"distill.weight: must be within [0, 1], got {recipe.distill.weight}")
-    if recipe.distill.temperature <= 0:
-        raise CpmctlError(f"distill.temperature: must be positive, got {recipe.distill.temperature}")
-    if not 0.0 <= recipe.gates.target_warmup <= 1.0:
-        raise CpmctlError(f"gates.target_warmup: must be within [0, 1], got {recipe.gates.target_warmup}")
-    if recipe.gates.lr <= 0 or recipe.gates.lambda_lr <= 0:
-        raise CpmctlError("gates.lr and gates.lambda_lr must be positive")
-    if recipe.data.eval_batches <= 0 or recipe.data.valid_rows < 0:
-        raise CpmctlError("data.eval_batches must be positive and data.valid_rows not negative")
+from cpmctl.train.loop import TrainConfig, evaluate, train
 
 
 # ----- data ----------------------------------------------------------------------------------------------------
@@ -179,100 +103,6 @@ def validation_loss(model: CPMAnt, valid_rows, batch_size: int, batches: int) ->
     return float(row["valid_loss"])
 
 
-# ----- losses --------------------------------------------------------------------------------------------------
-def _ce_and_metrics(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    mask = batch["target"] != IGNORE
-    losses = F.cross_entropy(logits[mask].float(), batch["target"][mask], reduction="none")
-    count = losses.numel()
-    metrics = {"targets": float(count), "loss/ce": float(losses.detach().sum()) / max(count, 1),
-               "targets/ce": float(count)}
-    tasks = batch["task"][mask]
-    for task_id, name in TASK_NAMES.items():
-        picked = tasks == task_id
-        n = int(picked.sum())
-        if n:
-            metrics[f"loss/{name}"] = float(losses.detach()[picked].sum()) / n
-            metrics[f"targets/{name}"] = float(n)
-    return losses.sum() / max(count, 1), mask, metrics
-
-
-def lm_objective(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    logits = model(batch["input"], batch["segment"], batch["context"], batch["span"])
-    loss, _, metrics = _ce_and_metrics(logits, batch)
-    return loss, metrics
-
-
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over positions of KL(teacher || student) on the vocabulary at temperature T, times T^2 (so its gradient
-    scale does not shrink with T; Hinton et al.)."""
-    t = temperature
-    student = F.log_softmax(student_logits.float() / t, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
-    return kl.mean() * t * t
-
-
-class MaskPhase:
-    """The mask phase's state and callbacks: the gates, the Lagrangian, the step counter and the teacher.
-
-    `on_step` draws the hard-concrete noise of a step from a generator seeded by (seed, step), so a resumed run
-    samples exactly the gates an uninterrupted one would; `loss` feeds the sampled gates into the model and adds
-    distillation and the Lagrangian penalty. state_dict/load_state_dict make it the loop's `extra_state`."""
-
-    def __init__(self, stage: Stage, config, recipe: PruneRecipe, teacher: CPMAnt | None):
-        self.kinds = stage.kinds
-        self.targets = stage.target_counts()
-        self.masks = StageMasks(config, self.kinds, recipe.gates.init_mean, recipe.gates.init_std)
-        totals = self.masks.totals()
-        fractions = {k: self.targets[k] / totals[k] for k in self.kinds}
-        warmup = round(recipe.gates.target_warmup * recipe.mask.steps)
-        self.lagrangian = Lagrangian(self.kinds, fractions, warmup)
-        self.teacher, self.distill, self.seed, self.step = teacher, recipe.distill, recipe.seed, 0
-
-    def to(self, device) -> "MaskPhase":
-        self.masks.to(device)
-        self.lagrangian.to(device)
-        return self
-
-    def param_groups(self, model: CPMAnt, recipe: PruneRecipe) -> list[dict]:
-        """Weights as in pretraining; gates and multipliers at their own constant lr, no decay, not clipped;
-        the multipliers by gradient ascent."""
-        weights = default_param_groups(model, recipe.mask)
-        return weights + [
-            {"params": list(self.masks.parameters()), "lr": recipe.gates.lr, "weight_decay": 0.0,
-             "scheduled": False, "clip": False},
-            {"params": list(self.lagrangian.parameters()), "lr": recipe.gates.lambda_lr, "weight_decay": 0.0,
-             "scheduled": False, "clip": False, "maximize": True},
-        ]
-
-    def on_step(self, step: int, model: CPMAnt) -> None:
-        self.step = step
-        self.masks.resample(torch.Generator().manual_seed(self.seed * 1_000_003 + step))
-
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        self.masks.apply(model)
-        logits = model(batch["input"], batch["segment"], batch["context"], batch["span"])
-        ce, mask, metrics = _ce_and_metrics(logits, batch)
-        task_loss = ce
-        if self.teacher is not None and self.distill.weight > 0:
-            with torch.no_grad():
-                teacher_logits = self.teacher(batch["input"], batch["segment"], batch["context"], batch["span"])
-            kd = distillation_kl(logits[mask], teacher_logits[mask], self.distill.temperature)
-            task_loss = (1 - self.distill.weight) * ce + self.distill.weight * kd
-            metrics["kd"] = float(kd.detach())
-        penalty, lag_metrics = self.lagrangian(self.masks.expected_fractions(), self.step)
-        metrics.update(lag_metrics, lagrangian=float(penalty.detach()))
-        return task_loss + penalty, metrics
-
-    def state_dict(self) -> dict:
-        return {"masks": self.masks.state_dict(), "lagrangian": self.lagrangian.state_dict(), "step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.masks.load_state_dict(state["masks"])
-        self.lagrangian.load_state_dict(state["lagrangian"])
-        self.step = int(state["step"])
-
-
 # ----- one stage -----------------------------------------------------------------------------------------------
 @dataclass
 class StageContext:
@@ -317,8 +147,7 @@ def learn_selection(stage: Stage, model: CPMAnt, source_path: Path, stage_dir: P
     clear_gates(model)
     expected = {k: float(v.detach().mean()) * phase.masks.totals()[k]
                 for k, v in phase.masks.expected_fractions().items()}
-    selection = phase.masks.select(phase.targets)
-    return {"selection": selection, "mask_steps": result.steps, "expected_kept": expected,
+    return {"selection": phase.masks.select(phase.targets), "mask_steps": result.steps, "expected_kept": expected,
             "lambdas": phase.lagrangian.lambdas.detach().cpu().tolist()}
 
 

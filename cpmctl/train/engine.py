@@ -177,13 +177,16 @@ def wrap_model(model: nn.Module, engine: Engine) -> nn.Module:
         device_ids = [engine.device.index] if engine.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if engine.kind == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         if not isinstance(model, CPMAnt):
             raise CpmctlError("train.engine: fsdp shards the full CPM-Ant model; use ddp for adapters and other wrappers")
         for block in model.encoder.layers:
             fully_shard(block)
         fully_shard(model)
+        # The loss applies the tied output head to the target positions only (objectives.py): a second entry
+        # point into the root module, which must gather the root's parameters like forward does.
+        register_fsdp_forward_method(model, "logits")
     return model
 
 

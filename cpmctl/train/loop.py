@@ -264,7 +264,7 @@ def _run(model, data, cfg, out_dir, engine, *, valid, loss_fn, param_groups, on_
         ckpt.restore_rng(mine["rng"], engine.device)
     log = MetricsLog(out_dir / "metrics.jsonl", write=engine.is_main, resume_step=step if state else None)
     valid_start = copy.deepcopy(valid.state_dict()) if valid is not None else None
-    start_step, last_saved = step, (resume_from if state is not None else None)
+    last_saved = resume_from if state is not None else None
     last_train, last_valid = None, None
     run_tokens, run_seconds, window_seconds = 0.0, 0.0, 0.0
 

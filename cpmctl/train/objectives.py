@@ -12,16 +12,22 @@ import torch
 import torch.nn.functional as F
 
 from cpmctl.data.packed import IGNORE, TASK_NAMES
+from cpmctl.train.engine import unwrap
 
 
 def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position cross-entropy (fp32) over the target positions, and the mask of those positions."""
-    logits = model(batch["input"], batch["segment"], batch["context"], batch["span"])
     target = batch["target"]
     mask = target != IGNORE
-    # Only the target positions reach the (large) softmax: cheaper than a full-row cross-entropy.
-    picked = logits[mask].float()
-    losses = F.cross_entropy(picked, target[mask], reduction="none")
+    head = getattr(unwrap(model), "logits", None)
+    if head is None:  # a model without a separate output head: full logits, then the target rows
+        logits = model(batch["input"], batch["segment"], batch["context"], batch["span"])[mask]
+    else:
+        # The output head (a vocab-sized matmul) runs only where there is a loss: prompt slots, given tokens and
+        # padding need no logits. The loss and its gradients are the same as from full logits.
+        hidden = model(batch["input"], batch["segment"], batch["context"], batch["span"], return_hidden=True)
+        logits = head(hidden[mask])
+    losses = F.cross_entropy(logits.float(), target[mask], reduction="none")
     return losses, mask
 
 
