@@ -6,11 +6,14 @@ same target positions, backward, gradient clipping at 1.0 and a fused AdamW step
 timed after warm-up, the two contenders alternate `--rounds` times and the median of each is reported, so a busy
 machine slows both alike. Tokens/s counts every position of the batch (prompt slots included) on both sides.
 
-On a GPU the script also prints the model FLOPs utilisation (MFU): matmul FLOPs of forward + backward
-(3x forward: the linears, the tied head and both attention products over the full context) per second, divided
-by the GPU's dense bf16 peak.
+cpmctl's loss applies the output head only at the positions that have a target (the loss and its gradients are
+those of full logits); transformers computes logits at every text position. On a GPU the script also prints the
+model FLOPs utilisation (MFU): matmul FLOPs of forward + backward (3x forward: the linears and both attention
+products over the full context at every position, the tied head at the target positions) per second, divided by
+the GPU's dense bf16 peak.
 
-    python bench/train.py                                    # mini-10b shape, CPU fp32, a few minutes on 2 cores
+    python bench/train.py                                    # mini-10b shape, CPU fp32, 1 thread, ~1-3 minutes
+    python bench/train.py --threads 0 --batch-size 8         # all cores (on a machine nobody else is using)
     python bench/train.py --preset 1b --device cuda --precision bf16 --batch-size 8 --seq-len 1024
     python bench/train.py --preset 1b --device cuda --precision bf16 --no-peer --compile
 """
@@ -52,7 +55,9 @@ def parse_args():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default).")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (0 = torch's default). 1 by default: on a shared machine, timings of several "
+                        "OpenMP threads measure the contention more than the code.")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (cpmctl) / the model (peer).")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--no-peer", action="store_true", help="Measure cpmctl only (e.g. for MFU on a large config).")
@@ -185,8 +190,9 @@ def peer_round(step, args, device) -> tuple[float, float]:
 
 
 # ----- FLOPs ---------------------------------------------------------------------------------------------------
-def train_flops_per_step(config: CPMAntConfig, batch_size: int, seq_len: int) -> float:
-    """Matmul FLOPs of one training step: 3 x forward (backward = 2 x forward)."""
+def train_flops_per_step(config: CPMAntConfig, batch_size: int, seq_len: int, targets: int) -> float:
+    """Matmul FLOPs of one training step: 3 x forward (backward = 2 x forward). The output head counts at the
+    `targets` positions that have a loss (all the head needs to compute), the rest at every position."""
     inner = config.num_heads * config.dim_head
     per_token = 0
     for layer in range(config.num_layers):
@@ -195,8 +201,8 @@ def train_flops_per_step(config: CPMAntConfig, batch_size: int, seq_len: int) ->
             per_token += 2 * 2 * seq_len * inner  # q k^T and (scores) v over the full context
         if config.has_ffn(layer):
             per_token += 2 * 3 * config.dim_model * config.dim_ff  # w_0, w_1, w_out
-    per_token += 2 * config.dim_model * config.vocab_size  # tied output head
-    return 3.0 * per_token * batch_size * seq_len
+    head = 2 * config.dim_model * config.vocab_size  # tied output head
+    return 3.0 * (per_token * batch_size * seq_len + head * targets)
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -266,7 +272,8 @@ def main():
         profile_step(model, batch, args, device)
     peak = peak_flops(device)
     if peak:
-        flops = train_flops_per_step(config, args.batch_size, args.seq_len)
+        targets = int((batch["target"] != -100).sum())
+        flops = train_flops_per_step(config, args.batch_size, args.seq_len, targets)
         result.update(model_tflops_per_s=flops / ours_s / 1e12, mfu=flops / ours_s / peak)
         print(f"model FLOPs: {flops / ours_s / 1e12:.1f} TFLOP/s = MFU {100 * flops / ours_s / peak:.1f}% of "
               f"{peak / 1e12:.0f} TFLOP/s ({torch.cuda.get_device_name(device)})")

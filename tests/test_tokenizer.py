@@ -114,7 +114,7 @@ def test_decode_and_special_ids(tiny_vocab):
     assert UNK not in ids and tok.decode(ids) == text
     assert tok.decode([BOS] + ids + [EOS, PAD]) == text
     assert tok.decode([BOS, EOS], skip_special=False) == "<s></s>"
-    assert tok.encode("今天\n") [-1] == NEWLINE and tok.tokenize("a b")[1] == "</_>"
+    assert tok.encode("今天\n")[-1] == NEWLINE and tok.tokenize("a b")[1] == "</_>"
     assert tok.encode("今天😀") == [tok.token_to_id["今天"], UNK]
     assert tok.encode_for_model("今天😀") == [tok.token_to_id["今天"]]
 
