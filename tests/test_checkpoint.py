@@ -22,7 +22,7 @@ from cpmctl.model.checkpoint import (
     save_original,
 )
 from cpmctl.model.config import CPMAntConfig
-from conftest import tiny_config
+from tests.conftest import tiny_config
 
 VOCAB = 341
 MASK = [[False, False], [True, False], [False, True], [True, True]]

@@ -16,7 +16,7 @@ from cpmctl.cli.app import main
 from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import NATIVE_WEIGHTS, save_native
 from cpmctl.model.tokenizer import CPMAntTokenizer
-from conftest import REPO, tiny_config
+from tests.conftest import REPO, tiny_config
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
+from tests.conftest import tiny_config
 from cpmctl.cli.app import main
 from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import save_native

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config
+from tests.conftest import tiny_config
 from cpmctl.cli.app import main
 from cpmctl.data.packed import IGNORE, PackedDataset, PackedWriter
 from cpmctl.model.ant import build_model

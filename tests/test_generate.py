@@ -26,7 +26,7 @@ from cpmctl.generate.decode import (
 from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import convert, save_native
 from cpmctl.model.tokenizer import EOS, NEWLINE, PAD, CPMAntTokenizer
-from conftest import tiny_config
+from tests.conftest import tiny_config
 
 VOCAB = 341
 

@@ -14,7 +14,7 @@ from cpmctl.generate.decode import build_inputs
 from cpmctl.model.ant import CPMAnt, KVCache, SegmentPositionBias, build_model
 from cpmctl.model.checkpoint import convert, load_model, model_state, save_native
 from cpmctl.model.config import CPMAntConfig
-from conftest import tiny_config
+from tests.conftest import tiny_config
 
 VOCAB = 341  # the tiny vocabulary's size; the network itself never needs the file
 

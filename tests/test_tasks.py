@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from tests.conftest import tiny_config
 from cpmctl import CpmctlError
 from cpmctl.data.packed import IGNORE, to_batch
 from cpmctl.model.ant import build_model

@@ -6,23 +6,27 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from conftest import tiny_config
 from cpmctl import CpmctlError
 from cpmctl.data.packed import PackedDataset, PackedReader
 from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import fold_factor, load_model
-from cpmctl.train.loop import TrainConfig, TrainingInterrupted, build_optimizer, train
 from cpmctl.train.engine import Engine
+from cpmctl.train.loop import TrainConfig, TrainingInterrupted, build_optimizer, train
 from cpmctl.train.metrics import read_metrics
 from cpmctl.train.objectives import lm_loss
 from cpmctl.train.schedule import lr_factor
 from cpmctl.train.synthetic import unigram_entropy, write_synthetic_packed
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the conftest helpers, with or without tests/__init__.py
+from conftest import tiny_config  # noqa: E402
 
 VOCAB = 120
 

@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
 from cpmctl.cli.app import main
 from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import load_model, read_checkpoint, save_original
 from cpmctl.model.tokenizer import CPMAntTokenizer
 from cpmctl.train.metrics import read_metrics
 from cpmctl.train.synthetic import write_synthetic_packed
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the conftest helpers, with or without tests/__init__.py
+from conftest import tiny_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MINI = REPO / "recipes" / "pretrain" / "mini.yaml"
@@ -157,8 +159,10 @@ def test_real_pipeline_vocab_pack_pretrain(capsys, tmp_path):
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["valid_loss"] > 0
     # The packed vocabulary's md5 is checked against the model's: another vocabulary file is refused.
+    tokens = vocab.read_text(encoding="utf-8").splitlines()
+    tokens[20], tokens[21] = tokens[21], tokens[20]  # same size, other ids
     other = tmp_path / "other.txt"
-    other.write_text(vocab.read_text(encoding="utf-8").replace("\n的\n", "\n得\n", 1) + "", encoding="utf-8")
+    other.write_text("\n".join(tokens) + "\n", encoding="utf-8")
     code, _, err = cli(capsys, "pretrain", "--recipe", MINI, f"model.init={config}", f"model.vocab={other}",
                        f"data.train={packed / 'train'}", "data.valid=null", f"out_dir={tmp_path / 'run2'}",
                        "train.steps=1")
