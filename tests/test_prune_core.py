@@ -116,9 +116,10 @@ def test_lagrangian_ascent_pulls_expected_size_onto_target():
     cfg = _config()
     masks = StageMasks(cfg, ["heads", "channels"], init_mean=3.0)
     lag = Lagrangian(["heads", "channels"], {"heads": 0.5, "channels": 0.25}, warmup_steps=20)
+    # As the runner sets them up: no momentum, multipliers by gradient ascent.
     opt = torch.optim.AdamW([
-        {"params": masks.parameters(), "lr": 0.1, "weight_decay": 0.0},
-        {"params": lag.parameters(), "lr": 0.1, "weight_decay": 0.0, "maximize": True},
+        {"params": masks.parameters(), "lr": 0.1, "weight_decay": 0.0, "betas": (0.0, 0.999)},
+        {"params": lag.parameters(), "lr": 0.1, "weight_decay": 0.0, "maximize": True, "betas": (0.0, 0.999)},
     ])
     assert lag.target("heads", 0) == 1.0 and lag.target("heads", 10) == 0.75 and lag.target("heads", 40) == 0.5
     for step in range(400):

@@ -77,12 +77,16 @@ def _prune_section(run: Run, images: Path) -> list[str]:
     lines = ["## Pruning down the mini ladder", ""]
     rows = []
     for r in res:
-        rows.append([r.get("from", ""), r.get("to", ""), r.get("params_non_embedding", r.get("params", "")),
-                     _fmt(r.get("loss_before", "")), _fmt(r.get("loss_after_extraction", r.get("loss_extracted", ""))),
-                     _fmt(r.get("loss_after_recovery", r.get("loss_recovered", "")))])
-    lines += _table(["from", "to", "non-embedding params", "loss before", "loss after extraction", "loss after recovery"], rows)
+        if "loss" not in r:
+            continue
+        shape, loss = r.get("shape", {}), r["loss"]
+        rows.append([r.get("from"), r.get("to"), shape.get("attention_layers_kept"), shape.get("ffn_layers_kept"),
+                     shape.get("num_heads"), shape.get("dim_ff"), r.get("params"), _fmt(loss.get("before")),
+                     _fmt(loss.get("extracted")), _fmt(loss.get("recovered"))])
+    lines += _table(["from", "to", "attention layers", "ffn layers", "heads", "dim_ff", "parameters",
+                     "loss before", "loss after extraction", "loss after recovery"], rows)
     out = Path(run.record("prune")["outputs"]["out"])
-    for png in sorted(out.rglob("*.png")):
+    for png in sorted(out.rglob("survivors.png")):
         name = f"prune_{png.parent.name}_{png.name}"
         shutil.copyfile(png, images / name)
         lines += [f"![{png.parent.name}](images/{name})", ""]
@@ -126,7 +130,8 @@ def _generate_section(run: Run) -> list[str]:
         lines += [f"**{name}**", ""]
         for line in Path(path).read_text(encoding="utf-8").splitlines():
             r = json.loads(line)
-            lines += [f"- {r['prompt']} → {r['text']}"]
+            text = r["text"].replace("\n", " ⏎ ")
+            lines += [f"- {r['prompt']} → {text}"]
         lines += [""]
     return lines
 

@@ -72,11 +72,10 @@ class MaskPhase:
         """Weights as in pretraining; gates and multipliers at their own constant lr, no decay, not clipped;
         the multipliers by gradient ascent."""
         weights = default_param_groups(model, recipe.mask)
+        own = {"weight_decay": 0.0, "scheduled": False, "clip": False, "betas": (recipe.gates.beta1, 0.999)}
         return weights + [
-            {"params": list(self.masks.parameters()), "lr": recipe.gates.lr, "weight_decay": 0.0,
-             "scheduled": False, "clip": False},
-            {"params": list(self.lagrangian.parameters()), "lr": recipe.gates.lambda_lr, "weight_decay": 0.0,
-             "scheduled": False, "clip": False, "maximize": True},
+            {"params": list(self.masks.parameters()), "lr": recipe.gates.lr, **own},
+            {"params": list(self.lagrangian.parameters()), "lr": recipe.gates.lambda_lr, "maximize": True, **own},
         ]
 
     def on_step(self, step: int, model: CPMAnt) -> None:

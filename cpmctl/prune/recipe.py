@@ -22,6 +22,7 @@ class GateConfig:
     lambda_lr: float = 0.1  # Lagrange multipliers, gradient ascent
     target_warmup: float = 0.2  # fraction of the mask phase over which the target goes from 1 to the final size
     log_alpha_limit: float = 10.0  # log_alpha kept within +-limit: bounds how far a gate can run away
+    beta1: float = 0.0  # AdamW momentum of gates and multipliers: with momentum they sail past the target
 
 
 @dataclass
