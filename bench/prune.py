@@ -5,12 +5,13 @@
 2. A pretrained mini model: `cpmctl pretrain` of mini-10b on that data.
 3. Three prune runs mini-10b -> mini-7b -> mini-3b -> mini-2b -> mini-1b -> mini-300m, each arm pruning its own
    previous stage's output:
-     learned    hard-concrete masks trained with the weights (LM loss + distillation + Lagrangian), --mask-steps,
+     learned    hard-concrete masks trained with the weights (LM loss + distillation + Lagrangian) for --mask-steps,
                 then --recovery-steps of recovery training;
-     magnitude  weight-norm selection, then --mask-steps + --recovery-steps of recovery training;
-     random     random selection, then the same --mask-steps + --recovery-steps of recovery training.
-   Every arm gets the same number of weight updates after each selection (the learned arm's mask phase counts
-   against its budget), the same data order and the same validation rows.
+     magnitude  weight-norm selection, then recovery training;
+     random     random selection, then recovery training.
+   --budget recovery (default): every arm gets the same --recovery-steps of recovery (the mask phase is the
+   learned arm's selection cost). --budget total: the baselines get --mask-steps + --recovery-steps of recovery,
+   the same number of weight updates as the learned arm. Same data order and validation rows for every arm.
 4. Validation loss after recovery per stage and arm, and relative performance L(mini-10b) / L(stage) next to the
    original's published 96.3 / 92.4 / 86.0 / 76.2 % (7b / 3b / 1b / 300m; its 2b step was not published).
 
@@ -59,6 +60,8 @@ def parse_args():
     p.add_argument("--distill", type=float, default=0.5, help="distill.weight of the learned arm.")
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--budget", choices=("recovery", "total"), default="recovery",
+                   help="recovery: the same recovery steps for every arm; total: the same weight updates.")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     p.add_argument("--synthetic", action="store_true", help="Markov-chain data instead of the bundled corpus.")
@@ -106,7 +109,7 @@ def pretrain(args, work: Path, vocab: Path, train: Path, valid: Path) -> Path:
 
 
 def run_arm(arm: str, args, work: Path, model: Path, vocab: Path, train: Path, valid: Path) -> list[dict]:
-    budget = args.recovery_steps + (0 if arm == "learned" else args.mask_steps)
+    budget = args.recovery_steps + (args.mask_steps if arm != "learned" and args.budget == "total" else 0)
     overrides = [
         f"method={arm}", f"seed={args.seed}", f"data.train={train}", f"data.valid={valid}",
         f"data.eval_batches={args.eval_batches}",
@@ -117,7 +120,7 @@ def run_arm(arm: str, args, work: Path, model: Path, vocab: Path, train: Path, v
         f"gates.lr={args.gate_lr}", f"gates.lambda_lr={args.gate_lr}", f"distill.weight={args.distill}",
     ]
     recipe = load_prune_recipe(ROOT / "recipes" / "prune" / "mini.yaml", overrides)
-    plan = prepare(model, "mini-10b", args.to, work / f"prune-{arm}", vocab)
+    plan = prepare(model, "mini-10b", args.to, work / f"prune-{arm}-r{budget}", vocab)
     started = time.perf_counter()
     reports = run_prune(plan, recipe, progress=False, log=lambda m: print(f"  [{arm}] {m}", file=sys.stderr))
     print(f"  [{arm}] {time.perf_counter() - started:.0f} s", file=sys.stderr)
@@ -137,8 +140,9 @@ def main() -> None:
     results = {arm: run_arm(arm, args, work, model, vocab, train, valid) for arm in arms}
 
     base = results[arms[0]][0]["loss"]["before"]  # the pretrained mini-10b on the validation rows
+    baseline_steps = args.recovery_steps + (args.mask_steps if args.budget == "total" else 0)
     print(f"\nmini ladder, {args.mask_steps} mask + {args.recovery_steps} recovery steps per stage (baselines: "
-          f"{args.mask_steps + args.recovery_steps} recovery steps), batch {args.batch_size} x {args.max_length}, "
+          f"{baseline_steps} recovery steps), batch {args.batch_size} x {args.max_length}, "
           f"device {args.device}; validation loss of the pretrained mini-10b: {base:.4f}")
     header = f"{'stage':<22}" + "".join(f"{a + ' loss':>16}" for a in arms)
     header += "".join(f"{a + ' rel':>14}" for a in arms) + f"{'original rel':>14}  learned best"
