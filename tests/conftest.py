@@ -61,3 +61,33 @@ def tiny_cfg(tiny_vocab) -> CPMAntConfig:
     from cpmctl.model.tokenizer import CPMAntTokenizer
 
     return tiny_config(CPMAntTokenizer(tiny_vocab).vocab_size)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """`cpmctl ARGV` in-process through the real entry point: (exit code, stdout, stderr)."""
+    from cpmctl.cli.app import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def random_inputs(vocab_size: int, seed: int = 0, b: int = 2, n: int = 24, two_spans: bool = False):
+    """Random model inputs: 4 prompt slots of task 2, then text with mixed context; optionally two spans per row."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (b, n), generator=g)
+    ids[:, :4] = vocab_size + 64 + torch.arange(4)
+    segment = torch.full_like(ids, 2)
+    segment[:, :4] = 0
+    context = torch.rand(b, n, generator=g) > 0.4
+    span = torch.zeros_like(ids)
+    if two_spans:
+        span[:, n // 2 :] = 1
+    return ids, segment, context, span

@@ -20,6 +20,7 @@ from cpmctl import CpmctlError
 from cpmctl.data.dedup import dedup, required_seen
 from cpmctl.data.store import DedupStore
 from cpmctl.data.textio import output_spec, resolve_inputs
+from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 CHARS = "的一是了我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会家可下而过天去能对小多然于心学"
@@ -48,16 +49,8 @@ def kept_texts(path: Path) -> list[str]:
 
 def cli(capsys, *args) -> subprocess.CompletedProcess:
     """`cpmctl data ARGS` in-process (the real entry point, exit code included)."""
-    from cpmctl.cli.app import main
-
-    capsys.readouterr()
-    try:
-        main(["data", *map(str, args)])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    code, out, err = run_cli(capsys, "data", *args)
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def test_required_seen_is_exact_at_the_boundary():

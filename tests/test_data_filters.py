@@ -33,7 +33,7 @@ from cpmctl.data.filters import (
     units,
 )
 from cpmctl.recipe import load_recipe
-from tests.conftest import tiny_config
+from tests.conftest import run_cli, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,16 +47,8 @@ GOOD = (
 
 
 def cli(capsys, *args):
-    from cpmctl.cli.app import main
-
-    capsys.readouterr()
-    try:
-        main(["data", *map(str, args)])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    code, out, err = run_cli(capsys, "data", *args)
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def test_good_text_passes_every_default_rule():

@@ -15,6 +15,7 @@ from cpmctl.data.pack import LM, MLM, PackSettings, inspect_splits, make_record,
 from cpmctl.data.packed import IGNORE, PackedDataset, PackedReader
 from cpmctl.data.textio import resolve_inputs
 from cpmctl.model.tokenizer import BOS, EOS, UNK, CPMAntTokenizer
+from tests.conftest import run_cli
 
 # Only characters of the tiny test vocabulary, so text -> tokens -> text is exact.
 SENTENCES = ["今天天气不错，我们去上海。", "中国的经济发展很好。", "老师和学生在学校研究科学技术。",
@@ -137,16 +138,8 @@ def test_reader_over_packed_output_resumes_exactly(tiny_vocab, tmp_path):
 
 
 def test_inspect_and_pack_commands(tiny_vocab, tmp_path, capsys):
-    from cpmctl.cli.app import main
-
     def cli(*args):
-        capsys.readouterr()
-        try:
-            main(["data", *map(str, args)])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        return code, *capsys.readouterr()
+        return run_cli(capsys, "data", *args)
 
     src = write_corpus(tmp_path / "in.jsonl", documents(30, seed=5))
     code, out, err = cli("pack", "-i", src, "--vocab", tiny_vocab, "--out", tmp_path / "p", "--max-length", "96",

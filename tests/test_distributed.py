@@ -58,14 +58,6 @@ def cpmctl(*args, timeout=120) -> subprocess.CompletedProcess:
                           env=env, cwd=REPO)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def single_process(data_dir, out, vocab_size=VOCAB) -> dict:
     """The same global batch in one process: two micro-batches of 2 rows = the rows of rank 0 and rank 1."""
     model = build_model(tiny_config(vocab_size), seed=0)

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_config
-from cpmctl.cli.app import main
+from tests.conftest import run_cli, tiny_config
 from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import save_native
 from cpmctl.model.tokenizer import CPMAntTokenizer
@@ -21,14 +20,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "eval"
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(capsys, *argv)
 
 
 def last_json(text: str) -> dict:

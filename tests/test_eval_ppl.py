@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import tiny_config
-from cpmctl.cli.app import main
+from tests.conftest import run_cli, tiny_config
 from cpmctl.data.packed import IGNORE, PackedDataset, PackedWriter
 from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import load_model, save_native
@@ -24,14 +23,7 @@ TASK_VOCAB = FIXTURES / "vocab.txt"
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(capsys, *argv)
 
 
 @pytest.fixture(scope="module")

@@ -17,20 +17,13 @@ from cpmctl.model.checkpoint import load_model, save_native, save_original
 from cpmctl.model.config import CPMAntConfig
 from cpmctl.tune import lora as L
 from cpmctl.tune.import_delta import convert_delta, import_delta
-from tests.conftest import tiny_config
+from tests.conftest import random_inputs, tiny_config
 
 VOCAB = 120
 
 
 def _inputs(seed=0, b=2, n=20):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (b, n), generator=g)
-    ids[:, :4] = VOCAB + 64 + torch.arange(4)  # prompt slots of task 2
-    segment = torch.full_like(ids, 2)
-    segment[:, :4] = 0
-    context = torch.rand(b, n, generator=g) > 0.4
-    return ids, segment, context, torch.zeros_like(ids)
-
+    return random_inputs(VOCAB, seed, b, n)
 
 def _run(argv, capsys):
     with pytest.raises(SystemExit) as e:

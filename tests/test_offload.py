@@ -12,25 +12,15 @@ import pytest
 import torch
 
 from cpmctl import CpmctlError
-from cpmctl.cli.app import main
 from cpmctl.generate.decode import GenerationConfig, beam_search, build_inputs, greedy, sample
 from cpmctl.generate.lazy import MappedCheckpoint
 from cpmctl.generate.offload import load_offloaded, materialized_weight_bytes
 from cpmctl.generate.plan import GB, plan_memory
 from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import convert, load_model, save_native, save_original
-from tests.conftest import tiny_config
+from tests.conftest import run_cli, tiny_config
 
 PROMPTS = [[6, 20, 31, 42, 53, 64, 75], [6, 90, 81]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared machine spinning threads cost seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -210,21 +200,16 @@ def test_cuda_streaming_is_exact_and_within_budget(checkpoint, resident_blocks):
 
 
 # ----- the CLI -------------------------------------------------------------------------------------------------
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 def test_cli_generate_with_memory_limit_equals_without(checkpoint, capsys):
     base = ["generate", "今天天气", "--model", str(checkpoint), "--device", "cpu", "--decode", "greedy",
             "--max-new-tokens", "10", "--json"]
-    code, plain, _ = run_cli(base, capsys)
+    code, plain, _ = run_cli(capsys, *base)
     assert code == 0
     config = MappedCheckpoint(checkpoint).config
     limit = cpu_budget(config, 2.5) / GB
-    code, limited, err = run_cli(base + ["--memory-limit", f"{limit:.9f}"], capsys)
+    code, limited, err = run_cli(capsys, *base + ["--memory-limit", f"{limit:.9f}"])
     assert code == 0, err
     assert "streamed" in err
     assert json.loads(limited)["token_ids"] == json.loads(plain)["token_ids"]
@@ -232,9 +217,9 @@ def test_cli_generate_with_memory_limit_equals_without(checkpoint, capsys):
 
 def test_cli_rejects_bad_memory_limits(checkpoint, capsys):
     base = ["generate", "今天天气", "--model", str(checkpoint), "--device", "cpu", "--decode", "greedy"]
-    code, _, err = run_cli(base + ["--memory-limit", "-1"], capsys)
+    code, _, err = run_cli(capsys, *base + ["--memory-limit", "-1"])
     assert code == 2 and "positive" in err
-    code, _, err = run_cli(base + ["--memory-limit", "0.00001"], capsys)
+    code, _, err = run_cli(capsys, *base + ["--memory-limit", "0.00001"])
     assert code == 2 and "below the minimum of" in err
-    code, _, err = run_cli(base + ["--memory-limit", "100000"], capsys)
+    code, _, err = run_cli(capsys, *base + ["--memory-limit", "100000"])
     assert code == 2 and "more than cpu has" in err

@@ -15,22 +15,13 @@ from cpmctl.model.config import resolve_config
 from cpmctl.prune.extract import extract
 from cpmctl.prune.gates import BETA, HardConcrete, Lagrangian, Selection, StageMasks, clear_gates, top_k_mask
 from cpmctl.prune.targets import Shape, check_checkpoint_shape, plan_stages, plan_summary
-from tests.conftest import tiny_config
+from tests.conftest import random_inputs, tiny_config
 
 VOCAB = 120
 
 
 def _inputs(seed=0, b=2, n=24):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (b, n), generator=g)
-    ids[:, :4] = VOCAB + 64 + torch.arange(4)  # prompt slots of task 2
-    segment = torch.full_like(ids, 2)
-    segment[:, :4] = 0
-    context = torch.rand(b, n, generator=g) > 0.4
-    span = torch.zeros_like(ids)
-    span[:, n // 2 :] = 1
-    return ids, segment, context, span
-
+    return random_inputs(VOCAB, seed, b, n, two_spans=True)
 
 def _config(**kw):
     base = dict(num_layers=4, num_heads=4, dim_ff=48, mask_modules=[[False, False], [False, True], [True, False],

@@ -23,15 +23,6 @@ FAST = ["mask.batch_size=4", "recovery.batch_size=4", "data.valid_rows=8", "data
         "recovery.valid_batches=1", "mask.log_every=1", "recovery.log_every=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI machine has 2 shared cores: two BLAS threads per process slow these tiny matmuls down badly.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("prune")

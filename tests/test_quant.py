@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from cpmctl import CpmctlError
-from cpmctl.cli.app import main
 from cpmctl.generate.decode import GenerationConfig, build_inputs, greedy
 from cpmctl.generate.offload import load_offloaded
 from cpmctl.generate.plan import plan_memory
@@ -23,15 +22,7 @@ from cpmctl.generate.quant import (
 )
 from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import load_model, save_native
-from tests.conftest import tiny_config
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.conftest import run_cli, tiny_config
 
 
 @pytest.mark.parametrize("in_features", [64, 60, 13, 104])  # all but 64: padded to a multiple of 16
@@ -105,25 +96,20 @@ def test_unsupported_devices_are_refused(capsys):
     with pytest.raises(CpmctlError, match="not supported on device 'meta'"):
         check_int8_support(torch.device("meta"), torch.float32)
     if not torch.cuda.is_available():
-        code, _, err = run_cli(["model", "info", "10b", "--quantize", "int8", "--device", "cuda"], capsys)
+        code, _, err = run_cli(capsys, *["model", "info", "10b", "--quantize", "int8", "--device", "cuda"])
         assert code == 2 and "no CUDA device" in err
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 def test_cli_generate_int8(checkpoint, capsys):
     base = ["generate", "今天天气", "--model", str(checkpoint), "--device", "cpu", "--decode", "greedy",
             "--max-new-tokens", "8", "--json"]
-    code, out, err = run_cli(base + ["--quantize", "int8"], capsys)
+    code, out, err = run_cli(capsys, *base + ["--quantize", "int8"])
     assert code == 0, err
     ids = json.loads(out)["token_ids"]
     assert len(ids) >= 1 and "int8" in err
-    code, _, err = run_cli(base + ["--quantize", "int4"], capsys)
+    code, _, err = run_cli(capsys, *base + ["--quantize", "int4"])
     assert code == 2 and "--quantize must be one of int8" in err
-    code, _, err = run_cli(base[:-1] + ["--quantize", "int8", "--adapter", str(checkpoint)], capsys)
+    code, _, err = run_cli(capsys, *base[:-1] + ["--quantize", "int8", "--adapter", str(checkpoint)])
     assert code == 2 and "merge the adapter first" in err

@@ -31,15 +31,6 @@ from conftest import tiny_config  # noqa: E402
 VOCAB = 120
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: one thread is faster, and on a shared 2-core machine two spinning OpenMP threads are 10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
     root = tmp_path_factory.mktemp("packed")

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpmctl.cli.app import main
 from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import load_model, read_checkpoint, save_original
 from cpmctl.model.tokenizer import CPMAntTokenizer
@@ -22,29 +21,14 @@ from cpmctl.train.metrics import read_metrics
 from cpmctl.train.synthetic import write_synthetic_packed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the conftest helpers, with or without tests/__init__.py
-from conftest import tiny_config  # noqa: E402
+from conftest import run_cli, tiny_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MINI = REPO / "recipes" / "pretrain" / "mini.yaml"
 BIG = REPO / "recipes" / "pretrain" / "cpm-ant-10b.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+cli = run_cli
 
 
 @pytest.fixture

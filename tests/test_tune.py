@@ -26,15 +26,6 @@ FAST = ["train.device=cpu", "train.valid_batches=0", "train.log_every=5", "train
         "train.schedule=constant", "decode.decode=greedy", "decode.max_new_tokens=20"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: threads only add overhead (and contention on a shared machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _run(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
