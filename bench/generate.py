@@ -30,7 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cpmctl.generate.decode import GenerationConfig, beam_search, build_inputs, greedy  # noqa: E402
+from cpmctl.generate.decode import beam_search, greedy  # noqa: E402
+from cpmctl.model.generation_config import GenerationConfig  # noqa: E402
+from cpmctl.model.inputs import build_inputs  # noqa: E402
 from cpmctl.model.ant import build_model, param_counts  # noqa: E402
 from cpmctl.model.checkpoint import convert, save_native  # noqa: E402
 from cpmctl.model.config import CPMAntConfig  # noqa: E402

@@ -36,7 +36,9 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cpmctl.generate.decode import GenerationConfig, build_inputs, greedy  # noqa: E402
+from cpmctl.generate.decode import greedy
+from cpmctl.model.generation_config import GenerationConfig
+from cpmctl.model.inputs import build_inputs  # noqa: E402
 from cpmctl.generate.offload import describe_plan, load_offloaded, materialized_weight_bytes  # noqa: E402
 from cpmctl.generate.plan import GB  # noqa: E402
 from cpmctl.generate.quant import quantize_model  # noqa: E402
@@ -406,9 +408,9 @@ def run(args, tmp: Path):
     if args.text:
         from cpmctl.model.tokenizer import CPMAntTokenizer
 
-        from cpmctl.generate.lazy import checkpoint_vocab
+        from cpmctl.model.checkpoint import vocab_beside
 
-        vocab = checkpoint_vocab(path)
+        vocab = vocab_beside(path)
         if vocab is None:
             sys.exit(f"--text needs vocab.txt beside {path}")
         tokenizer = CPMAntTokenizer(vocab)

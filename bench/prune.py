@@ -81,7 +81,7 @@ def prepare_data(args, work: Path) -> tuple[Path, Path, Path]:
         return vocab, packed / "train", packed / "valid"
     if args.synthetic:
         from cpmctl.model.tokenizer import CPMAntTokenizer
-        from cpmctl.train.synthetic import write_synthetic_packed
+        from tests.synthetic import write_synthetic_packed  # the test suite's Markov-chain data
         from tests.conftest import write_tiny_vocab
 
         write_tiny_vocab(vocab)

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from cpmctl.assets import ASSETS_DIR, asset_path
-from cpmctl.assets import make_assets
+from tools.assets import make_assets
 
 CORPUS = ASSETS_DIR / "corpus"
 TASK = ASSETS_DIR / "tasks" / "lcsts-mini"

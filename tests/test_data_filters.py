@@ -219,7 +219,7 @@ def tiny_model(tiny_vocab, tmp_path):
 
 
 def test_score_documents_matches_a_direct_computation(tiny_model):
-    from cpmctl.evaluate.perplexity import score_documents
+    from cpmctl.model.perplexity import score_documents
 
     model, tok, _ = tiny_model
     texts = ["今天天气不错，我们去公园。", "中国的经济发展很快。" * 6, "老师和学生", "\u2603"]  # the last: all <unk>
@@ -243,7 +243,7 @@ def test_score_documents_matches_a_direct_computation(tiny_model):
 
 
 def test_perplexity_rule_in_the_filter_command(tiny_model, tmp_path, capsys):
-    from cpmctl.evaluate.perplexity import score_documents
+    from cpmctl.model.perplexity import score_documents
 
     model, tok, path = tiny_model
     texts = [f"{GOOD}\n{'今天天气不错' * (i + 1)}" for i in range(6)]

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from cpmctl import CpmctlError
-from cpmctl.data.pack import LM, MLM, PackSettings, inspect_splits, make_record, pack
-from cpmctl.data.packed import IGNORE, PackedDataset, PackedReader
+from cpmctl.data.pack import PackSettings, inspect_splits, make_record, pack
+from cpmctl.model.inputs import LM_TASK as LM
+from cpmctl.model.inputs import MLM_TASK as MLM
+from cpmctl.data.packed import PackedDataset, PackedReader
+from cpmctl.model.inputs import IGNORE
 from cpmctl.data.textio import resolve_inputs
 from cpmctl.model.tokenizer import BOS, EOS, UNK, CPMAntTokenizer
 from tests.conftest import run_cli

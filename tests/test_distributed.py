@@ -25,7 +25,7 @@ from cpmctl.model.checkpoint import read_checkpoint  # noqa: E402
 from cpmctl.model.tokenizer import CPMAntTokenizer  # noqa: E402
 from cpmctl.train.loop import TrainConfig, train  # noqa: E402
 from cpmctl.train.metrics import read_metrics  # noqa: E402
-from cpmctl.train.synthetic import write_synthetic_packed  # noqa: E402
+from tests.synthetic import write_synthetic_packed  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 120

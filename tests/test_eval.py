@@ -142,7 +142,7 @@ def test_bad_invocations(capsys, tmp_path, checkpoint):
         (["eval", "--task", "lcsts", "--data", FIXTURES / "lcsts", "--model", checkpoint, "eval.batchsize=2"],
          "unknown recipe key 'eval.batchsize'"),
         (["eval", "--task", "lcsts", "--data", FIXTURES / "lcsts", "--model", checkpoint, "--decode", "nucleus",
-          "--out", tmp_path / "x"], "--decode must be beam, sample or greedy"),
+          "--out", tmp_path / "x"], "decode.decode: expected 'beam' | 'sample' | 'greedy' | null, got 'nucleus'"),
     ]
     for argv, message in cases:
         code, _, err = run(capsys, *argv)
@@ -169,7 +169,7 @@ def test_custom_task_through_the_cli(capsys, tmp_path, checkpoint):
 
 def test_adapter_is_applied(capsys, tmp_path, checkpoint):
     """--adapter scores with the LoRA layers: the same as the merged checkpoint, different from the base."""
-    from cpmctl.tune.lora import LoraSettings, inject_lora, merge_adapter, save_adapter
+    from cpmctl.model.lora import LoraSettings, inject_lora, merge_adapter, save_adapter
     from cpmctl.model.checkpoint import load_model
 
     model, _ = load_model(checkpoint)

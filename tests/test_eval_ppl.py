@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import run_cli, tiny_config
-from cpmctl.data.packed import IGNORE, PackedDataset, PackedWriter
+from cpmctl.data.packed import PackedDataset, PackedWriter
+from cpmctl.model.inputs import IGNORE
 from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import load_model, save_native
 from cpmctl.model.tokenizer import BOS, CPMAntTokenizer
-from cpmctl.tune.tasks import get_task
+from cpmctl.tasks import get_task
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
 TASK_VOCAB = FIXTURES / "vocab.txt"

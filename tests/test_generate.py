@@ -12,17 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from cpmctl import CpmctlError
-from cpmctl.generate.decode import (
-    GenerationConfig,
-    apply_repetition_penalty,
-    beam_search,
-    build_inputs,
-    generate,
-    greedy,
-    prompt_ids,
-    sample,
-    top_k_top_p_filter,
-)
+from cpmctl.generate.decode import apply_repetition_penalty, beam_search, generate, greedy, sample, top_k_top_p_filter
+from cpmctl.model.generation_config import GenerationConfig
+from cpmctl.model.inputs import build_inputs, prompt_slots
 from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import convert, save_native
 from cpmctl.model.tokenizer import EOS, NEWLINE, PAD, CPMAntTokenizer
@@ -51,7 +43,7 @@ def full_logits(model, text: list[int], generated: list[list[int]]) -> torch.Ten
     """Last-position logits for each row `text + generated[r]`: prompt task 2, segment 0 / 2, context True for the
     prompt and text, False for generated tokens (what the original's cached steps compute)."""
     config = model.config
-    rows = [prompt_ids(config, 2) + text + g for g in generated]
+    rows = [prompt_slots(config.vocab_size, 2) + text + g for g in generated]
     n_given = config.prompt_length + len(text)
     ids = torch.tensor(rows)
     segment = torch.tensor([[0] * config.prompt_length + [2] * (len(r) - config.prompt_length) for r in rows])

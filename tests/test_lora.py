@@ -15,7 +15,7 @@ from cpmctl.cli.app import main
 from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import load_model, save_native, save_original
 from cpmctl.model.config import CPMAntConfig
-from cpmctl.tune import lora as L
+from cpmctl.model import lora as L
 from cpmctl.tune.import_delta import convert_delta, import_delta
 from tests.conftest import random_inputs, tiny_config
 

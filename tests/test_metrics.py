@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cpmctl.evaluate import metrics as M
+from cpmctl.tasks import metrics as M
 
 ALPHABET = "我爱北京天安门广场的人民春夏秋冬山水"
 HAND_PAIRS = [

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from cpmctl.generate.decode import build_inputs
+from cpmctl.model.inputs import build_inputs
 from cpmctl.model.ant import CPMAnt, KVCache, SegmentPositionBias, build_model
 from cpmctl.model.checkpoint import convert, load_model, model_state, save_native
 from cpmctl.model.config import CPMAntConfig

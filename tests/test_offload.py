@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from cpmctl import CpmctlError
-from cpmctl.generate.decode import GenerationConfig, beam_search, build_inputs, greedy, sample
+from cpmctl.generate.decode import beam_search, greedy, sample
+from cpmctl.model.generation_config import GenerationConfig
+from cpmctl.model.inputs import build_inputs
 from cpmctl.generate.lazy import MappedCheckpoint
 from cpmctl.generate.offload import load_offloaded, materialized_weight_bytes
 from cpmctl.generate.plan import GB, plan_memory

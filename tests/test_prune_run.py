@@ -16,7 +16,7 @@ from cpmctl.model.checkpoint import load_model, save_native
 from cpmctl.model.tokenizer import CPMAntTokenizer
 from cpmctl.prune import mask_phase
 from cpmctl.prune.mask_phase import distillation_kl
-from cpmctl.train.synthetic import write_synthetic_packed
+from tests.synthetic import write_synthetic_packed
 from tests.conftest import REPO, tiny_config, write_tiny_vocab
 
 FAST = ["mask.batch_size=4", "recovery.batch_size=4", "data.valid_rows=8", "data.eval_batches=1",

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from cpmctl import CpmctlError
-from cpmctl.generate.decode import GenerationConfig, build_inputs, greedy
+from cpmctl.generate.decode import greedy
+from cpmctl.model.generation_config import GenerationConfig
+from cpmctl.model.inputs import build_inputs
 from cpmctl.generate.offload import load_offloaded
 from cpmctl.generate.plan import plan_memory
 from cpmctl.generate.quant import (

@@ -11,10 +11,12 @@ import torch
 
 from tests.conftest import tiny_config
 from cpmctl import CpmctlError
-from cpmctl.data.packed import IGNORE, to_batch
+from cpmctl.data.packed import to_batch
+from cpmctl.model.inputs import IGNORE
 from cpmctl.model.ant import build_model
 from cpmctl.model.tokenizer import BOS, EOS, CPMAntTokenizer
-from cpmctl.tune import tasks as T
+from cpmctl import tasks as T
+from cpmctl.evaluate.predict import option_scores, predict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
 TASK_VOCAB = FIXTURES / "vocab.txt"
@@ -183,7 +185,7 @@ def test_option_scores_read_the_logit_the_training_row_trains(tok, model):
     """The logit of 是 that option scoring reads is the one at the position whose training target is 是/否."""
     task = T.get_task("ccpm")
     ex = task.load_split(FIXTURES / "ccpm", "test")[0]
-    scores = task.option_scores(model, tok, [ex], batch_size=3)[0]
+    scores = option_scores(task, model, tok, [ex], batch_size=3)[0]
     rows = task.to_rows([ex], tok, max_length=96)
     batch = to_batch({k: np.stack([r[k] for r in rows]) for k in rows[0]})
     with torch.no_grad():
@@ -192,23 +194,23 @@ def test_option_scores_read_the_logit_the_training_row_trains(tok, model):
     yes = T.single_token(tok, "是")
     want = [logits[i, j, yes].item() for i, j in at.tolist()]
     assert scores == pytest.approx(want, abs=1e-4)
-    assert task.predict(model, tok, [ex], batch_size=2) == [int(np.argmax(want))]
+    assert predict(task, model, tok, [ex], batch_size=2) == [int(np.argmax(want))]
 
 
 def test_generation_predictions_do_not_depend_on_batching(tok, model):
     task = T.get_task("kdconv")
     examples = task.load_split(FIXTURES / "kdconv", "test")
-    one = task.predict(model, tok, examples, batch_size=1, decode="greedy", max_new_tokens=6)
-    three = task.predict(model, tok, examples, batch_size=3, decode="greedy", max_new_tokens=6)
+    one = predict(task, model, tok, examples, batch_size=1, decode="greedy", max_new_tokens=6)
+    three = predict(task, model, tok, examples, batch_size=3, decode="greedy", max_new_tokens=6)
     assert one == three and all(isinstance(p, str) and p for p in one)
-    beam = task.predict(model, tok, examples[:2], batch_size=2, max_new_tokens=4)  # the task default: beam 3
+    beam = predict(task, model, tok, examples[:2], batch_size=2, max_new_tokens=4)  # the task default: beam 3
     assert len(beam) == 2
 
 
 def test_ranking_predictions_and_score(tok, model):
     task = T.get_task("sogou-log")
     examples = task.load_split(FIXTURES / "sogou-log", "test")
-    preds = task.predict(model, tok, examples, batch_size=4)
+    preds = predict(task, model, tok, examples, batch_size=4)
     assert len(preds) == len(examples) and all(isinstance(p, float) for p in preds)
     # Scoring the gold relevances as predictions is a perfect ranking.
     perfect = task.score([ex.relevance for ex in examples], examples)

@@ -23,7 +23,7 @@ from cpmctl.train.loop import TrainConfig, TrainingInterrupted, build_optimizer,
 from cpmctl.train.metrics import read_metrics
 from cpmctl.train.objectives import lm_loss
 from cpmctl.train.schedule import lr_factor
-from cpmctl.train.synthetic import unigram_entropy, write_synthetic_packed
+from tests.synthetic import unigram_entropy, write_synthetic_packed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the conftest helpers, with or without tests/__init__.py
 from conftest import tiny_config  # noqa: E402

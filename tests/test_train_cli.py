@@ -18,7 +18,7 @@ from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import load_model, read_checkpoint, save_original
 from cpmctl.model.tokenizer import CPMAntTokenizer
 from cpmctl.train.metrics import read_metrics
-from cpmctl.train.synthetic import write_synthetic_packed
+from tests.synthetic import write_synthetic_packed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the conftest helpers, with or without tests/__init__.py
 from conftest import run_cli, tiny_config  # noqa: E402

@@ -16,7 +16,7 @@ from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import save_native
 from cpmctl.model.tokenizer import CPMAntTokenizer
 from cpmctl.train.loop import TrainingInterrupted
-from cpmctl.tune import lora as L
+from cpmctl.model import lora as L
 from cpmctl.tune.run import EarlyStop, EpochTracker, load_tune_recipe, prepare_run
 from tests.conftest import tiny_config
 

@@ -47,13 +47,11 @@ def tokenize(
 @contextlib.contextmanager
 def byte_progress(shards, label: str):
     """A progress bar over input bytes on stderr (a spinner-like bar when inputs are compressed)."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from cpmctl.progress import byte_bar
 
     total = None if any(s.compression for s in shards) else sum(s.path.stat().st_size for s in shards)
-    columns = [TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
-        task = progress.add_task(label, total=total)
-        yield lambda n: progress.advance(task, n)
+    with byte_bar(total, label) as advance:
+        yield advance
 
 
 def _warn(message: str) -> None:

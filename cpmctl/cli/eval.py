@@ -6,12 +6,13 @@ from pathlib import Path
 
 import click
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from typer.core import TyperGroup
 
 from cpmctl import CpmctlError
-from cpmctl.cli.common import emit_json, err, out, resolve_device, resolve_dtype
+from cpmctl.cli.common import emit_json, err, out
+from cpmctl.progress import count_bar
+from cpmctl.device import resolve_device, resolve_dtype
 
 
 class EvalGroup(TyperGroup):
@@ -30,11 +31,6 @@ class EvalGroup(TyperGroup):
 
 app = typer.Typer(cls=EvalGroup, help="Evaluate models: task metrics, perplexity, and size-ladder comparisons.",
                   invoke_without_command=True, no_args_is_help=True)
-
-
-def _progress_bar(label: str) -> Progress:
-    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} /s"),
-                    TimeRemainingColumn(), console=err, transient=True)
 
 
 def _metrics_table(title: str, metrics: dict) -> Table:
@@ -74,7 +70,7 @@ def evaluate(
         return
     from cpmctl.evaluate.runner import EvalRecipe, run_model_eval, run_prediction_eval
     from cpmctl.recipe import dump_recipe, load_recipe
-    from cpmctl.tune.tasks import get_task
+    from cpmctl.tasks import get_task
 
     flags = {"eval.split": split, "eval.batch_size": batch_size, "eval.limit": limit, "eval.device": device,
              "eval.dtype": dtype, "decode.decode": decode, "decode.beam_size": beam_size,
@@ -97,7 +93,7 @@ def evaluate(
         result = run_prediction_eval(task_obj, data, predictions, recipe, out_dir)
     else:
         dev = resolve_device(recipe.eval.device)
-        with _progress_bar(f"eval {task_obj.name}") as bar:
+        with count_bar(f"eval {task_obj.name}") as bar:
             def progress(total: int):
                 job = bar.add_task("predict", total=total)
                 return lambda n: bar.advance(job, n)
@@ -131,7 +127,7 @@ def ppl(
     from cpmctl.evaluate.runner import perplexity
 
     dev = resolve_device(device)
-    with _progress_bar("ppl") as bar:
+    with count_bar("ppl") as bar:
         def progress(total: int):
             job = bar.add_task("score", total=total)
             return lambda n: bar.advance(job, n)
@@ -167,7 +163,7 @@ def compare(
 
     models = [*models, *(more_models or [])]  # `--models A B C`: click hands B and C over as arguments
     dev = resolve_device(device)
-    with _progress_bar("compare") as bar:
+    with count_bar("compare") as bar:
         def progress(total: int):
             job = bar.add_task("score", total=total)
             return lambda n: bar.advance(job, n)

@@ -9,12 +9,13 @@ from pathlib import Path
 import typer
 
 from cpmctl import CpmctlError
-from cpmctl.cli.common import emit_json, err, out, require_file, resolve_device, resolve_dtype, vocab_for
+from cpmctl.cli.common import emit_json, err, out, require_file
+from cpmctl.device import resolve_device, resolve_dtype
 from cpmctl.generate.decode import GenerationConfig, encode_prompt, generate as run_generation
-from cpmctl.generate.lazy import checkpoint_vocab
+from cpmctl.model.checkpoint import find_vocab
 from cpmctl.generate.offload import describe_plan, load_for_generation
 from cpmctl.model.tokenizer import CPMAntTokenizer
-from cpmctl.tune.lora import load_model_with_adapter
+from cpmctl.model.lora import load_model_with_adapter
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -71,8 +72,8 @@ def generate(
             raise CpmctlError(f"prompt {i + 1} is empty")
     dev = resolve_device(device)
     if memory_limit is None and quantize is None:
-        model, info = load_model_with_adapter(model_path, adapter, device=dev, dtype=resolve_dtype(dtype, dev))
-        tokenizer = CPMAntTokenizer(vocab_for(info.vocab, vocab, model_path))
+        model, _ = load_model_with_adapter(model_path, adapter, device=dev, dtype=resolve_dtype(dtype, dev))
+        tokenizer = CPMAntTokenizer(find_vocab(model_path, vocab))
     else:
         model, tokenizer = _load_within_limit(model_path, adapter, vocab, prompts, cfg, batch_size, dev, dtype,
                                               memory_limit, quantize)
@@ -99,7 +100,7 @@ def _load_within_limit(model_path, adapter, vocab, prompts, cfg, batch_size, dev
     if adapter is not None:
         raise CpmctlError("--adapter cannot be combined with --memory-limit or --quantize: merge the adapter first")
     torch_dtype = resolve_dtype(dtype, dev)
-    tokenizer = CPMAntTokenizer(vocab_for(checkpoint_vocab(model_path), vocab, model_path))
+    tokenizer = CPMAntTokenizer(find_vocab(model_path, vocab))
     counts = [len(encode_prompt(tokenizer, p)) for p in prompts]
     loaded = load_for_generation(model_path, counts, decode=cfg.decode, beam_size=cfg.beam_size,
                                  max_new_tokens=cfg.max_new_tokens, batch_size=batch_size, device=dev,

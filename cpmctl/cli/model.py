@@ -8,7 +8,8 @@ import typer
 from rich.table import Table
 
 from cpmctl import CpmctlError
-from cpmctl.cli.common import emit_json, err, format_count, out, require_file, resolve_device, resolve_dtype
+from cpmctl.cli.common import emit_json, err, format_count, out, require_file
+from cpmctl.device import resolve_device, resolve_dtype
 from cpmctl.generate.plan import plan_for_config, plan_table
 from cpmctl.model.ant import build_model, param_counts
 from cpmctl.model.checkpoint import convert as convert_checkpoint

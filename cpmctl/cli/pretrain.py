@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import typer
 
-from cpmctl import CpmctlError
 from cpmctl.cli.common import EXIT_INTERRUPTED, emit_json, err, out
 
 
@@ -25,6 +21,7 @@ def pretrain(
     """Pretrain or continue training; checkpoints, metrics.jsonl and loss_curve.png go to out_dir, the model to
     out_dir/final."""
     from cpmctl.recipe import dump_recipe
+    from cpmctl.train.launch import run_under_torchrun
     from cpmctl.train.loop import TrainingInterrupted
     from cpmctl.train.pretrain import load_pretrain_recipe, preflight, resume_run_dir, run_pretrain
 
@@ -37,7 +34,12 @@ def pretrain(
         return
     if nproc is not None:
         preflight(recipe)
-        return launch(nproc, recipe.train.engine, recipe_path, overrides, resume, json_out)
+        args = (["--recipe", str(recipe_path)] if recipe_path else []) + overrides
+        if recipe.train.engine == "single":
+            err.print("--nproc: train.engine single -> ddp")
+            args.append("train.engine=ddp")
+        args += (["--resume", str(resume)] if resume is not None else []) + (["--json"] if json_out else [])
+        return run_under_torchrun(nproc, "pretrain", args)
 
     rank = int(os.environ.get("RANK", 0))
     try:
@@ -59,37 +61,3 @@ def pretrain(
         train_loss = f"train loss {result['train_loss']:.4f}" if result["train_loss"] is not None else "nothing to do"
         speed = f", {result['tokens_per_s']:,.0f} tokens/s" if result["tokens_per_s"] else ""
         out.print(f"trained {result['steps']} steps: {train_loss}{valid}{speed} -> {result['final']}")
-
-
-def launch(nproc: int, engine: str, recipe_path: Path | None, overrides: list[str], resume: Path | None,
-           json_out: bool) -> int:
-    """Re-run this command in `nproc` processes through torchrun (single node; see docs/distributed.md for more)."""
-    if nproc < 1:
-        raise CpmctlError(f"--nproc must be at least 1, got {nproc}")
-    args = ["pretrain"] + (["--recipe", str(recipe_path)] if recipe_path else []) + overrides
-    if engine == "single":
-        err.print("--nproc: train.engine single -> ddp")
-        args.append("train.engine=ddp")
-    if resume is not None:
-        args += ["--resume", str(resume)]
-    if json_out:
-        args.append("--json")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "cpmctl", *args]
-    child = subprocess.Popen(command)
-    # Ctrl-C in a terminal reaches every process of the group: the workers save a checkpoint and stop, torchrun
-    # follows; this process only waits. A SIGTERM sent to this process alone is passed on to torchrun.
-    interrupted = []
-
-    def on_signal(signum, frame):
-        interrupted.append(signum)
-        if signum == signal.SIGTERM:
-            child.send_signal(signal.SIGTERM)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        code = child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return EXIT_INTERRUPTED if interrupted else code

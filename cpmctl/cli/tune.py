@@ -62,7 +62,7 @@ def merge(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Merge an adapter into the base weights and write a native checkpoint (same outputs, no adapter needed)."""
-    from cpmctl.tune.lora import merge_adapter
+    from cpmctl.model.lora import merge_adapter
 
     result = merge_adapter(model_path, adapter, out_dir, vocab=vocab)
     if json_out:
@@ -82,7 +82,7 @@ def import_delta(
 ):
     """Convert an original OpenDelta LoRA delta (lora_A / lora_B on project_q / project_v) into a peft adapter."""
     from cpmctl.tune.import_delta import import_delta as run_import
-    from cpmctl.tune.lora import base_config
+    from cpmctl.model.lora import base_config
 
     out_dir = out_dir or path.with_name(path.stem + "-adapter")
     config = base_config(model_path) if model_path else None

@@ -27,7 +27,7 @@ import xxhash
 
 from cpmctl import CpmctlError
 from cpmctl.data.parallel import ordered_map
-from cpmctl.data.store import CACHE_MB, DedupStore, InputRecord
+from cpmctl.data.store import CACHE_MB, DedupSettings, DedupStore, InputRecord
 from cpmctl.data.textio import (
     DEFAULT_CHUNK_BYTES,
     DocumentWriter,
@@ -45,16 +45,6 @@ from cpmctl.data.textio import (
 KEPT, DUPLICATE, EMPTY, MALFORMED, BLANK = b"k"[0], b"d"[0], b"e"[0], b"m"[0], b"b"[0]
 _HAS_PARAGRAPHS = b"p"[0]
 _NOT_WORD = re.compile(r"[\W_]+")
-
-
-@dataclass(frozen=True)
-class DedupSettings:
-    threshold: float = 0.7
-    normalize: bool = False
-
-    def validate(self) -> None:
-        if not 0.0 < self.threshold <= 1.0:
-            raise CpmctlError(f"--threshold must be in (0, 1], got {self.threshold}")
 
 
 def normalize_paragraph(text: str) -> str:

@@ -120,16 +120,12 @@ class PerplexityStage:
 
     def _load(self) -> None:
         # Loaded on first use: the worker pool has been forked by then, so workers do not inherit the model.
-        from cpmctl.cli.common import resolve_device, resolve_dtype
-        from cpmctl.model.checkpoint import load_model
-        from cpmctl.model.tokenizer import CPMAntTokenizer
+        from cpmctl.device import resolve_device, resolve_dtype
+        from cpmctl.model.checkpoint import load_model, load_tokenizer
 
-        device = resolve_device(self.rule.device)
-        self.model, info = load_model(self.rule.model, device=device, dtype=resolve_dtype(self.rule.dtype, device))
-        vocab = self.rule.vocab or info.vocab
-        if vocab is None:
-            raise CpmctlError(f"perplexity.model {self.rule.model}: no vocab.txt beside it; set perplexity.vocab")
-        self.tokenizer = CPMAntTokenizer(vocab)
+        device = resolve_device(self.rule.device, what="perplexity.device")
+        self.model, _ = load_model(self.rule.model, device=device, dtype=resolve_dtype(self.rule.dtype, device, what="perplexity.dtype"))
+        self.tokenizer = load_tokenizer(self.rule.model, self.rule.vocab, self.model.config.vocab_size)
 
     def add(self, out_line: bytes, text: str, rejected: bytes, emit: Callable) -> None:
         self.pending.append((out_line, text, rejected))
@@ -139,7 +135,7 @@ class PerplexityStage:
     def flush(self, emit: Callable) -> None:
         if not self.pending:
             return
-        from cpmctl.evaluate.perplexity import score_documents
+        from cpmctl.model.perplexity import score_documents
 
         if self.model is None:
             self._load()

@@ -5,6 +5,9 @@ of judging it: `cleanup` (control characters, whitespace, optional traditional->
 rule's line removal. Lengths count characters that are not whitespace. Repetition follows Gopher (Rae et al.
 2021, table A1) with one change for Chinese, which has no spaces: the "words" are units, one CJK character or one
 run of ASCII letters/digits (punctuation is not a unit).
+
+Longer than 450 lines because every rule and its recipe section sit side by side, so the recipe a user edits
+and the code that reads it are read together.
 """
 
 from __future__ import annotations

@@ -26,13 +26,13 @@ import numpy as np
 import xxhash
 
 from cpmctl import CpmctlError
-from cpmctl.data.packed import IGNORE, TASK_NAMES, PackedDataset, PackedWriter
+from cpmctl.data.packed import PackedDataset, PackedWriter
 from cpmctl.data.parallel import ordered_map
 from cpmctl.data.textio import DEFAULT_CHUNK_BYTES, LineErrors, MalformedLine, Shard, check_readable, parse_line, read_chunks
+from cpmctl.model import inputs
+from cpmctl.model.inputs import LM_TASK, MLM_SEGMENT, MLM_TASK, PROMPT_LENGTH, TASK_NAMES, TEXT_SEGMENT, Record, pack_row
 from cpmctl.model.tokenizer import BOS, EOS, CPMAntTokenizer
 
-PROMPT_LENGTH = 32
-MLM, LM = 1, 2
 MIN_PIECE = 32
 RESERVED = PROMPT_LENGTH + 2  # prompt slots + <s> + </s>
 
@@ -61,38 +61,17 @@ class PackSettings:
             raise CpmctlError(f"lm fraction must be in [0, 1], got {self.lm_fraction}")
 
 
-@dataclass
-class Record:
-    input: np.ndarray  # int32 unified ids
-    target: np.ndarray  # int32
-    segment: np.ndarray  # uint8
-    context: np.ndarray  # uint8
-    task: int
-
-    def __len__(self) -> int:
-        return len(self.input)
-
-
 def make_record(piece: list[int], task: int, rng: random.Random, vocab_size: int, mask_ratio: float) -> Record:
-    """One training record from a piece of token ids."""
+    """One training record from a piece of token ids: [<s>] + piece + [</s>] after the prompt slots of `task`."""
     n = len(piece)
-    prompt = [vocab_size + PROMPT_LENGTH * task + j for j in range(PROMPT_LENGTH)]
-    ids = np.array(prompt + [BOS] + piece + [EOS], dtype=np.int32)
-    context = np.ones(len(ids), dtype=np.uint8)
-    text = PROMPT_LENGTH  # index of <s>
-    if task == LM:
-        split = rng.randint(1, n)  # piece tokens split.. and </s> are predicted; <s> and before are given
-        context[text + split :] = 0
+    predicted = np.zeros(n + 2, dtype=bool)  # over [<s>] + piece + [</s>]
+    if task == LM_TASK:
+        predicted[1 + rng.randint(1, n) :] = True  # piece tokens split.. and </s>; <s> and before are given
     else:
         k = max(1, round(n * mask_ratio))
-        for j in rng.sample(range(1, n + 1), k):
-            context[text + j] = 0
-    target = np.full(len(ids), IGNORE, dtype=np.int32)
-    predict = context[1:] == 0
-    target[:-1][predict] = ids[1:][predict]
-    segment = np.zeros(len(ids), dtype=np.uint8)
-    segment[text:] = LM if task == LM else MLM  # segment 2 for lm text, 1 for mlm text
-    return Record(ids, target, segment, context, task)
+        predicted[rng.sample(range(1, n + 1), k)] = True
+    segment = TEXT_SEGMENT if task == LM_TASK else MLM_SEGMENT
+    return inputs.make_record([BOS] + piece + [EOS], predicted, vocab_size, task, segment)
 
 
 def document_rng(seed: int, shard_index: int, line: int) -> random.Random:
@@ -113,7 +92,7 @@ def document_records(ids: list[int], settings: PackSettings, rng: random.Random,
         piece = ids[start : start + step]
         if len(piece) < MIN_PIECE:
             break
-        task = LM if rng.random() < settings.lm_fraction else MLM
+        task = LM_TASK if rng.random() < settings.lm_fraction else MLM_TASK
         records.append(make_record(piece, task, rng, vocab_size, settings.mask_ratio))
     return records
 
@@ -185,30 +164,6 @@ class RowPacker:
     def finish(self) -> None:
         while self.open:
             self._write(0)
-
-
-def pack_row(records: list[Record], max_length: int) -> dict[str, np.ndarray]:
-    """One row: the records back to back, span k for record k, then padding (id 0, context False, target -100,
-    task -1) in the next span."""
-    row = {
-        "input": np.zeros(max_length, np.int32),
-        "target": np.full(max_length, IGNORE, np.int32),
-        "segment": np.zeros(max_length, np.uint8),
-        "context": np.zeros(max_length, np.uint8),
-        "span": np.full(max_length, len(records), np.int16),
-        "task": np.full(max_length, -1, np.int8),
-    }
-    pos = 0
-    for k, r in enumerate(records):
-        end = pos + len(r)
-        row["input"][pos:end] = r.input
-        row["target"][pos:end] = r.target
-        row["segment"][pos:end] = r.segment
-        row["context"][pos:end] = r.context
-        row["span"][pos:end] = k
-        row["task"][pos:end] = r.task
-        pos = end
-    return row
 
 
 @dataclass

@@ -24,18 +24,9 @@ import torch
 
 from cpmctl import CpmctlError
 from cpmctl.io import atomic_dir
+from cpmctl.model.inputs import FIELDS, IGNORE
 
 FORMAT = "cpmctl-packed"
-FIELDS = {
-    "input": np.int32,
-    "target": np.int32,
-    "segment": np.uint8,
-    "context": np.uint8,
-    "span": np.int16,
-    "task": np.int8,
-}
-IGNORE = -100
-TASK_NAMES = {1: "mlm", 2: "lm"}
 
 
 class PackedWriter:
@@ -116,6 +107,24 @@ class PackedDataset:
             )
 
 
+class RowsInMemory:
+    """Rows built in memory (task examples) behind the PackedDataset interface (`len`, `rows(index)`), so the
+    one PackedReader batches them."""
+
+    def __init__(self, rows: list[dict[str, np.ndarray]], name: str = "rows"):
+        if not rows:
+            raise CpmctlError(f"{name}: no training rows")
+        self.path = name
+        self.arrays = {k: np.stack([r[k] for r in rows]) for k in FIELDS}
+        self.num_rows, self.max_length = self.arrays["input"].shape
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def rows(self, index) -> dict[str, np.ndarray]:
+        return {k: a[index] for k, a in self.arrays.items()}
+
+
 def to_batch(rows: dict[str, np.ndarray], device="cpu") -> dict[str, torch.Tensor]:
     """Model-ready tensors: long ids/targets/segments/spans/tasks, bool context."""
     t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(dt).to(device)  # noqa: E731
@@ -139,7 +148,7 @@ class PackedReader:
     """Batches of rows in a seeded per-epoch shuffle. Each global step takes `batch_size * world_size` rows of the
     permutation; rank r takes its contiguous share, so ranks never overlap and the state is one integer."""
 
-    def __init__(self, dataset: PackedDataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+    def __init__(self, dataset: PackedDataset | RowsInMemory, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True):
         if len(dataset) < batch_size * world_size:
             raise CpmctlError(

@@ -33,6 +33,17 @@ DEFAULT_THRESHOLD = 0.7
 CACHE_MB = 128  # SQLite page cache: the bound on the store's memory, whatever its size
 _IN_BATCH = 256  # host parameters per SELECT ... IN: one fixed size, so the prepared statement is reused
 
+
+@dataclass(frozen=True)
+class DedupSettings:
+    threshold: float = DEFAULT_THRESHOLD
+    normalize: bool = False
+
+    def validate(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise CpmctlError(f"--threshold must be in (0, 1], got {self.threshold}")
+
+
 MERGE_ROWS = 1_000_000
 _PARAMS = ",".join(f"?{i + 1}" for i in range(_IN_BATCH))
 _LOOKUP_SQL = (f"SELECT hash FROM paragraphs WHERE hash IN ({_PARAMS}) "
@@ -74,8 +85,6 @@ class DedupStore:
              cache_mb: int = CACHE_MB) -> "DedupStore":
         """Open or create the store. Settings not given are taken from the store (or the defaults for a new one);
         settings given must equal the recorded ones."""
-        from cpmctl.data.dedup import DedupSettings
-
         path = Path(path)
         if path.exists() and path.is_dir():
             raise CpmctlError(f"--store {path}: is a directory; name a .sqlite file")
@@ -256,8 +265,6 @@ def _create(conn: sqlite3.Connection, settings) -> None:
 
 
 def _check_settings(path: Path, conn: sqlite3.Connection, threshold: float | None, normalize: bool | None):
-    from cpmctl.data.dedup import DedupSettings
-
     meta = dict(conn.execute("SELECT key, value FROM meta"))
     if meta.get("format") != FORMAT:
         raise CpmctlError(f"--store {path}: format is {meta.get('format')!r}, expected {FORMAT!r}")

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -351,14 +351,3 @@ class DocumentWriter:
         if exc_type is not None:
             self.abort()
         return False
-
-
-@dataclass
-class ReadStats:
-    """Counts every command reports the same way."""
-
-    files: int = 0
-    lines: int = 0
-    bytes: int = 0
-    malformed: int = 0
-    per_file: dict = field(default_factory=dict)

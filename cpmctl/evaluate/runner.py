@@ -17,8 +17,10 @@ import torch
 
 from cpmctl import CpmctlError
 from cpmctl.io import atomic_file
+from cpmctl.model.generation_config import DecodeOverrides, overrides_of
 from cpmctl.model.tokenizer import NEWLINE, SPACE, CPMAntTokenizer
-from cpmctl.tune.tasks import Example, Task, read_jsonl
+from cpmctl.evaluate.predict import predict
+from cpmctl.tasks import Example, Task, read_jsonl
 
 PREDICTIONS_FILE = "predictions.jsonl"
 SCORES_FILE = "scores.json"
@@ -35,23 +37,9 @@ class EvalSettings:
 
 
 @dataclass
-class DecodeSettings:
-    """Overrides of the task's own decoding (generation tasks); null = the task's default."""
-
-    decode: str | None = None
-    beam_size: int | None = None
-    max_new_tokens: int | None = None
-    repetition_penalty: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    temperature: float | None = None
-    seed: int | None = None
-
-
-@dataclass
 class EvalRecipe:
     eval: EvalSettings = field(default_factory=EvalSettings)
-    decode: DecodeSettings = field(default_factory=DecodeSettings)
+    decode: DecodeOverrides = field(default_factory=DecodeOverrides)
 
     def validate(self) -> None:
         if self.eval.batch_size < 1:
@@ -60,7 +48,7 @@ class EvalRecipe:
             raise CpmctlError(f"eval.limit must be >= 1, got {self.eval.limit}")
 
     def decode_overrides(self) -> dict:
-        return {k: v for k, v in asdict(self.decode).items() if v is not None}
+        return overrides_of(self.decode)
 
 
 # ----- results -------------------------------------------------------------------------------------------------
@@ -116,7 +104,7 @@ def evaluate_model(task: Task, examples: list[Example], model, tokenizer: CPMAnt
                    decode: dict | None = None, progress: Callable[[int], None] | None = None) -> tuple[list, dict]:
     """Predictions (decoded text, chosen option or relevance score) and the task's metrics."""
     with torch.no_grad():
-        predictions = task.predict(model, tokenizer, examples, batch_size=batch_size, progress=progress,
+        predictions = predict(task, model, tokenizer, examples, batch_size=batch_size, progress=progress,
                                    **(decode or {}))
     return predictions, task.score(predictions, examples)
 
@@ -124,16 +112,11 @@ def evaluate_model(task: Task, examples: list[Example], model, tokenizer: CPMAnt
 def load_eval_model(model_path: str | Path, adapter: str | Path | None, vocab: str | Path | None,
                     device: torch.device, dtype: torch.dtype):
     """The model (with its LoRA adapter, if any) and a tokenizer that fits it."""
-    from cpmctl.tune.lora import load_model_with_adapter
+    from cpmctl.model.checkpoint import load_tokenizer
+    from cpmctl.model.lora import load_model_with_adapter
 
-    model, info = load_model_with_adapter(model_path, adapter, device=device, dtype=dtype)
-    vocab_path = Path(vocab) if vocab is not None else info.vocab
-    if vocab_path is None:
-        raise CpmctlError(f"{model_path}: no vocab.txt beside the checkpoint; pass --vocab FILE")
-    tokenizer = CPMAntTokenizer(vocab_path)
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise CpmctlError(f"{vocab_path}: {tokenizer.vocab_size} tokens but the model expects {model.config.vocab_size}")
-    return model, tokenizer
+    model, _ = load_model_with_adapter(model_path, adapter, device=device, dtype=dtype)
+    return model, load_tokenizer(model_path, vocab, model.config.vocab_size)
 
 
 def run_model_eval(task: Task, data: str | Path, model_path: str | Path, out_dir: str | Path, recipe: EvalRecipe,
@@ -151,7 +134,7 @@ def run_model_eval(task: Task, data: str | Path, model_path: str | Path, out_dir
                                           recipe.decode_overrides(), tick)
     out_dir = Path(out_dir)
     pred_path = write_predictions(out_dir / PREDICTIONS_FILE, task, examples, predictions)
-    decode = {**task.decode, **recipe.decode_overrides()} if task.kind == "generation" else None
+    decode = asdict(task.decode.updated(recipe.decode_overrides())) if task.kind == "generation" else None
     scores = {"task": task.name, "n": len(examples), "metrics": metrics, "model": str(model_path),
               "adapter": None if adapter is None else str(adapter), "data": str(data), "split": recipe.eval.split,
               "decode": decode}
@@ -269,7 +252,7 @@ def read_documents(data: str | Path, limit: int | None = None) -> list[str]:
 def raw_text_nll(model, tokenizer: CPMAntTokenizer, texts: list[str], max_length: int = 1024, batch_size: int = 8,
                  progress: Callable[[int], None] | None = None, chunk: int = 64) -> tuple[float, int, int]:
     """(nll, tokens, characters) of documents, scored by `perplexity.score_documents` a chunk at a time."""
-    from cpmctl.evaluate.perplexity import score_documents
+    from cpmctl.model.perplexity import score_documents
 
     nll, tokens, chars = 0.0, 0, 0
     for start in range(0, len(texts), chunk):
@@ -343,19 +326,12 @@ def model_perplexity(model, tokenizer: CPMAntTokenizer | None, data: str | Path,
 def load_scoring_model(model_path: str | Path, vocab: str | Path | None, device: torch.device, dtype: torch.dtype,
                        need_vocab: bool):
     """A model and its tokenizer (None when no vocabulary is at hand and none is needed)."""
-    from cpmctl.model.checkpoint import load_model
+    from cpmctl.model.checkpoint import load_model, load_tokenizer, vocab_beside
 
-    model, info = load_model(model_path, device=device, dtype=dtype)
-    vocab_path = Path(vocab) if vocab is not None else info.vocab
-    if vocab_path is None:
-        if need_vocab:
-            raise CpmctlError(f"{model_path}: no vocab.txt beside the checkpoint; pass --vocab FILE")
+    model, _ = load_model(model_path, device=device, dtype=dtype)
+    if vocab is None and vocab_beside(model_path) is None and not need_vocab:
         return model, None
-    tokenizer = CPMAntTokenizer(vocab_path)
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise CpmctlError(f"{vocab_path}: {tokenizer.vocab_size} tokens but {model_path} expects "
-                          f"{model.config.vocab_size}")
-    return model, tokenizer
+    return model, load_tokenizer(model_path, vocab, model.config.vocab_size)
 
 
 def check_scoring_options(batch_size: int, max_length: int, limit: int | None) -> None:

@@ -15,44 +15,10 @@ import torch.nn.functional as F
 
 from cpmctl import CpmctlError
 from cpmctl.model.ant import CPMAnt, KVCache
+from cpmctl.model.generation_config import GenerationConfig
+from cpmctl.model.inputs import TEXT_SEGMENT, build_inputs
 from cpmctl.model.tokenizer import BOS, EOS, NEWLINE, PAD, CPMAntTokenizer
 
-GENERATION_TASK = 2
-TEXT_SEGMENT = 2
-
-
-@dataclass
-class GenerationConfig:
-    decode: str = "beam"  # beam | sample | greedy
-    beam_size: int = 3
-    top_k: int = 0
-    top_p: float = 0.9
-    temperature: float = 0.9
-    repetition_penalty: float = 1.0
-    max_new_tokens: int = 100
-    seed: int | None = None
-    # Ban eos and newline at the first step (the original does it for beam and sampling). None = by decode mode.
-    ban_first_step: bool | None = None
-
-    def validate(self) -> None:
-        if self.decode not in ("beam", "sample", "greedy"):
-            raise CpmctlError(f"--decode must be beam, sample or greedy, got '{self.decode}'")
-        if self.beam_size < 1:
-            raise CpmctlError(f"--beam-size must be >= 1, got {self.beam_size}")
-        if self.max_new_tokens < 1:
-            raise CpmctlError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.repetition_penalty < 1.0:
-            raise CpmctlError(f"--repetition-penalty must be >= 1.0, got {self.repetition_penalty}")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise CpmctlError(f"--top-p must be in [0, 1], got {self.top_p}")
-        if self.temperature <= 0:
-            raise CpmctlError(f"--temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise CpmctlError(f"--top-k must be >= 0, got {self.top_k}")
-
-    @property
-    def bans_first_step(self) -> bool:
-        return self.decode != "greedy" if self.ban_first_step is None else self.ban_first_step
 
 
 @dataclass
@@ -63,29 +29,6 @@ class GenerationResult:
 
 
 # ----- inputs --------------------------------------------------------------------------------------------------
-def prompt_ids(model_config, task_id: int) -> list[int]:
-    """Unified ids of the prompt slots of a task: vocab_size + 32 * task_id + j."""
-    p = model_config.prompt_length
-    return [model_config.vocab_size + p * task_id + j for j in range(p)]
-
-
-def build_inputs(model: CPMAnt, token_lists: list[list[int]], task_id: int = GENERATION_TASK, device=None) -> dict:
-    """Batch of generation inputs, left-padded after the prompt slots."""
-    config = model.config
-    device = device or model.input_embedding.weight.device
-    p = config.prompt_length
-    width = max(len(t) for t in token_lists)
-    rows, segs, spans = [], [], []
-    for tokens in token_lists:
-        pad = width - len(tokens)
-        rows.append(prompt_ids(config, task_id) + [PAD] * pad + tokens)
-        segs.append([0] * p + [0] * pad + [TEXT_SEGMENT] * len(tokens))
-        spans.append([0] * p + [1] * pad + [0] * len(tokens))
-    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    ids = t(rows)
-    return {"input": ids, "segment": t(segs), "span": t(spans), "context": torch.ones_like(ids, dtype=torch.bool)}
-
-
 def encode_prompt(tokenizer: CPMAntTokenizer, text: str) -> list[int]:
     return [BOS] + tokenizer.encode_for_model(text)
 

@@ -20,7 +20,7 @@ import torch
 from cpmctl import CpmctlError
 from cpmctl.model.checkpoint import (
     NATIVE_WEIGHTS,
-    VOCAB_FILE,
+    vocab_beside,
     CheckpointInfo,
     _original_files,
     check_state_dict,
@@ -119,12 +119,12 @@ class MappedCheckpoint:
             config = CPMAntConfig.from_json(root / "config.json")
             weights = path if path.is_file() else root / NATIVE_WEIGHTS
             self._tensors = _map_safetensors(weights)
-            source, vocab_dir = weights, root
+            source = weights
         elif fmt == "original":
             pt, cfg = _original_files(path)
             config = CPMAntConfig.from_json(cfg)
             self._tensors = _map_original(pt)
-            source, vocab_dir = pt, pt.parent
+            source = pt
         else:
             raise CpmctlError(
                 f"{path}: HF-layout checkpoints are not read lazily; convert with `cpmctl model convert --to native`"
@@ -132,10 +132,8 @@ class MappedCheckpoint:
         check_state_dict(self._tensors, config, str(source))
         self._mapped_ptrs = {t.data_ptr() for t in self._tensors.values() if t.numel()}
         dtypes = {t.dtype for t in self._tensors.values()}
-        vocab = vocab_dir / VOCAB_FILE
         self.config = config
-        self.info = CheckpointInfo(path, fmt, config, dtypes.pop() if len(dtypes) == 1 else None,
-                                   vocab if vocab.exists() else None)
+        self.info = CheckpointInfo(path, fmt, config, dtypes.pop() if len(dtypes) == 1 else None, vocab_beside(source))
 
     @staticmethod
     def read_config(path: str | Path) -> CPMAntConfig:
@@ -168,10 +166,3 @@ class MappedCheckpoint:
 
     def folded(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         return fold({key: self._tensors[key]}, self.config, dtype=dtype)[key]
-
-
-def checkpoint_vocab(path: str | Path) -> Path | None:
-    """vocab.txt beside a checkpoint (native dir, original .pt or its directory), without reading weights."""
-    path = Path(path)
-    root = path if path.is_dir() else path.parent
-    return root / VOCAB_FILE if (root / VOCAB_FILE).exists() else None

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,15 +20,6 @@ from cpmctl.io import atomic_file
 from cpmctl.lifecycle.recipe import LifecycleRecipe
 
 STATE_FILE = "state.json"
-
-
-@dataclass
-class StageResult:
-    name: str
-    seconds: float
-    outputs: dict[str, str]
-    results: list[dict] = field(default_factory=list)
-    commands: list[str] = field(default_factory=list)
 
 
 class Run:

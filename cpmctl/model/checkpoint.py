@@ -145,6 +145,41 @@ def _find_vocab(*dirs: Path) -> Path | None:
     return None
 
 
+def vocab_beside(path: str | Path) -> Path | None:
+    """vocab.txt beside a checkpoint (native dir or file, original .pt or its directory, HF dir), without reading
+    any weights."""
+    path = Path(path)
+    return _find_vocab(path if path.is_dir() else path.parent)
+
+
+def find_vocab(checkpoint: str | Path, given: str | Path | None = None) -> Path:
+    """The vocabulary of a checkpoint: `given` when set (it must exist), else vocab.txt beside the checkpoint."""
+    if given is not None:
+        if not Path(given).exists():
+            raise CpmctlError(f"vocab file not found: {given}")
+        return Path(given)
+    found = vocab_beside(checkpoint)
+    if found is None:
+        raise CpmctlError(f"{checkpoint}: no vocab.txt beside the checkpoint; pass --vocab FILE")
+    return found
+
+
+def load_tokenizer(checkpoint: str | Path, given: str | Path | None = None, vocab_size: int | None = None):
+    """The tokenizer of `find_vocab`, checked against the model's vocab_size when given."""
+    from cpmctl.model.tokenizer import CPMAntTokenizer
+
+    tokenizer = CPMAntTokenizer(find_vocab(checkpoint, given))
+    if vocab_size is not None:
+        check_vocab_size(tokenizer, vocab_size, checkpoint)
+    return tokenizer
+
+
+def check_vocab_size(tokenizer, vocab_size: int, checkpoint: str | Path = "the model") -> None:
+    if tokenizer.vocab_size != vocab_size:
+        raise CpmctlError(f"vocab has {tokenizer.vocab_size} tokens but the model expects {vocab_size}: "
+                          f"wrong --vocab for {checkpoint} ({tokenizer.path})")
+
+
 def _torch_load(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cpmctl.data.packed import IGNORE, TASK_NAMES
+from cpmctl.model.inputs import IGNORE, TASK_NAMES
 from cpmctl.model.ant import CPMAnt
 from cpmctl.prune.gates import Lagrangian, StageMasks
 from cpmctl.prune.recipe import PruneRecipe

@@ -41,7 +41,8 @@ from cpmctl.prune.mask_phase import MaskPhase, lm_objective
 from cpmctl.prune.recipe import PruneData, PruneRecipe
 from cpmctl.prune.report import kept_summary, plot_survivors
 from cpmctl.prune.targets import Shape, Stage, check_checkpoint_shape, plan_stages
-from cpmctl.train.engine import Engine, resolve_device
+from cpmctl.device import resolve_device
+from cpmctl.train.engine import Engine
 from cpmctl.train.loop import TrainConfig, evaluate, train
 
 
@@ -133,7 +134,7 @@ def _valid_reader(rows, cfg: TrainConfig):
 def learn_selection(stage: Stage, model: CPMAnt, source_path: Path, stage_dir: Path, ctx: StageContext) -> dict:
     """The mask phase: train gates and weights jointly; returns the selection and what it learned."""
     recipe = ctx.recipe
-    device = resolve_device(recipe.mask.device)
+    device = resolve_device(recipe.mask.device, what="mask.device")
     teacher = None
     if recipe.distill.weight > 0:
         teacher, _ = load_model(source_path, device=device)
@@ -181,7 +182,7 @@ def run_stage(stage: Stage, source_path: Path, stage_dir: Path, ctx: StageContex
         return report
     recipe, started = ctx.recipe, time.perf_counter()
     eval_batch, eval_n = recipe.recovery.batch_size, recipe.data.eval_batches
-    device = resolve_device(recipe.recovery.device)
+    device = resolve_device(recipe.recovery.device, what="recovery.device")
     extracted_dir = stage_dir / "extracted"
 
     if not (extracted_dir / "selection.pt").exists():

@@ -141,15 +141,6 @@ def check_checkpoint_shape(config: CPMAntConfig, stages: list[Stage], model_path
                           f"{first.source_name} has {first.source.num_layers}")
 
 
-def stage_target_config(source: CPMAntConfig, stage: Stage, mask_modules: list[list[bool]]) -> CPMAntConfig:
-    """The config of a stage's output: the actual source (its vocab, its kept layers) narrowed to the stage target,
-    with the layers chosen by the masks."""
-    return dataclasses.replace(
-        source, num_heads=stage.target.num_heads, dim_ff=stage.target.dim_ff,
-        mask_modules=[list(p) for p in mask_modules],
-    )
-
-
 def plan_summary(stages: list[Stage], vocab_size: int | None = None) -> list[dict]:
     """What `--dry-run` prints: per stage the structure types pruned, the target shape and the parameter counts
     (computed on the meta device: nothing is allocated)."""

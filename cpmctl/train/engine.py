@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cpmctl import CpmctlError
+from cpmctl.device import resolve_device
 from cpmctl.model.ant import CPMAnt, Encoder, TransformerBlock
 
 ENGINES = ("single", "ddp", "fsdp")
@@ -86,30 +87,18 @@ class Engine:
             self.owns_process_group = False
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CpmctlError(f"train.device: '{name}' but no CUDA device is available")
-        return torch.device(name if ":" in name else f"cuda:{local_rank}")
-    if name != "cpu":
-        raise CpmctlError(f"train.device: expected auto, cpu or cuda[:N], got {name!r}")
-    return torch.device("cpu")
-
-
 def setup_engine(kind: str, device_name: str = "auto") -> Engine:
     if kind not in ENGINES:
         raise CpmctlError(f"train.engine: expected one of {', '.join(ENGINES)}, got {kind!r}")
     if kind == "single":
-        return Engine(kind, resolve_device(device_name))
+        return Engine(kind, resolve_device(device_name, what="train.device"))
     if not launched_by_torchrun():
         raise CpmctlError(
             f"train.engine: {kind} runs under torchrun (torchrun --nproc_per_node N -m cpmctl pretrain ...) "
             "or with `cpmctl pretrain --nproc N`"
         )
     rank, local_rank, world_size = dist_env()
-    device = resolve_device(device_name, local_rank)
+    device = resolve_device(device_name, local_rank, what="train.device")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     owns = False

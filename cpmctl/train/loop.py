@@ -4,6 +4,9 @@ Read top to bottom: TrainConfig (a recipe's `train:` section), the optimizer's p
 set up the engine, resume if asked, and run steps of `grad_accum` micro-batches; log, validate and checkpoint on
 their schedules. A checkpoint holds everything the next step depends on (weights, optimizer, step, RNG states,
 data position), so an interrupted and resumed run follows the same loss curve as an uninterrupted one.
+
+Longer than 450 lines because the loop is meant to be read in one place, top to bottom: splitting its resume,
+step and save phases across files would hide the order they run in.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 
 from cpmctl import CpmctlError
+from cpmctl.progress import StepProgress
 from cpmctl.model.ant import CPMAnt
 from cpmctl.model.checkpoint import fold_factor, save_native
 from cpmctl.train import checkpointing as ckpt
@@ -287,7 +291,7 @@ def _run(model, data, cfg, out_dir, engine, *, valid, loss_fn, param_groups, on_
     if step >= cfg.steps:  # resumed a finished run
         return TrainResult(step, None, None, log.rows, resume_from)
 
-    bar = _ProgressBar(cfg.steps, step, enabled=progress and engine.is_main)
+    bar = StepProgress(cfg.steps, step, enabled=progress and engine.is_main)
     phase = "idle"  # idle | step (forward/backward: nothing applied yet) | update | save
     snapshot = None
     try:
@@ -476,35 +480,4 @@ class _StopOnSignal:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        return False
-
-
-class _ProgressBar:
-    """A rich progress bar on stderr: step, loss, tokens/s and ETA."""
-
-    def __init__(self, total: int, done: int, enabled: bool):
-        self.enabled = enabled
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            from cpmctl.cli.common import err
-
-            self.progress = Progress(
-                TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                TimeRemainingColumn(), console=err, transient=False)
-            self.task = self.progress.add_task("train", total=total, completed=done, loss="-", tps="-")
-
-    def advance(self, loss: float, tokens_per_s: float) -> None:
-        if self.enabled:
-            self.progress.update(self.task, advance=1, loss=f"{loss:.4f}", tps=f"{tokens_per_s:,.0f}")
-
-    def __enter__(self):
-        if self.enabled:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.stop()
         return False

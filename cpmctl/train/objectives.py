@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cpmctl.data.packed import IGNORE, TASK_NAMES
+from cpmctl.model.inputs import IGNORE, TASK_NAMES
 from cpmctl.train.engine import unwrap
 
 

@@ -20,7 +20,7 @@ import torch
 
 from cpmctl import CpmctlError
 from cpmctl.model.config import CPMAntConfig
-from cpmctl.tune.lora import LoraSettings, adapter_meta, write_adapter, PEFT_PREFIX
+from cpmctl.model.lora import LoraSettings, adapter_meta, write_adapter, PEFT_PREFIX
 
 OPENDELTA_DEFAULT_ALPHA = 16.0
 _DELTA_KEY = re.compile(

@@ -22,11 +22,11 @@ from typing import Callable
 import torch
 
 from cpmctl import CpmctlError
-from cpmctl.evaluate.runner import DecodeSettings
+from cpmctl.model.generation_config import DecodeOverrides, overrides_of
 from cpmctl.io import atomic_file
 from cpmctl.recipe import load_recipe
 from cpmctl.train.loop import TrainConfig
-from cpmctl.tune.lora import LoraSettings, adapter_meta, adapter_state_dict, write_adapter, write_adapter_files
+from cpmctl.model.lora import LoraSettings, adapter_meta, adapter_state_dict, write_adapter, write_adapter_files
 
 BEST_DIR = "best"
 DEV_LOG = "dev.jsonl"
@@ -59,7 +59,7 @@ class TuneRecipe:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, warmup_steps=50, save_every=200))
     tune: TuneSettings = field(default_factory=TuneSettings)
-    decode: DecodeSettings = field(default_factory=DecodeSettings)  # dev decoding overrides (generation tasks)
+    decode: DecodeOverrides = field(default_factory=DecodeOverrides)  # dev decoding overrides (generation tasks)
 
     def validate(self) -> None:
         self.lora.validate()
@@ -180,7 +180,7 @@ class EpochTracker:
 # ----- dry run -------------------------------------------------------------------------------------------------
 def tune_dry_run(model: str | None, recipe: TuneRecipe) -> dict:
     """Trainable and total parameters from the model's config alone (no weights are read)."""
-    from cpmctl.tune.lora import base_config, dry_run_counts
+    from cpmctl.model.lora import base_config, dry_run_counts
 
     if model is None:
         raise CpmctlError("--model is required: a checkpoint, a config JSON or a ladder name (10b)")
@@ -192,7 +192,7 @@ def tune_dry_run(model: str | None, recipe: TuneRecipe) -> dict:
 
 # ----- the run -------------------------------------------------------------------------------------------------
 def _resolve_task(recipe: TuneRecipe):
-    from cpmctl.tune.tasks import get_task
+    from cpmctl.tasks import get_task
 
     if recipe.task.name is None:
         raise CpmctlError("--task is required (ccpm, c3, sogou-log, lcsts, kdconv, math23k, or custom)")
@@ -320,12 +320,12 @@ def prepare_run(model_path: str | Path | None, data: str | Path | None, out_dir:
                 recipe: TuneRecipe, vocab: str | Path | None = None, resume: bool = False,
                 log: Callable = print) -> LoraRun:
     """Check the inputs (data and config before any weight is read), load the model, inject LoRA, build the rows."""
-    from cpmctl.model.checkpoint import load_model, read_config
-    from cpmctl.model.tokenizer import CPMAntTokenizer
+    from cpmctl.model.checkpoint import load_model, load_tokenizer, read_config
     from cpmctl.train import checkpointing as ckpt
     from cpmctl.train.engine import dist_env
-    from cpmctl.tune.lora import inject_lora, parameter_counts
-    from cpmctl.tune.tasks import TaskReader
+    from cpmctl.model.lora import inject_lora, parameter_counts
+    from cpmctl.data.packed import PackedReader, RowsInMemory
+    from cpmctl.evaluate.predict import predict
 
     for value, flag in ((model_path, "--model"), (data, "--data"), (out_dir, "--out")):
         if value is None:
@@ -340,13 +340,7 @@ def prepare_run(model_path: str | Path | None, data: str | Path | None, out_dir:
 
     train_examples, dev_examples = _load_splits(task, data, recipe.tune.dev_limit)
     config, _ = read_config(model_path)
-    root = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
-    vocab_path = Path(vocab) if vocab is not None else root / "vocab.txt"
-    if not vocab_path.exists():
-        raise CpmctlError(f"{model_path}: no vocab.txt beside the checkpoint; pass --vocab FILE")
-    tokenizer = CPMAntTokenizer(vocab_path)
-    if tokenizer.vocab_size != config.vocab_size:
-        raise CpmctlError(f"{vocab_path}: {tokenizer.vocab_size} tokens but the model expects {config.vocab_size}")
+    tokenizer = load_tokenizer(model_path, vocab, config.vocab_size)
 
     cfg = recipe.train
     rank, _, world = dist_env()
@@ -358,12 +352,12 @@ def prepare_run(model_path: str | Path | None, data: str | Path | None, out_dir:
                           "lower train.batch_size")
     if recipe.tune.epochs is not None:
         cfg = dataclasses.replace(cfg, steps=recipe.tune.epochs * steps_per_epoch)
-    reader = TaskReader(rows, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, name=f"{data}/train.jsonl")
+    reader = PackedReader(RowsInMemory(rows, f"{data}/train.jsonl"), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
     valid = None
     dev_rows = task.to_rows(dev_examples, tokenizer, task.max_length, config.vocab_size, recipe.task.pack)
     if cfg.valid_batches > 0 and len(dev_rows) >= world:
-        valid = TaskReader(dev_rows, min(cfg.batch_size, len(dev_rows) // world), seed=cfg.seed, rank=rank,
-                           world_size=world, shuffle=False, name=f"{data}/dev.jsonl")
+        valid = PackedReader(RowsInMemory(dev_rows, f"{data}/dev.jsonl"), min(cfg.batch_size, len(dev_rows) // world),
+                             seed=cfg.seed, rank=rank, world_size=world, shuffle=False)
 
     # Frozen base weights (fp32 or bf16), fp32 LoRA weights.
     model, _ = load_model(model_path, dtype=BASE_DTYPES[recipe.tune.base_dtype])
@@ -381,10 +375,10 @@ def prepare_run(model_path: str | Path | None, data: str | Path | None, out_dir:
 
     meta = adapter_meta(config, task=task.name, model=str(model_path))
     is_main = rank == 0
-    decode = {k: v for k, v in dataclasses.asdict(recipe.decode).items() if v is not None}
+    decode = overrides_of(recipe.decode)
 
     def evaluate(m) -> dict:
-        predictions = task.predict(m, tokenizer, dev_examples, batch_size=recipe.tune.eval_batch_size, **decode)
+        predictions = predict(task, m, tokenizer, dev_examples, batch_size=recipe.tune.eval_batch_size, **decode)
         return task.score(predictions, dev_examples)
 
     def save_best(m, row) -> None:

@@ -1,8 +1,9 @@
-"""Rebuild cpmctl's bundled demo data from the templates in templates.py and junk.py (deterministic, seeded).
+"""Rebuild cpmctl's bundled demo data (cpmctl/assets/) from the templates in templates.py and junk.py
+(deterministic, seeded). Only the output ships in the package; these generators stay in the repository.
 
-    python -m cpmctl.assets.make_assets                 # rewrite corpus/ and tasks/ beside this file
-    python -m cpmctl.assets.make_assets --out DIR       # write them under DIR instead
-    python -m cpmctl.assets.make_assets --stats --vocab ../shared/reference/ant.txt   # sizes, <unk>, entropy
+    python -m tools.assets.make_assets                 # rewrite corpus/ and tasks/ beside this file
+    python -m tools.assets.make_assets --out DIR       # write them under DIR instead
+    python -m tools.assets.make_assets --stats --vocab ../shared/reference/ant.txt   # sizes, <unk>, entropy
 
 Outputs:
   corpus/batch1.jsonl       the main corpus: good documents plus planted junk, {"id", "text"} per line
@@ -22,11 +23,11 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from cpmctl.assets import junk
-from cpmctl.assets.templates import TOPICS, _name, news_parts
+from tools.assets import junk
+from tools.assets.templates import TOPICS, _name, news_parts
 
 SEED = 20240917
-ASSETS = Path(__file__).resolve().parent
+ASSETS = Path(__file__).resolve().parents[2] / "cpmctl" / "assets"  # the package data these generate
 
 # Documents per topic in batch1 (news-like text gets the most: it is what lcsts-mini summarizes).
 TOPIC_COUNTS = {"weather": 280, "cooking": 260, "travel": 250, "school": 250, "work": 230, "science": 220,

@@ -13,14 +13,13 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cpmctl import CpmctlError
-from cpmctl.model.tokenizer import BOS, PAD
-
-TASK = 2
-TEXT_SEGMENT = 2
+from cpmctl.model.inputs import LM_TASK, given_then_predicted, pack_row
+from cpmctl.model.tokenizer import BOS
 
 
 class DocumentScore(NamedTuple):
@@ -56,27 +55,21 @@ def score_documents(model, tokenizer, texts: list[str], max_length: int = 1024, 
         windows.extend(_windows(i, tokenizer.encode_for_model(text), capacity))
     # Longest first, so each batch pads little.
     windows.sort(key=lambda w: -len(w[1]))
-    prompt = [config.vocab_size + p * TASK + j for j in range(p)]
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size]
             width = p + 1 + max(len(ids) for _, ids in batch)
-            rows, segs, ctx, spans = [], [], [], []
-            for _, ids in batch:
-                pad = width - p - 1 - len(ids)
-                rows.append(prompt + [BOS] + ids + [PAD] * pad)
-                segs.append([0] * p + [TEXT_SEGMENT] * (1 + len(ids)) + [0] * pad)
-                ctx.append([True] * (p + 1) + [False] * len(ids) + [False] * pad)
-                spans.append([0] * (p + 1 + len(ids)) + [1] * pad)  # padding in its own span: invisible
-            t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
-            hidden = model(t(rows), t(segs), t(ctx, torch.bool), t(spans), return_hidden=True)
+            records = [given_then_predicted([BOS], ids, config.vocab_size, LM_TASK, p) for _, ids in batch]
+            rows = [pack_row([r], width) for r in records]
+            t = lambda key, dt=torch.long: torch.tensor(np.stack([r[key] for r in rows]), dtype=dt, device=device)  # noqa: E731
+            hidden = model(t("input"), t("segment"), t("context", torch.bool), t("span"), return_hidden=True)
             for row, (doc, ids) in enumerate(batch):
                 # Position p + j (the <s> for j = 0) predicts text token j.
                 h = hidden[row, p : p + len(ids)]
                 logits = model.logits(h).float()
-                nll = F.cross_entropy(logits, t(ids), reduction="sum")
+                nll = F.cross_entropy(logits, torch.tensor(ids, device=device), reduction="sum")
                 nll_sums[doc] += float(nll)
                 token_counts[doc] += len(ids)
     finally:

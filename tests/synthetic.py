@@ -1,4 +1,4 @@
-"""Synthetic packed data with learnable structure, for tests, benchmarks and smoke runs without a corpus.
+"""Synthetic packed data with learnable structure, for tests and benchmarks (bench/prune.py) without a corpus.
 
 Documents come from a sparse Markov chain (each token has a few likely successors), so a model that learns the
 transitions drops far below the unigram entropy. Records are built as the original pretraining builds them
@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cpmctl.data.packed import IGNORE, PackedWriter
+from cpmctl.data.packed import PackedWriter
+from cpmctl.model import inputs
+from cpmctl.model.inputs import IGNORE, LM_TASK, MLM_SEGMENT, MLM_TASK, PROMPT_LENGTH, TEXT_SEGMENT, Record, pack_in_order
+from cpmctl.model.tokenizer import BOS, EOS
 
-BOS, EOS, FIRST_WORD = 6, 7, 10  # ids of <s>, </s>, and the first non-special token in every CPM-Ant vocab
-PROMPT_LENGTH = 32
-TASK_MLM, TASK_LM = 1, 2
+FIRST_WORD = 10  # the first non-special token id in every CPM-Ant vocab
 
 
 def markov_documents(vocab_size: int, num_docs: int, doc_length: int, seed: int = 0, successors: int = 4,
@@ -42,55 +43,16 @@ def markov_documents(vocab_size: int, num_docs: int, doc_length: int, seed: int 
     return docs
 
 
-def make_record(piece: np.ndarray, task: int, vocab_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One training instance: prompt slots, [<s>] + piece + [</s>], context mask and next-token targets."""
-    text = np.concatenate([[BOS], piece, [EOS]])
-    n = PROMPT_LENGTH + len(text)
-    ids = np.concatenate([vocab_size + PROMPT_LENGTH * task + np.arange(PROMPT_LENGTH), text])
-    context = np.ones(n, dtype=bool)
-    if task == TASK_LM:
-        start = PROMPT_LENGTH + 1 + int(rng.integers(0, len(text) - 1))  # predict a random-length suffix
-        context[start:] = False
+def make_record(piece: np.ndarray, task: int, vocab_size: int, rng: np.random.Generator) -> Record:
+    """One training instance: prompt slots, [<s>] + piece + [</s>], an lm suffix or mlm positions to predict."""
+    text = [BOS, *piece.tolist(), EOS]
+    predicted = np.zeros(len(text), dtype=bool)
+    if task == LM_TASK:
+        predicted[1 + int(rng.integers(0, len(text) - 1)) :] = True  # predict a random-length suffix
     else:
         predicted = rng.random(len(text)) < rng.uniform(0.1, 0.5)
         predicted[0] = False  # <s> is always given
-        context[PROMPT_LENGTH:] = ~predicted
-    target = np.full(n, IGNORE, dtype=np.int64)
-    target[:-1] = np.where(~context[1:], ids[1:], IGNORE)
-    segment = np.concatenate([np.zeros(PROMPT_LENGTH, np.int64), np.full(len(text), 2 if task == TASK_LM else 1)])
-    return {"input": ids, "target": target, "segment": segment, "context": context, "task": np.full(n, task)}
-
-
-def pack_rows(records: list[dict], max_length: int) -> list[dict[str, np.ndarray]]:
-    """First-fit packing in order; each record gets its own span, padding the last span of the row."""
-    rows, current, used = [], [], 0
-    for rec in records:
-        size = len(rec["input"])
-        if size > max_length:
-            raise ValueError(f"record of {size} tokens does not fit a row of {max_length}")
-        if used + size > max_length:
-            rows.append(_row(current, max_length))
-            current, used = [], 0
-        current.append(rec)
-        used += size
-    if current:
-        rows.append(_row(current, max_length))
-    return rows
-
-
-def _row(records: list[dict], max_length: int) -> dict[str, np.ndarray]:
-    row = {"input": np.zeros(max_length, np.int64), "target": np.full(max_length, IGNORE, np.int64),
-           "segment": np.zeros(max_length, np.int64), "context": np.zeros(max_length, bool),
-           "span": np.zeros(max_length, np.int64), "task": np.full(max_length, -1, np.int64)}
-    pos = 0
-    for span, rec in enumerate(records):
-        n = len(rec["input"])
-        for key in ("input", "target", "segment", "context", "task"):
-            row[key][pos : pos + n] = rec[key]
-        row["span"][pos : pos + n] = span
-        pos += n
-    row["span"][pos:] = len(records)  # padding: its own span, sees nothing real
-    return row
+    return inputs.make_record(text, predicted, vocab_size, task, TEXT_SEGMENT if task == LM_TASK else MLM_SEGMENT)
 
 
 def write_synthetic_packed(out: str | Path, vocab_size: int, num_rows: int, max_length: int = 256, seed: int = 0,
@@ -110,9 +72,9 @@ def write_synthetic_packed(out: str | Path, vocab_size: int, num_rows: int, max_
                 size = int(rng.integers(lo, hi + 1))
                 piece = doc[at : at + size]
                 at += size
-                task = TASK_LM if rng.random() < 0.5 else TASK_MLM
+                task = LM_TASK if rng.random() < 0.5 else MLM_TASK
                 records.append(make_record(piece, task, vocab_size, rng))
-        rows = pack_rows(records, max_length)
+        rows = pack_in_order(records, max_length)
         docs = markov_documents(vocab_size, len(docs), max_length * 2, seed=int(rng.integers(2**31)), words=words,
                                 chain_seed=chain_seed)
     writer = PackedWriter(out, max_length, vocab_size, source="synthetic-markov", seed=seed)

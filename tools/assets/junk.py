@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from cpmctl.assets.templates import WORDS, _name
+from tools.assets.templates import WORDS, _name
 
 # ----------------------------------------------------------------------------------------------------------------
 # Boilerplate: navigation, cookie notices, share bars, copyright lines
