@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from cpmctl.prune.prune import prepare, run_prune  # noqa: E402
+from cpmctl.prune.pipeline import prepare, run_prune  # noqa: E402
 from cpmctl.prune.recipe import load_prune_recipe  # noqa: E402
 
 PUBLISHED = {"mini-7b": 96.3, "mini-3b": 92.4, "mini-2b": None, "mini-1b": 86.0, "mini-300m": 76.2}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpmctl.data.packed import PackedWriter
+from cpmctl.data.packed_format import PackedWriter
 from cpmctl.model import inputs
 from cpmctl.model.inputs import IGNORE, LM_TASK, MLM_SEGMENT, MLM_TASK, PROMPT_LENGTH, TEXT_SEGMENT, Record, pack_in_order
 from cpmctl.model.tokenizer import BOS, EOS
@@ -86,7 +86,7 @@ def write_synthetic_packed(out: str | Path, vocab_size: int, num_rows: int, max_
 def unigram_entropy(path: str | Path) -> float:
     """Entropy (nats) of the target-token distribution of a packed dataset: the loss of a model that ignores
     context. A trained model must go well below it."""
-    from cpmctl.data.packed import PackedDataset
+    from cpmctl.data.packed_format import PackedDataset
 
     targets = PackedDataset(path).arrays["target"].reshape(-1)
     targets = targets[targets != IGNORE]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from cpmctl import CpmctlError
-from cpmctl.data.filters import (
+from cpmctl.data.filter_rules import (
     Boilerplate,
     BoilerplateRule,
     ChineseRatioRule,
@@ -125,7 +125,7 @@ def test_blocklist_with_trie_regex(tmp_path):
     words = tmp_path / "blocked.txt"
     words.write_text("# 注释行\n赌博\n赌博网站\n违禁品\nBadWord\n", encoding="utf-8")
     recipe = load_recipe(FilterRecipe, None, ["blocklist.enabled=true", f"blocklist.file={words}"])
-    from cpmctl.data.filters import load_blocklist
+    from cpmctl.data.filter_rules import load_blocklist
 
     f = DocumentFilter(recipe, load_blocklist(words))
     _, rule, reason, _ = f(GOOD + "\n这里有一个赌博网站的广告。")

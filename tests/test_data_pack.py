@@ -14,7 +14,7 @@ from cpmctl import CpmctlError
 from cpmctl.data.pack import PackSettings, inspect_splits, make_record, pack
 from cpmctl.model.inputs import LM_TASK as LM
 from cpmctl.model.inputs import MLM_TASK as MLM
-from cpmctl.data.packed import PackedDataset, PackedReader
+from cpmctl.data.packed_format import PackedDataset, PackedReader
 from cpmctl.model.inputs import IGNORE
 from cpmctl.data.textio import resolve_inputs
 from cpmctl.model.tokenizer import BOS, EOS, UNK, CPMAntTokenizer

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import tiny_config  # noqa: E402
-from cpmctl.data.packed import PackedDataset, PackedReader  # noqa: E402
+from cpmctl.data.packed_format import PackedDataset, PackedReader  # noqa: E402
 from cpmctl.model.ant import build_model  # noqa: E402
 from cpmctl.model.checkpoint import read_checkpoint  # noqa: E402
 from cpmctl.model.tokenizer import CPMAntTokenizer  # noqa: E402

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import run_cli, tiny_config
-from cpmctl.data.packed import PackedDataset, PackedWriter
+from cpmctl.data.packed_format import PackedDataset, PackedWriter
 from cpmctl.model.inputs import IGNORE
 from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import load_model, save_native

@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import tiny_config
 from cpmctl import CpmctlError
-from cpmctl.data.packed import to_batch
+from cpmctl.data.packed_format import to_batch
 from cpmctl.model.inputs import IGNORE
 from cpmctl.model.ant import build_model
 from cpmctl.model.tokenizer import BOS, EOS, CPMAntTokenizer

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from cpmctl import CpmctlError
-from cpmctl.data.packed import PackedDataset, PackedReader
+from cpmctl.data.packed_format import PackedDataset, PackedReader
 from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import fold_factor, load_model
 from cpmctl.train.engine import Engine

@@ -17,7 +17,7 @@ from cpmctl.model.checkpoint import save_native
 from cpmctl.model.tokenizer import CPMAntTokenizer
 from cpmctl.train.loop import TrainingInterrupted
 from cpmctl.model import lora as L
-from cpmctl.tune.run import EarlyStop, EpochTracker, load_tune_recipe, prepare_run
+from cpmctl.tune.tuning import EarlyStop, EpochTracker, load_tune_recipe, prepare_run
 from tests.conftest import tiny_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tasks"

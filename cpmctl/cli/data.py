@@ -107,8 +107,8 @@ def filter_(
 ):
     """Drop low-quality documents by rules (length, Chinese share, symbols, repetition, boilerplate, blocked words)
     and optionally by perplexity; clean the text of those kept."""
-    from cpmctl.data.filtering import run_filter
-    from cpmctl.data.filters import RULE_ORDER, FilterRecipe
+    from cpmctl.data.filter import run_filter
+    from cpmctl.data.filter_rules import RULE_ORDER, FilterRecipe
     from cpmctl.data.textio import output_spec
     from cpmctl.recipe import dump_recipe, load_recipe
 

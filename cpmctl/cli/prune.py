@@ -27,7 +27,7 @@ def prune(
 ):
     """Prune --model from --from to --to: per stage, masks trained under the LM loss, exact extraction to the target
     shape, recovery training; outputs in native and original formats. Rerun the same command to resume."""
-    from cpmctl.prune.prune import prepare, run_prune
+    from cpmctl.prune.pipeline import prepare, run_prune
     from cpmctl.prune.recipe import load_prune_recipe
     from cpmctl.prune.targets import check_checkpoint_shape, plan_stages, plan_summary
     from cpmctl.recipe import dump_recipe

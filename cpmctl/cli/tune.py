@@ -28,7 +28,7 @@ def lora(
 ):
     """Tune LoRA adapters on a task with the shared training loop; the best adapter on dev is kept in OUT/best."""
     from cpmctl.recipe import dump_recipe
-    from cpmctl.tune.run import TuneRecipe, load_tune_recipe, tune_lora, tune_dry_run
+    from cpmctl.tune.tuning import TuneRecipe, load_tune_recipe, tune_lora, tune_dry_run
 
     recipe: TuneRecipe = load_tune_recipe(recipe_path, overrides or [], task=task, task_def=task_def)
     if print_recipe:

@@ -1,5 +1,5 @@
 """`data pack`: tokenize documents and cut them into the original's training records, packed into fixed-length rows
-of a memory-mapped dataset (cpmctl/data/packed.py; docs/formats.md, "Packed data").
+of a memory-mapped dataset (cpmctl/data/packed_format.py; docs/formats.md, "Packed data").
 
 Records (shared/reference/cpm-ant.md section 7): a document's tokens (<unk> dropped) are cut into pieces of
 max_length - 34 tokens (990 for 1024); a piece under 32 tokens ends the document. Each piece is, with probability
@@ -26,7 +26,7 @@ import numpy as np
 import xxhash
 
 from cpmctl import CpmctlError
-from cpmctl.data.packed import PackedDataset, PackedWriter
+from cpmctl.data.packed_format import PackedDataset, PackedWriter
 from cpmctl.data.parallel import ordered_map
 from cpmctl.data.textio import DEFAULT_CHUNK_BYTES, LineErrors, MalformedLine, Shard, check_readable, parse_line, read_chunks
 from cpmctl.model import inputs

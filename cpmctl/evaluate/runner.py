@@ -277,7 +277,7 @@ def packed_nll(model, dataset, batch_size: int = 8, limit: int | None = None, to
                progress: Callable[[int], None] | None = None) -> tuple[float, int, int | None]:
     """(nll, target tokens, characters of the targets) over the rows of a packed dataset, in order: the lm loss of
     training (`objectives.token_losses`) summed instead of averaged."""
-    from cpmctl.data.packed import to_batch
+    from cpmctl.data.packed_format import to_batch
     from cpmctl.train.objectives import token_losses
 
     dataset.check_vocab(model.config.vocab_size)
@@ -304,7 +304,7 @@ def model_perplexity(model, tokenizer: CPMAntTokenizer | None, data: str | Path,
                      batch_size: int = 8, max_length: int = 1024, limit: int | None = None,
                      progress: Callable[[int, str], Callable[[int], None]] | None = None) -> PerplexityResult:
     """Perplexity of a loaded model on raw text or packed data. `progress(total, label)` returns the tick."""
-    from cpmctl.data.packed import PackedDataset
+    from cpmctl.data.packed_format import PackedDataset
 
     model.eval()
     if is_packed(data):

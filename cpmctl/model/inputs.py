@@ -26,7 +26,7 @@ MLM_TASK, LM_TASK = 1, 2  # prompt task ids of the two pretraining objectives; a
 PROMPT_SEGMENT, MLM_SEGMENT, TEXT_SEGMENT = 0, 1, 2
 IGNORE = -100  # target of a position with no loss
 
-# The fields of a packed row and their on-disk dtypes (cpmctl/data/packed.py stores them as they are).
+# The fields of a packed row and their on-disk dtypes (cpmctl/data/packed_format.py stores them as they are).
 FIELDS = {
     "input": np.int32,
     "target": np.int32,

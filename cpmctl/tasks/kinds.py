@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cpmctl import CpmctlError
-from cpmctl.data.packed import PackedReader, RowsInMemory
+from cpmctl.data.packed_format import PackedReader, RowsInMemory
 from cpmctl.model.generation_config import GenerationConfig
 from cpmctl.model.inputs import PROMPT_LENGTH, given_then_predicted, pack_in_order
 from cpmctl.model.tokenizer import BOS, EOS, CPMAntTokenizer

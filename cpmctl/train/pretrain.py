@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cpmctl import CpmctlError
-from cpmctl.data.packed import PackedDataset, PackedReader
+from cpmctl.data.packed_format import PackedDataset, PackedReader
 from cpmctl.io import atomic_dir
 from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import NATIVE_WEIGHTS, VOCAB_FILE, load_model, read_config, save_native

@@ -324,7 +324,7 @@ def prepare_run(model_path: str | Path | None, data: str | Path | None, out_dir:
     from cpmctl.train import checkpointing as ckpt
     from cpmctl.train.engine import dist_env
     from cpmctl.model.lora import inject_lora, parameter_counts
-    from cpmctl.data.packed import PackedReader, RowsInMemory
+    from cpmctl.data.packed_format import PackedReader, RowsInMemory
     from cpmctl.evaluate.predict import predict
 
     for value, flag in ((model_path, "--model"), (data, "--data"), (out_dir, "--out")):

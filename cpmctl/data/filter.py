@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from cpmctl import CpmctlError
-from cpmctl.data.filters import RULE_ORDER, DocumentFilter, FilterRecipe, load_blocklist
+from cpmctl.data.filter_rules import RULE_ORDER, DocumentFilter, FilterRecipe, load_blocklist
 from cpmctl.data.parallel import ordered_map
 from cpmctl.data.textio import (
     DEFAULT_CHUNK_BYTES,

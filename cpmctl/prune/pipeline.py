@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from cpmctl import CpmctlError
-from cpmctl.data.packed import PackedDataset, PackedReader
+from cpmctl.data.packed_format import PackedDataset, PackedReader
 from cpmctl.io import atomic_file
 from cpmctl.model.ant import CPMAnt
 from cpmctl.model.checkpoint import VOCAB_FILE, load_model, read_config, save_native, save_original
