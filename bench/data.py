@@ -226,7 +226,7 @@ def job_merge(a: dict) -> dict:
 
 def job_filter(a: dict) -> dict:
     from cpmctl.data.filter import run_filter
-    from cpmctl.data.filter_rules import FilterRecipe
+    from cpmctl.data.recipe import FilterRecipe
     from cpmctl.data.textio import output_spec, resolve_inputs
 
     shards = resolve_inputs([a["input"]])

@@ -120,7 +120,7 @@ def run_arm(arm: str, args, work: Path, model: Path, vocab: Path, train: Path, v
         f"gates.lr={args.gate_lr}", f"gates.lambda_lr={args.gate_lr}", f"distill.weight={args.distill}",
     ]
     recipe = load_prune_recipe(ROOT / "recipes" / "prune" / "mini.yaml", overrides)
-    plan = prepare(model, "mini-10b", args.to, work / f"prune-{arm}-r{budget}", vocab)
+    plan = prepare("mini-10b", args.to, model, work / f"prune-{arm}-r{budget}", vocab)
     started = time.perf_counter()
     reports = run_prune(plan, recipe, progress=False, log=lambda m: print(f"  [{arm}] {m}", file=sys.stderr))
     print(f"  [{arm}] {time.perf_counter() - started:.0f} s", file=sys.stderr)

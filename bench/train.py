@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cpmctl.model.ant import build_model, param_counts  # noqa: E402
 from cpmctl.model.config import CPMAntConfig, resolve_config  # noqa: E402
 from cpmctl.train.engine import autocast  # noqa: E402
-from cpmctl.train.loop import TrainConfig, train  # noqa: E402
+from cpmctl.train.loop import train  # noqa: E402
+from cpmctl.train.recipe import TrainConfig  # noqa: E402
 
 PRESETS = {
     # ~1.03B parameters: 20 layers of d 2048, 16 heads x 128, gated FFN 5120, the CPM-Ant vocabulary.

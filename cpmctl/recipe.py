@@ -1,17 +1,30 @@
 """Typed recipes: flat dataclasses loaded from YAML, with `section.key=value` overrides from the command line.
 
-Unknown keys and wrong types are rejected with the YAML path named (`train.lr: expected a number, got 'fast'`).
-A recipe class is a dataclass whose fields are scalars, lists of scalars, Optional[...] or nested dataclasses.
+Unknown keys, wrong types and choices outside a `typing.Literal` are rejected with the YAML path named
+(`train.lr: expected a number, got 'fast'`, `train.precision: expected one of 'fp32' | 'bf16' | 'fp16', got 'fp8'`).
+A recipe class is a dataclass whose fields are scalars, Literal choices, lists, Optional[...] or nested dataclasses.
+
+A field's default is its only default. A section nested in another starts from the parent field's default
+(`train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-3))`), so a YAML `train:` section that sets
+two keys keeps the stage's other defaults. CLI options become overrides only when given (`flags=`), applied
+after the YAML file and before `key=value` overrides.
+
+Rules a type cannot state (ranges, keys that depend on each other) go in a `check(self, at)` method on the section:
+`at` is where the section sits in the recipe (`train`, `mask`, `recovery`), so the same TrainConfig names
+`mask.steps` in a prune recipe and `train.steps` in a pretrain one. `check_recipe` runs every field's type check
+and every section's `check`, children first; the loader runs it, and so does a core function handed an instance
+built in Python.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Literal, NoReturn, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -80,7 +93,7 @@ def _coerce(value: Any, tp, path: str):
             return float(value)  # YAML 1.1 reads `lr: 1e-3` as a string
         raise CpmctlError(f"{path}: expected a number, got {value!r}")
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, (str, int, float, os.PathLike)) and not isinstance(value, bool):
             return str(value)
         raise CpmctlError(f"{path}: expected a string, got {value!r}")
     if tp is Any:
@@ -88,7 +101,26 @@ def _coerce(value: Any, tp, path: str):
     raise CpmctlError(f"{path}: unsupported field type {tp}")
 
 
-def from_dict(cls: type[T], data: Any, path: str = "") -> T:
+def join(at: str, name: str) -> str:
+    """The key path of `name` in the section at `at` ('' is the recipe's top level)."""
+    return f"{at}.{name}" if at else name
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _is_section(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def from_dict(cls: type[T], data: Any, path: str = "", base: T | None = None) -> T:
+    """An instance of `cls` from a mapping: `base` (or the field defaults) updated by the keys of `data`. A nested
+    section starts from its field's default in the parent, so the parent's defaults for it survive."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -97,12 +129,70 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        where = f"{path}." if path else ""
-        raise CpmctlError(f"unknown recipe key '{where}{unknown[0]}' (known: {', '.join(fields)})")
+        raise CpmctlError(f"unknown recipe key '{join(path, unknown[0])}' (known: {', '.join(fields)})")
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(value, hints[name], f"{path}.{name}" if path else name)
-    return cls(**kwargs)
+        tp, key = hints[name], join(path, name)
+        if _is_section(tp):
+            start = getattr(base, name) if base is not None else _field_default(fields[name])
+            kwargs[name] = from_dict(tp, value, key, start if isinstance(start, tp) else None)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+
+def check_recipe(recipe, at: str = "") -> None:
+    """Check a recipe instance, loaded or built in Python: every field against its type (a choice against its
+    Literal), then each section's `check(at)` hook with the section's key path, children before parents."""
+    hints = get_type_hints(type(recipe))
+    for f in dataclasses.fields(recipe):
+        value, tp, key = getattr(recipe, f.name), hints[f.name], join(at, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_recipe(value, key)
+        elif _is_section(tp):
+            raise CpmctlError(f"{key}: expected a {tp.__name__} section, got {value!r}")
+        else:
+            _coerce(value, tp, key)
+    hook = getattr(recipe, "check", None)
+    if callable(hook):
+        hook(at)
+
+
+# ----- helpers for `check(at)` hooks: one message shape, `key: must ..., got value` ----------------------------
+def fail(at: str, name: str, message: str) -> NoReturn:
+    raise CpmctlError(f"{join(at, name)}: {message}")
+
+
+def positive(section, at: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value <= 0:
+            fail(at, name, f"must be positive, got {value}")
+
+
+def non_negative(section, at: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value < 0:
+            fail(at, name, f"must not be negative, got {value}")
+
+
+def at_least(section, at: str, name: str, minimum, why: str = "") -> None:
+    value = getattr(section, name)
+    if value is not None and value < minimum:
+        fail(at, name, f"must be >= {minimum}{f' ({why})' if why else ''}, got {value}")
+
+
+def within(section, at: str, name: str, low: float, high: float, *, open_low: bool = False,
+           open_high: bool = False) -> None:
+    value = getattr(section, name)
+    if value is None:
+        return
+    above = value > low if open_low else value >= low
+    below = value < high if open_high else value <= high
+    if not (above and below):
+        span = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        fail(at, name, f"must be within {span}, got {value}")
 
 
 def to_dict(recipe) -> dict:
@@ -128,14 +218,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides or []:
         keys, value = parse_override(text)
-        node = data
-        for k in keys[:-1]:
-            if node.get(k) is None:
-                node[k] = {}
-            if not isinstance(node[k], dict):
-                raise CpmctlError(f"override '{text}': '{k}' is not a section")
-            node = node[k]
-        node[keys[-1]] = value
+        _set(data, keys, value, text)
     return data
 
 
@@ -145,6 +228,10 @@ def load_yaml(path: str | Path) -> dict:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CpmctlError(f"recipe not found: {path}") from None
+    except IsADirectoryError:
+        raise CpmctlError(f"--recipe {path}: is a directory; name a recipe .yaml file") from None
+    except UnicodeDecodeError as e:
+        raise CpmctlError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -156,20 +243,50 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_recipe(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> T:
-    """Defaults of `cls`, updated by `base`, then the YAML file, then the overrides."""
+def load_recipe(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                flags: dict[str, Any] | None = None) -> T:
+    """Defaults of `cls`, updated by the YAML file, then `flags` (dotted key -> value as CLI options give them,
+    None = not given), then the `key=value` overrides; then checked (`check_recipe`)."""
     data: dict = {}
-    if base:
-        _deep_update(data, base)
     if path is not None:
         _deep_update(data, load_yaml(path))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _set(data, key.split("."), value, key)
     apply_overrides(data, overrides or [])
     try:
-        return from_dict(cls, data)
+        recipe = from_dict(cls, data)
+        check_recipe(recipe)
     except CpmctlError as e:
-        if path is not None:
+        # Name where the bad value came from: the override that set the key, else the recipe file.
+        key = str(e).split(":", 1)[0].split("[", 1)[0]
+        given = [text for text in overrides or [] if text.partition("=")[0].strip() == key]
+        if given:
+            raise CpmctlError(f"{e} (set by the override '{given[-1]}')") from None
+        if path is not None and key not in {k for k, v in (flags or {}).items() if v is not None}:
             raise CpmctlError(f"{path}: {e}") from None
         raise
+    return recipe
+
+
+def _set(data: dict, keys: list[str], value, text: str) -> None:
+    node = data
+    for k in keys[:-1]:
+        if node.get(k) is None:
+            node[k] = {}
+        if not isinstance(node[k], dict):
+            raise CpmctlError(f"override '{text}': '{k}' is not a section")
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def default_of(cls, key: str):
+    """The default of a dotted key of a recipe class (`default_of(EvalRecipe, 'eval.split')` -> 'test'), for help
+    texts that show it without restating it."""
+    value = cls()
+    for name in key.split("."):
+        value = getattr(value, name)
+    return value
 
 
 def _deep_update(dst: dict, src: dict) -> dict:

@@ -53,7 +53,8 @@ def checkpoint(tmp_path, tiny_vocab, capsys):
 
 
 def test_init_and_info(capsys, checkpoint, tiny_vocab):
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["config.json", NATIVE_WEIGHTS, "vocab.txt"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == [".cpmctl-output.json", "config.json", NATIVE_WEIGHTS,
+                                                            "vocab.txt"]  # the marker: written by `model init`
     [info] = run_json(capsys, "model", "info", checkpoint)
     vocab_size = CPMAntTokenizer(tiny_vocab).vocab_size
     assert info["format"] == "native" and info["vocab_size"] == vocab_size and info["num_layers"] == 2

@@ -258,7 +258,7 @@ def test_store_errors_are_one_line(tmp_path, capsys):
 
 def test_store_is_locked_while_a_run_holds_it(tmp_path):
     with DedupStore.open(tmp_path / "s.sqlite"):
-        with pytest.raises(CpmctlError, match="in use by another dedup run"):
+        with pytest.raises(CpmctlError, match="in use by PID"):
             DedupStore.open(tmp_path / "s.sqlite")
 
 

@@ -14,14 +14,7 @@ import torch.nn.functional as F
 from cpmctl import CpmctlError
 from cpmctl.data.filter_rules import (
     Boilerplate,
-    BoilerplateRule,
-    ChineseRatioRule,
     DocumentFilter,
-    FilterRecipe,
-    MinLengthRule,
-    ParagraphLengthRule,
-    RepetitionRule,
-    SymbolRule,
     check_chinese_ratio,
     check_min_length,
     check_paragraph_length,
@@ -31,6 +24,15 @@ from cpmctl.data.filter_rules import (
     trie_regex,
     unit_codes,
     units,
+)
+from cpmctl.data.recipe import (
+    BoilerplateRule,
+    ChineseRatioRule,
+    FilterRecipe,
+    MinLengthRule,
+    ParagraphLengthRule,
+    RepetitionRule,
+    SymbolRule,
 )
 from cpmctl.recipe import load_recipe
 from tests.conftest import run_cli, tiny_config

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cpmctl import CpmctlError
-from cpmctl.data.pack import PackSettings, inspect_splits, make_record, pack
+from cpmctl.data.pack import PackSettings, _objective_counts, inspect_splits, make_record, pack
 from cpmctl.model.inputs import LM_TASK as LM
 from cpmctl.model.inputs import MLM_TASK as MLM
 from cpmctl.data.packed_format import PackedDataset, PackedReader
@@ -51,22 +51,79 @@ def test_lm_and_mlm_records_follow_the_original(tiny_vocab):
     V = CPMAntTokenizer(tiny_vocab).vocab_size
     piece = list(range(20, 120))
     rng = random.Random(3)
-    lm = make_record(piece, LM, rng, V, 0.15)
+    lm = make_record(piece, LM, rng, V)
     assert list(lm.input[:32]) == [V + 64 + j for j in range(32)]
     assert lm.input[32] == BOS and list(lm.input[33:-1]) == piece and lm.input[-1] == EOS
     assert list(lm.segment) == [0] * 32 + [2] * 102
     ctx = lm.context.astype(bool)
     split = int(np.argmin(ctx))
-    assert ctx[: split].all() and not ctx[split:].any() and 33 < split < len(ctx)  # a suffix is predicted
+    assert ctx[: split].all() and not ctx[split:].any() and 33 <= split < len(ctx)  # a suffix is predicted
     mlm = make_record(piece, MLM, rng, V, 0.15)
     assert list(mlm.input[:32]) == [V + 32 + j for j in range(32)] and list(mlm.input[33:-1]) == piece  # not replaced
     assert list(mlm.segment) == [0] * 32 + [1] * 102
     masked = np.flatnonzero(mlm.context == 0)
-    assert len(masked) == 15 and masked.min() > 32 and masked.max() < len(mlm.input) - 1  # <s>, </s> given
-    for rec in (lm, mlm):
+    assert len(masked) == 15 and masked.min() > 32  # mask_ratio: a fixed share; <s> always given
+    for rec in (lm, mlm, make_record(piece, MLM, rng, V), make_record(piece, LM, rng, V)):
         for i in range(len(rec.input)):
             want = rec.input[i + 1] if i + 1 < len(rec.input) and rec.context[i + 1] == 0 else IGNORE
             assert rec.target[i] == want
+
+
+def test_predicted_counts_follow_the_original_distribution(tiny_vocab):
+    """The original (training_tasks/ant/pretrain.py), recomputed here from its rules: for a record of n tokens
+    (<s> + piece + </s>) mlm predicts k = randint(1, n - 1) positions drawn from 1..n - 1 and lm a suffix of
+    randint(1, n - 1) tokens. So both predict (n / 2) / n of the tokens on average, at least 1, never <s>; an
+    mlm record predicts </s> with probability E[k] / (n - 1) = 1/2, and an lm record always does."""
+    V = CPMAntTokenizer(tiny_vocab).vocab_size
+    rng = random.Random(11)
+    stats = {LM: [], MLM: []}
+    eos_predicted = []
+    for i in range(4000):
+        piece = list(range(20, 20 + 32 + i % 67))  # pieces of 32..98 tokens
+        task = LM if i % 2 else MLM
+        rec = make_record(piece, task, rng, V)
+        predicted = rec.context[32:] == 0  # over <s> + piece + </s>
+        n = len(piece) + 2
+        assert not predicted[0] and 1 <= predicted.sum() <= n - 1
+        if task == LM:
+            k = int(predicted.sum())
+            assert predicted[n - k :].all() and not predicted[: n - k].any()  # a suffix, </s> included
+        else:
+            eos_predicted.append(bool(predicted[-1]))
+        stats[task].append(predicted.sum() / n)
+    # E[k / n] = (n / 2) / n = 0.5 exactly for k uniform on 1..n - 1; 2000 draws: standard error ~0.006.
+    for task in (LM, MLM):
+        assert abs(np.mean(stats[task]) - 0.5) < 0.025, task
+    assert abs(np.mean(eos_predicted) - 0.5) < 0.04
+
+
+def test_later_prompts_quirk_reads_later_records_prompts_as_words(tiny_vocab, tmp_path):
+    """--later-prompts input-embedding: the original's model looks up only a row's first 32 positions in the
+    prompt embedding, so a later record's prompt ids (32 * task + j) are vocabulary ids 32..95."""
+    V = CPMAntTokenizer(tiny_vocab).vocab_size
+    src = write_corpus(tmp_path / "in.jsonl", documents(40, seed=3))
+    for mode in ("prompt-embedding", "input-embedding"):
+        pack(resolve_inputs([src]), tiny_vocab, tmp_path / mode, PackSettings(max_length=256, seed=0, later_prompts=mode))
+    ours, quirk = PackedDataset(tmp_path / "prompt-embedding" / "train"), PackedDataset(tmp_path / "input-embedding" / "train")
+    later = 0
+    for row in range(len(ours)):
+        a, b = ours.rows(row), quirk.rows(row)
+        for key in ("target", "segment", "context", "span", "task"):
+            assert (a[key] == b[key]).all()
+        for span in np.unique(a["span"]):
+            sel = np.flatnonzero(a["span"] == span)
+            if a["task"][sel[0]] < 0:
+                continue
+            slots = sel[:32]
+            assert (a["input"][slots] >= V).all()
+            if sel[0] == 0:
+                assert (b["input"][slots] == a["input"][slots]).all()  # the row's first record: prompt embedding
+            else:
+                later += 1
+                task = int(a["task"][sel[0]])
+                assert b["input"][slots].tolist() == [32 * task + j for j in range(32)]
+            assert (b["input"][sel[32:]] == a["input"][sel[32:]]).all()
+    assert later > 0
 
 
 def test_round_trip_decoded_records_are_the_source_pieces(tiny_vocab, tmp_path):
@@ -156,6 +213,17 @@ def test_inspect_and_pack_commands(tiny_vocab, tmp_path, capsys):
     assert [s["split"] for s in splits] == ["train", "valid"]
     assert splits[0]["records"] == summary["splits"]["train"]["records"]
     assert splits[0]["samples"] and "⟦" in splits[0]["samples"][0]["text"]
+    # Per objective: records, tokens and predicted tokens, as written at pack time and as recounted from the rows.
+    for split in splits:
+        ds = PackedDataset(split["path"])
+        want = {name: {"records": 0, "tokens": 0, "predicted": 0} for name in ("mlm", "lm")}
+        for task, ids, _, context, _ in records_of(ds):
+            counts = want["lm" if task == LM else "mlm"]
+            counts["records"] += 1
+            counts["tokens"] += len(ids)
+            counts["predicted"] += int((context == 0).sum())
+        assert split["objectives"] == want
+        assert _objective_counts(ds)[0] == want
     code, out, _ = cli("inspect", tmp_path / "p" / "train")
     assert code == 0 and "fill" in out and "row 0" in out
     code, _, err = cli("pack", "-i", src, "--vocab", tmp_path / "nope.txt", "--out", tmp_path / "q")

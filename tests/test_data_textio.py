@@ -15,6 +15,7 @@ from cpmctl.data.textio import (
     LineErrors,
     MalformedLine,
     check_readable,
+    claim_output,
     format_document,
     output_spec,
     paragraphs,
@@ -131,5 +132,6 @@ def test_output_spec_guards(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "precious.txt").write_text("keep")
     with pytest.raises(CpmctlError, match="non-empty directory not written by cpmctl"):
-        output_spec(tmp_path / "mine", "jsonl", None)
+        claim_output(output_spec(tmp_path / "mine", "jsonl", None), "data filter")
+    assert (tmp_path / "mine" / "precious.txt").read_text() == "keep"
     assert output_spec(tmp_path / "o.jsonl.gz", "jsonl", None).compression == "gzip"

@@ -23,7 +23,8 @@ from cpmctl.data.packed_format import PackedDataset, PackedReader  # noqa: E402
 from cpmctl.model.ant import build_model  # noqa: E402
 from cpmctl.model.checkpoint import read_checkpoint  # noqa: E402
 from cpmctl.model.tokenizer import CPMAntTokenizer  # noqa: E402
-from cpmctl.train.loop import TrainConfig, train  # noqa: E402
+from cpmctl.train.loop import train  # noqa: E402
+from cpmctl.train.recipe import TrainConfig  # noqa: E402
 from cpmctl.train.metrics import read_metrics  # noqa: E402
 from tests.synthetic import write_synthetic_packed  # noqa: E402
 

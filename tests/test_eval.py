@@ -61,7 +61,7 @@ def test_generation_task_writes_predictions_and_scores(capsys, tmp_path, checkpo
 
 @pytest.mark.parametrize("task", ["ccpm", "sogou-log"])
 def test_scoring_tasks_through_the_cli(capsys, tmp_path, checkpoint, task):
-    code, out, err = run(capsys, "eval", "--task", task, "--data", FIXTURES / task, "--model", checkpoint,
+    code, out, err = run(capsys, "eval", "--task", task, "--template", "cpmctl", "--data", FIXTURES / task, "--model", checkpoint,
                          "--out", tmp_path / task, "--batch-size", "3")
     assert code == 0, err
     scores = json.loads((tmp_path / task / "scores.json").read_text())
@@ -80,13 +80,13 @@ def test_predictions_matched_by_id_or_by_line(capsys, tmp_path):
     random.Random(0).shuffle(shuffled)
     for rows in (answers, shuffled, [{"prediction": a["prediction"]} for a in answers]):
         write_jsonl(tmp_path / "p.jsonl", rows)
-        code, out, err = run(capsys, "eval", "--task", "ccpm", "--data", data, "--predictions", tmp_path / "p.jsonl",
+        code, out, err = run(capsys, "eval", "--task", "ccpm", "--template", "cpmctl", "--data", data, "--predictions", tmp_path / "p.jsonl",
                              "--json")
         assert code == 0, err
         assert last_json(out)["metrics"]["accuracy"] == pytest.approx(expected)
     # An option's text is accepted for a choice task.
     write_jsonl(tmp_path / "p.jsonl", [{"prediction": ex["options"][ex["label"]]} for ex in examples])
-    code, out, _ = run(capsys, "eval", "--task", "ccpm", "--data", data, "--predictions", tmp_path / "p.jsonl", "--json")
+    code, out, _ = run(capsys, "eval", "--task", "ccpm", "--template", "cpmctl", "--data", data, "--predictions", tmp_path / "p.jsonl", "--json")
     assert last_json(out)["metrics"]["accuracy"] == 100.0
 
 
@@ -128,7 +128,7 @@ def test_bad_predictions_are_one_line_errors(capsys, tmp_path, rows, message):
 
 def test_choice_prediction_out_of_range(capsys, tmp_path):
     write_jsonl(tmp_path / "p.jsonl", [{"prediction": 4}] * 4)
-    code, _, err = run(capsys, "eval", "--task", "ccpm", "--data", FIXTURES / "ccpm", "--predictions", tmp_path / "p.jsonl")
+    code, _, err = run(capsys, "eval", "--task", "ccpm", "--template", "cpmctl", "--data", FIXTURES / "ccpm", "--predictions", tmp_path / "p.jsonl")
     assert code == 2 and "p.jsonl:1: prediction 4 out of range for 4 options" in err
 
 
@@ -138,7 +138,7 @@ def test_bad_invocations(capsys, tmp_path, checkpoint):
         (["eval", "--task", "nope", "--data", FIXTURES / "lcsts", "--model", checkpoint], "unknown task 'nope'"),
         (["eval", "--task", "lcsts", "--data", tmp_path, "--model", checkpoint], "no test.jsonl"),
         (["eval", "--task", "lcsts", "--data", FIXTURES / "lcsts", "--model", checkpoint, "--split", "val"],
-         "split must be one of"),
+         "eval.split: expected one of 'train' | 'dev' | 'test', got 'val'"),
         (["eval", "--task", "lcsts", "--data", FIXTURES / "lcsts", "--model", checkpoint, "eval.batchsize=2"],
          "unknown recipe key 'eval.batchsize'"),
         (["eval", "--task", "lcsts", "--data", FIXTURES / "lcsts", "--model", checkpoint, "--decode", "nucleus",

@@ -29,10 +29,12 @@ def _texts(lengths, seed):
 
 
 def _model(seed, eos_scale=1.0):
-    """A tiny random model; `eos_scale` stretches the </s> embedding so that </s> shows up among the candidates
-    (large) or never does (0)."""
+    """A tiny random model with peaked next-token distributions; `eos_scale` stretches the </s> embedding so that
+    </s> shows up among the candidates (large) or never does (0). The embeddings are scaled from the original's
+    std 0.02 init to std 1, so that the tied head gives a random model the sharp logits these decoding tests need."""
     model = build_model(tiny_config(VOCAB), seed=seed).eval()
     with torch.no_grad():
+        model.input_embedding.weight.mul_(1 / 0.02)
         model.input_embedding.weight[EOS] *= eos_scale
     return model
 
@@ -213,6 +215,36 @@ def test_repetition_penalty_is_ctrl_on_generated_tokens_once():
     assert torch.equal(apply_repetition_penalty(logits, torch.empty(1, 0, dtype=torch.long), 2.0), logits)
 
 
+def test_repetition_window_penalises_only_the_last_tokens():
+    """The original's window (generation_utils.apply_repetition_penalty): output_tokens[max(start, end + 1 - W):
+    end + 1], the last W generated tokens. Token 0 was generated 3 steps ago and leaves a window of 2."""
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
+    generated = torch.tensor([[0, 3, 1, 1]])
+    out = apply_repetition_penalty(logits.clone(), generated, 2.0, window=2)
+    assert out.tolist() == [[2.0, -4.0, 1.0, -1.0]]
+    assert apply_repetition_penalty(logits.clone(), generated, 2.0, window=4).tolist() == [[1.0, -4.0, 1.0, -2.0]]
+    # Greedy decoding with a window equals the recompute-everything loop with the original's windowed penalty.
+    model = _model(5)
+    texts = _texts([6, 3], 5)
+    cfg = GenerationConfig(decode="greedy", repetition_penalty=3.0, repetition_window=2, max_new_tokens=10)
+    ours = greedy(model, build_inputs(model, texts), cfg)
+    for text, ids in zip(texts, ours):
+        want: list[int] = []
+        for _ in range(10):
+            logits = full_logits(model, text, [want])
+            original_penalty(logits, [want[-2:]], 3.0)
+            token = int(logits.argmax(-1))
+            if token == EOS:
+                break
+            want.append(token)
+        assert ids == want
+    unwindowed = greedy(model, build_inputs(model, texts), GenerationConfig(decode="greedy", repetition_penalty=3.0,
+                                                                           max_new_tokens=10))
+    assert unwindowed != ours  # the window changes what is penalised here: tokens come back after 2 steps
+    with pytest.raises(CpmctlError, match="--repetition-window must be >= 1"):
+        GenerationConfig(repetition_window=0).validate()
+
+
 # ----- greedy ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
@@ -310,3 +342,86 @@ def test_generate_rejects_bad_input(tiny_vocab):
     ]:
         with pytest.raises(CpmctlError, match=message):
             generate(model, tokenizer, ["今天"], GenerationConfig(**bad))
+
+
+# ----- the batching core (cpmctl/generate/batch.py) ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def batch_checkpoint(tmp_path_factory, tiny_vocab):
+    cfg = tiny_config(CPMAntTokenizer(tiny_vocab).vocab_size)
+    return save_native(build_model(cfg, seed=16), tmp_path_factory.mktemp("batch") / "ckpt", vocab=tiny_vocab)
+
+
+def test_read_prompts_and_collect_prompts(tmp_path):
+    from cpmctl.generate.batch import collect_prompts, read_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "今天", "id": 1}\n\n{"prompt": "我们"}\n', encoding="utf-8")
+    assert read_prompts(path) == ["今天", "我们"] == collect_prompts(None, path)
+    assert collect_prompts("北京", None) == ["北京"]
+    for prompt, input_file, message in [(None, None, "give a PROMPT"), ("x", path, "one of them"),
+                                        (None, tmp_path / "none.jsonl", "input file not found"), (" ", None, "prompt 1 is empty")]:
+        with pytest.raises(CpmctlError, match=message):
+            collect_prompts(prompt, input_file)
+    (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
+    with pytest.raises(CpmctlError, match="no prompts"):
+        read_prompts(tmp_path / "empty.jsonl")
+
+
+def test_prepare_generation_batches_in_order_and_streams_only_one_prompt(batch_checkpoint, tmp_path, tiny_vocab):
+    from cpmctl.generate.batch import prepare_generation
+
+    tokenizer = CPMAntTokenizer(tiny_vocab)
+    prompts = ["今天天气", "我们的学校", "hello world"]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(f'{{"prompt": "{p}"}}\n' for p in prompts), encoding="utf-8")
+    cfg = GenerationConfig(decode="greedy", max_new_tokens=5)
+    run = prepare_generation(batch_checkpoint, cfg, input_file=path, batch_size=2, device="cpu",
+                             on_text=lambda text: None)
+    assert not run.streaming and run.plan is None  # three prompts: no streaming
+    batched = list(run.results())
+    assert [r.prompt for r in batched] == prompts
+    with pytest.raises(RuntimeError, match="decodes once"):
+        list(run.results())
+    pieces = []
+    alone = prepare_generation(batch_checkpoint, cfg, prompt=prompts[0], device="cpu", on_text=pieces.append)
+    assert alone.streaming
+    [one] = alone.results()
+    assert one.token_ids == batched[0].token_ids and "".join(pieces) == tokenizer.decode(one.token_ids)
+    beam = prepare_generation(batch_checkpoint, GenerationConfig(max_new_tokens=3), prompt=prompts[0], device="cpu",
+                              on_text=pieces.append)
+    assert not beam.streaming  # beam search has no token order to stream
+    with pytest.raises(CpmctlError, match="--batch-size must be >= 1, got 0"):
+        prepare_generation(batch_checkpoint, cfg, prompt="今天", batch_size=0, device="cpu")
+
+
+def test_limited_load_plans_for_the_prompts(batch_checkpoint, tiny_vocab):
+    """--memory-limit: the plan is sized from the tokenized prompts, batch and decoding, and the model follows it."""
+    from cpmctl.generate.batch import prepare_generation
+    from cpmctl.generate.plan import generation_shape
+
+    tokenizer = CPMAntTokenizer(tiny_vocab)
+    cfg = GenerationConfig(decode="beam", beam_size=2, max_new_tokens=4)
+    run = prepare_generation(batch_checkpoint, cfg, prompt="今天天气", device="cpu", memory_limit_gb=1.0)
+    config = run.loaded.model.config
+    tokens = len(tokenizer.encode_for_model("今天天气")) + 1
+    assert (run.plan.batch_rows, run.plan.prefill_length, run.plan.capacity) == generation_shape(
+        config, [tokens], 8, "beam", 2, 4)
+    limited = [r.token_ids for r in run.results()]
+    plain = [r.token_ids for r in prepare_generation(batch_checkpoint, cfg, prompt="今天天气", device="cpu").results()]
+    assert limited == plain
+
+
+def test_generate_help_names_the_dataclass_defaults(capsys, monkeypatch):
+    from tests.conftest import run_cli
+
+    monkeypatch.setenv("COLUMNS", "250")  # one line per option
+    code, out, _ = run_cli(capsys, "generate", "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    defaults = GenerationConfig()
+    for flag in ("--decode", "--beam-size", "--top-k", "--top-p", "--temperature", "--repetition-penalty",
+                 "--max-new-tokens", "--seed", "--input", "--batch-size", "--device", "--dtype", "--memory-limit",
+                 "--quantize", "--json", "--model", "--adapter", "--vocab"):
+        assert flag in text, flag
+    for value in (defaults.decode, defaults.beam_size, defaults.top_p, defaults.max_new_tokens):
+        assert f"(default {value})" in text

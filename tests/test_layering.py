@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cpmctl"
 FLOORS: list[set[str]] = [
     {""},  # cpmctl/__init__.py: CpmctlError, the version
     {"io", "recipe", "device", "progress"},  # small shared modules: atomic writes, recipes, device policy, progress
+    {"outputs"},  # the output policy and locks, over io's atomic writes
     {"model"},
     {"data"},
     {"tasks"},

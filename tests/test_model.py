@@ -4,6 +4,7 @@ bias written from shared/reference/cpm-ant.md), and the KV cache against full re
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -323,12 +324,49 @@ def test_zero_gates_equal_dropped_sub_blocks():
 
 
 def test_init_follows_the_original_convention():
-    """Original init: std 1 for every weight before folding (layer norms 1); unfolding the folded init gives back
-    std ~1 in every matrix."""
+    """Original init (cpm_live/models/ant.py): the input, prompt and segment embeddings std 0.02, every linear and
+    the position-bias table std 1, layer norms 1 - all before the 1/sqrt(d) factors. Unfolding the folded init
+    gives those stds back; the folded embeddings have std 0.02 / sqrt(dim_model)."""
     config = tiny_config(VOCAB, dim_model=128, dim_ff=256)
-    state = model_state(build_model(config, seed=19))
+    model = build_model(config, seed=19)
+    state = model_state(model)
     for key, t in state.items():
         if "layernorm" in key:
             assert torch.all(t == 1.0), key
+        elif key.endswith("embedding.weight"):
+            assert abs(t.float().std().item() - 0.02) < 0.002, key
         else:
             assert abs(t.float().std().item() - 1.0) < 0.1, key
+    folded = model.input_embedding.weight.float().std().item()
+    assert abs(folded - 0.02 / 128 ** 0.5) < 0.0002
+
+
+def test_residual_dropout_as_the_original():
+    """With dropout_p > 0 in training each residual branch is dropped out before it is added (as the original's
+    blocks do); at p = 0, or in eval mode, the outputs are exactly the deterministic ones."""
+    config = tiny_config(VOCAB)
+    plain = build_model(config, seed=3)
+    dropped = build_model(dataclasses.replace(config, dropout_p=0.5), seed=3)
+    inputs = build_inputs(plain, _random_texts([8, 5], seed=4))
+    args = (inputs["input"], inputs["segment"], inputs["context"], inputs["span"])
+    with torch.no_grad():
+        want = plain(*args)
+        assert torch.equal(dropped.eval()(*args), want)  # eval: no dropout anywhere
+        plain.train()
+        assert torch.equal(plain(*args), want)  # p = 0 in training: unchanged
+        dropped.train()
+        torch.manual_seed(0)
+        trained = dropped(*args)
+        assert not torch.allclose(trained, want)
+    # The residual branch itself is dropped: with attention/FFN-internal dropout switched off, outputs still vary.
+    for block in dropped.encoder.layers:
+        if block.self_att is not None:
+            block.self_att.self_attention.dropout_p = 0.0
+        if block.ffn is not None:
+            block.ffn.ffn.dropout_p = 0.0
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a = dropped(*args)
+        torch.manual_seed(1)
+        b = dropped(*args)
+    assert not torch.allclose(a, b)

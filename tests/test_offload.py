@@ -132,6 +132,29 @@ def test_hf_layout_is_refused_with_a_hint(checkpoint, tmp_path):
         load_offloaded(hf, budget=None)
 
 
+def test_loader_takes_a_finished_plan(checkpoint):
+    """load_planned follows the plan it is given (the one plan_generation makes for `generate`), and refuses a plan
+    sized for another config or device."""
+    from cpmctl.generate.offload import load_planned
+
+    config = MappedCheckpoint(checkpoint).config
+    plan = plan_memory(config, device_type="cpu", dtype=torch.float32, budget=cpu_budget(config, 2.5), batch_rows=6)
+    offloaded = load_planned(checkpoint, plan, device="cpu")
+    try:
+        assert offloaded.plan is plan and offloaded.plan.streamed
+        reference, _ = load_model(checkpoint)
+        assert decode_all(reference) == decode_all(offloaded.model)
+    finally:
+        offloaded.close()
+    other = plan_memory(tiny_config(config.vocab_size, num_layers=3), device_type="cpu", dtype=torch.float32,
+                        budget=None)
+    with pytest.raises(CpmctlError, match="made for another model config"):
+        load_planned(checkpoint, other, device="cpu")
+    on_cuda = plan_memory(config, device_type="cuda", dtype=torch.float32, budget=None)
+    with pytest.raises(CpmctlError, match="the memory plan is for cuda"):
+        load_planned(checkpoint, on_cuda, device="cpu")
+
+
 LOAD_PEAK_SCRIPT = """
 import json, sys, threading, time
 import torch

@@ -154,3 +154,47 @@ def test_model_info_rejects_bad_limits(capsys):
     assert code == 2 and "positive" in err
     code, _, err = run_cli(["model", "info", "10b", "--memory-limit", "100000", "--device", "cpu"], capsys)
     assert code == 2 and "more than cpu has" in err
+
+
+def test_plan_generation_is_plan_memory_of_the_generation_shape():
+    from cpmctl.generate.plan import plan_generation
+    from cpmctl.model.generation_config import GenerationConfig
+
+    cfg = resolve_config("mini-3b")
+    cpu = torch.device("cpu")
+    decoding = GenerationConfig(decode="beam", beam_size=2, max_new_tokens=20)
+    plan = plan_generation(cfg, [12, 30, 7], decoding=decoding, batch_size=2, device=cpu, dtype=torch.float32,
+                           memory_limit_gb=4, quantize="int8")
+    rows, prefill, capacity = generation_shape(cfg, [12, 30, 7], 2, "beam", 2, 20)
+    assert plan == plan_memory(cfg, device_type="cpu", dtype=torch.float32, budget=4 * GB, quantize="int8",
+                               batch_rows=rows, prefill_length=prefill, capacity=capacity)
+    assert plan.torch_dtype == torch.float32
+    greedy = GenerationConfig(decode="greedy")
+    for kwargs, message in [
+        (dict(quantize="int4"), "--quantize must be one of int8"),
+        (dict(batch_size=0), "--batch-size must be >= 1, got 0"),
+        (dict(batch_size=0, batch_option="--batch-rows"), "--batch-rows must be >= 1, got 0"),
+        (dict(decoding=GenerationConfig(max_new_tokens=0)), "--max-new-tokens must be >= 1"),
+        (dict(memory_limit_gb=-1), "positive"),
+        (dict(memory_limit_gb=0.01), "below the minimum of"),
+    ]:
+        args = dict(decoding=greedy, batch_size=1, device=cpu, dtype=torch.float32, memory_limit_gb=4) | kwargs
+        with pytest.raises(CpmctlError, match=message):
+            plan_generation(cfg, [12], **args)
+
+
+def test_model_info_and_generate_make_the_same_plan(capsys):
+    """`model info --batch-rows R --prompt-tokens N` is the plan of greedy generation of R prompts of N tokens."""
+    from cpmctl.generate.plan import plan_generation
+    from cpmctl.model.generation_config import GenerationConfig
+
+    code, out, _ = run_cli(["model", "info", "mini-3b", "--memory-limit", "3", "--device", "cpu", "--batch-rows", "3",
+                            "--prompt-tokens", "40", "--max-new-tokens", "16", "--json"], capsys)
+    assert code == 0
+    plan = plan_generation(resolve_config("mini-3b"), [40, 40, 40], decoding=GenerationConfig(decode="greedy",
+                           max_new_tokens=16), batch_size=8, device=torch.device("cpu"), dtype=torch.float32,
+                           memory_limit_gb=3)
+    assert json.loads(out)["memory_plan"] == json.loads(json.dumps(plan.to_dict()))
+    code, _, err = run_cli(["model", "info", "10b", "--memory-limit", "4", "--device", "cpu", "--batch-rows", "0"],
+                           capsys)
+    assert code == 2 and "--batch-rows must be >= 1, got 0" in err

@@ -89,7 +89,8 @@ def test_layer_then_width_stage_reach_the_exact_target(setup, capsys, tmp_path):
     report = json.loads(out.strip().splitlines()[-1])
     assert (report["shape"]["num_heads"], report["shape"]["dim_ff"]) == (2, 20)
     assert report["shape"]["mask_modules"] == model.config.mask_modules
-    assert report["kept"]["channels_per_layer"] == {"0": 20, "1": 20}
+    ffn_kept = [str(i) for i, (_, ffn_dropped) in enumerate(report["shape"]["mask_modules"]) if not ffn_dropped]
+    assert report["kept"]["channels_per_layer"] == {i: 20 for i in ffn_kept}  # the layers stage 1 kept
     assert len(report["kept"]["heads"]) == 2
 
 
@@ -132,6 +133,42 @@ def test_interrupted_stage_resumes_to_the_same_result(setup, capsys, tmp_path, m
     # A finished stage is skipped on a rerun.
     code, out, _ = cli(prune_args(root, "t0", "t1", root / "m0", tmp_path / "cut", *steps), capsys)
     assert code == 0 and json.loads(out)["status"].startswith("skipped")
+
+
+def test_identical_runs_and_a_kill_before_the_first_checkpoint_give_the_same_bytes(setup, capsys, tmp_path,
+                                                                                   monkeypatch):
+    """Every random draw of a prune run comes from the recipe seed (the gates' initial log_alpha included): two
+    identical commands write identical models, and a run killed before its first mask checkpoint and rerun
+    writes what the uninterrupted run writes."""
+    root = setup
+    steps = ["mask.steps=4", "mask.save_every=3", "recovery.steps=2", "gates.lr=0.5", "gates.init_std=0.5"]
+    runs = []
+    for name in ("one", "two"):
+        code, _, err = cli(prune_args(root, "t0", "t1", root / "m0", tmp_path / name, *steps), capsys)
+        assert code == 0, err
+        runs.append(tmp_path / name / "stage-1-t0-to-t1")
+    original_on_step = mask_phase.MaskPhase.on_step
+
+    class Killed(Exception):
+        """Stands for SIGKILL: nothing in cpmctl handles it, so nothing is saved on the way out."""
+
+    def killed_at_step_2(self, step, model):
+        if step == 2:
+            raise Killed
+        original_on_step(self, step, model)
+
+    monkeypatch.setattr(mask_phase.MaskPhase, "on_step", killed_at_step_2)
+    with pytest.raises(Killed):
+        main([str(a) for a in prune_args(root, "t0", "t1", root / "m0", tmp_path / "killed", *steps)])
+    capsys.readouterr()
+    assert not (tmp_path / "killed" / "stage-1-t0-to-t1" / "mask" / "latest").exists()  # nothing saved yet
+    monkeypatch.setattr(mask_phase.MaskPhase, "on_step", original_on_step)
+    code, _, err = cli(prune_args(root, "t0", "t1", root / "m0", tmp_path / "killed", *steps), capsys)
+    assert code == 0, err
+    runs.append(tmp_path / "killed" / "stage-1-t0-to-t1")
+    want = [(runs[0] / f).read_bytes() for f in ("model/model.safetensors", "extracted/selection.pt")]
+    for run in runs[1:]:
+        assert [(run / f).read_bytes() for f in ("model/model.safetensors", "extracted/selection.pt")] == want, run
 
 
 def test_whole_mini_ladder_runs_every_stage(setup, capsys, tmp_path):

@@ -47,12 +47,12 @@ def test_registry_has_the_six_tasks_with_their_kinds():
                      "kdconv": "generation", "math23k": "generation"}
     assert "custom" in T.task_names()
     with pytest.raises(CpmctlError, match="unknown task 'cmrc'"):
-        T.get_task("cmrc")
+        T.get_task("cmrc", template="cpmctl")
 
 
 @pytest.mark.parametrize("name", list(COUNTS))
 def test_fixtures_load(name):
-    task = T.get_task(name)
+    task = T.get_task(name, template="cpmctl")
     for split, n in zip(T.SPLITS, COUNTS[name]):
         examples = task.load_split(FIXTURES / name, split)
         assert len(examples) == n
@@ -62,7 +62,7 @@ def test_fixtures_load(name):
 def test_missing_split(tmp_path):
     (tmp_path / "train.jsonl").write_text(json.dumps({"input": "a", "target": "b"}) + "\n")
     with pytest.raises(CpmctlError, match="no dev.jsonl"):
-        T.get_task("lcsts").load_split(tmp_path, "dev")
+        T.get_task("lcsts", template="cpmctl").load_split(tmp_path, "dev")
 
 
 @pytest.mark.parametrize(
@@ -71,7 +71,7 @@ def test_missing_split(tmp_path):
         ("lcsts", [{"input": "a", "target": "b"}, "{not json"], r"bad.jsonl:2: not valid JSON"),
         ("lcsts", [{"input": "a", "target": "b"}, {"input": "a"}], r"bad.jsonl:2: missing field 'target'"),
         ("lcsts", [{"input": "a", "target": ""}], r"bad.jsonl:1: field 'target' is empty"),
-        ("lcsts", [["a", "b"]], r"bad.jsonl:1: expected a JSON object"),
+        ("lcsts", [["a", "b"]], r"bad.jsonl:1: expected an object, got list"),
         ("ccpm", [{"input": "a", "options": ["x", "y"], "label": 2}], r"bad.jsonl:1: label 2 out of range for 2"),
         ("ccpm", [{"input": "a", "options": ["x", "y"], "label": "0"}], r"bad.jsonl:1: field 'label' must be an integer"),
         ("ccpm", [{"input": "a", "options": ["x"], "label": 0}], r"at least 2 options"),
@@ -84,12 +84,12 @@ def test_missing_split(tmp_path):
 def test_malformed_examples_name_the_line(tmp_path, task, rows, message):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(CpmctlError, match=message):
-        T.get_task(task).load(path)
+        T.get_task(task, template="cpmctl").load(path)
 
 
 # ----- rows ----------------------------------------------------------------------------------------------------
 def test_generation_row_layout(tok):
-    task = T.get_task("lcsts")
+    task = T.get_task("lcsts", template="cpmctl")
     ex = task.load_split(FIXTURES / "lcsts", "train")[0]
     (row,) = task.to_rows([ex], tok, max_length=192)  # room for the input and max_target_length (64)
     # The template's literal and the example's text are encoded apart (only the text is ever cut).
@@ -111,7 +111,7 @@ def test_generation_row_layout(tok):
 
 
 def test_long_input_is_truncated_but_template_and_target_survive(tok):
-    task = T.get_task("lcsts")
+    task = T.get_task("lcsts", template="cpmctl")
     ex = T.GenerationExample(input="今天天气不错" * 50, target="天气不错")
     (seq,) = task.sequences(ex, tok, 128)
     assert 32 + len(seq.given) == 128 - task.max_target_length
@@ -122,7 +122,7 @@ def test_long_input_is_truncated_but_template_and_target_survive(tok):
 
 
 def test_choice_rows_one_per_option(tok):
-    task = T.get_task("ccpm")
+    task = T.get_task("ccpm", template="cpmctl")
     ex = task.load_split(FIXTURES / "ccpm", "train")[1]  # label 1
     rows = task.to_rows([ex], tok, max_length=96)
     assert len(rows) == 4
@@ -137,7 +137,7 @@ def test_choice_rows_one_per_option(tok):
 
 
 def test_ranking_rows_answer_by_relevance(tok):
-    task = T.get_task("sogou-log")
+    task = T.get_task("sogou-log", template="cpmctl")
     examples = task.load_split(FIXTURES / "sogou-log", "train")
     rows = task.to_rows(examples, tok, max_length=128)
     yes = T.single_token(tok, "是")
@@ -146,7 +146,7 @@ def test_ranking_rows_answer_by_relevance(tok):
 
 
 def test_packed_rows_give_the_same_logits_as_one_sequence_per_row(tok, model):
-    task = T.get_task("ccpm")
+    task = T.get_task("ccpm", template="cpmctl")
     examples = task.load_split(FIXTURES / "ccpm", "train")
     single = task.to_rows(examples, tok, max_length=128)
     packed = task.to_rows(examples, tok, max_length=128, pack=True)
@@ -163,7 +163,7 @@ def test_packed_rows_give_the_same_logits_as_one_sequence_per_row(tok, model):
 
 
 def test_task_reader_resumes_exactly(tok):
-    task = T.get_task("c3")
+    task = T.get_task("c3", template="cpmctl")
     examples = task.load_split(FIXTURES / "c3", "train")
     reader = task.reader(examples, tok, batch_size=3, max_length=128, seed=5)
     reader.next_batch()
@@ -183,7 +183,7 @@ def test_task_reader_resumes_exactly(tok):
 # ----- prediction ----------------------------------------------------------------------------------------------
 def test_option_scores_read_the_logit_the_training_row_trains(tok, model):
     """The logit of 是 that option scoring reads is the one at the position whose training target is 是/否."""
-    task = T.get_task("ccpm")
+    task = T.get_task("ccpm", template="cpmctl")
     ex = task.load_split(FIXTURES / "ccpm", "test")[0]
     scores = option_scores(task, model, tok, [ex], batch_size=3)[0]
     rows = task.to_rows([ex], tok, max_length=96)
@@ -198,7 +198,7 @@ def test_option_scores_read_the_logit_the_training_row_trains(tok, model):
 
 
 def test_generation_predictions_do_not_depend_on_batching(tok, model):
-    task = T.get_task("kdconv")
+    task = T.get_task("kdconv", template="cpmctl")
     examples = task.load_split(FIXTURES / "kdconv", "test")
     one = predict(task, model, tok, examples, batch_size=1, decode="greedy", max_new_tokens=6)
     three = predict(task, model, tok, examples, batch_size=3, decode="greedy", max_new_tokens=6)
@@ -208,7 +208,7 @@ def test_generation_predictions_do_not_depend_on_batching(tok, model):
 
 
 def test_ranking_predictions_and_score(tok, model):
-    task = T.get_task("sogou-log")
+    task = T.get_task("sogou-log", template="cpmctl")
     examples = task.load_split(FIXTURES / "sogou-log", "test")
     preds = predict(task, model, tok, examples, batch_size=4)
     assert len(preds) == len(examples) and all(isinstance(p, float) for p in preds)
@@ -218,7 +218,7 @@ def test_ranking_predictions_and_score(tok, model):
 
 
 def test_score_checks_counts():
-    task = T.get_task("lcsts")
+    task = T.get_task("lcsts", template="cpmctl")
     examples = task.load_split(FIXTURES / "lcsts", "test")
     with pytest.raises(CpmctlError, match="2 predictions for 3 examples"):
         task.score(["a", "b"], examples)
@@ -227,7 +227,7 @@ def test_score_checks_counts():
 
 def test_vocab_without_answer_tokens_is_refused(tiny_vocab):
     tok = CPMAntTokenizer(tiny_vocab)  # has 是 but not 否
-    task = T.get_task("ccpm")
+    task = T.get_task("ccpm", template="cpmctl")
     ex = task.load_split(FIXTURES / "ccpm", "train")[:1]
     with pytest.raises(CpmctlError, match="no single token for '否'"):
         task.to_rows(ex, tok, max_length=96)
@@ -264,4 +264,67 @@ def test_custom_task_errors(tmp_path, text, message):
     with pytest.raises(CpmctlError, match=message):
         T.get_task("custom", path)
     with pytest.raises(CpmctlError, match="needs a task definition"):
-        T.get_task("custom")
+        T.get_task("custom", template="cpmctl")
+
+
+# ----- template: original ---------------------------------------------------------------------------------------
+# The inputs CPM-Live's examples build (examples/tune.py, examples/infer.py), written out here from their rules:
+# prompt ids arange(32) + 32 * task_id with task_id 1, then [<s>] + encode(input) [+ encode(option) +
+# encode("[是否正确]")] [+ encode(target) + [</s>] to predict]; segment 0 for the prompt, 2 for the rest.
+def original_generation_input(tok, text, target):
+    v = tok.vocab_size
+    prompt = [v + 32 * 1 + j for j in range(32)]
+    given = prompt + [BOS] + tok.encode_for_model(text)
+    ids = given + tok.encode_for_model(target) + [EOS]
+    context = [True] * len(given) + [False] * (len(ids) - len(given))
+    return ids, context
+
+
+def original_scoring_input(tok, *pieces):
+    v = tok.vocab_size
+    ids = [v + 32 + j for j in range(32)] + [BOS]
+    for piece in pieces:
+        ids += tok.encode_for_model(piece)
+    return ids
+
+
+@pytest.mark.parametrize("name", ["ccpm", "lcsts", "kdconv", "math23k"])
+def test_original_template_generation_inputs(tok, name):
+    task = T.get_task(name)  # the default template is the original's
+    assert task.kind == "generation" and task.prompt_task_id == 1
+    ex = T.GenerationExample(input="今天天气不错，我们去北京", target="天气不错")
+    ids, context = original_generation_input(tok, ex.input, ex.target)
+    (row,) = task.to_rows([ex], tok)
+    n = len(ids)
+    assert row["input"][:n].tolist() == ids
+    assert row["context"][:n].astype(bool).tolist() == context
+    assert row["segment"][:n].tolist() == [0] * 32 + [2] * (n - 32)
+    want_target = [ids[i + 1] if i + 1 < n and not context[i + 1] else IGNORE for i in range(n)]
+    assert row["target"][:n].tolist() == want_target
+    # Inference feeds the same given part: prompt slots of task 1, <s> and the raw input.
+    assert task.prompt_task_id == 1 and [BOS] + tok.encode_for_model(ex.input) == task.given_ids(ex.input, tok, task.max_length)
+
+
+def test_original_template_choice_and_ranking_inputs(tok, model):
+    from cpmctl.model.inputs import build_inputs
+
+    c3 = T.get_task("c3")
+    ex = T.ChoiceExample("今天天气不错。问：天气怎么样？", ["不错", "很差"], 0)
+    for option in ex.options:
+        want = original_scoring_input(tok, ex.input, option, "[是否正确]")
+        got = c3.option_ids(ex, option, tok, c3.max_length)
+        batch = build_inputs(model, [got], task_id=c3.prompt_task_id)
+        assert batch["input"][0].tolist() == want
+        assert batch["segment"][0].tolist() == [0] * 32 + [2] * (len(want) - 32)
+    sogou = T.get_task("sogou-log")
+    pair = T.RankingExample("北京天气", "今天北京天气不错", 1.0)
+    want = original_scoring_input(tok, pair.query, pair.document, "[是否正确]")
+    got = sogou.pair_ids(pair, tok, sogou.max_length)
+    assert build_inputs(model, [got], task_id=sogou.prompt_task_id)["input"][0].tolist() == want
+
+
+def test_template_choice_is_checked():
+    assert T.get_task("ccpm", template="cpmctl").kind == "choice"
+    assert T.get_task("ccpm").kind == "generation"
+    with pytest.raises(CpmctlError, match="task template must be one of original, cpmctl"):
+        T.get_task("lcsts", template="mine")

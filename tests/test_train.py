@@ -19,7 +19,8 @@ from cpmctl.data.packed_format import PackedDataset, PackedReader
 from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import fold_factor, load_model
 from cpmctl.train.engine import Engine
-from cpmctl.train.loop import TrainConfig, TrainingInterrupted, build_optimizer, train
+from cpmctl.train.loop import TrainingInterrupted, build_optimizer, train
+from cpmctl.train.recipe import TrainConfig
 from cpmctl.train.metrics import read_metrics
 from cpmctl.train.objectives import lm_loss
 from cpmctl.train.schedule import lr_factor
@@ -122,10 +123,11 @@ def test_scaled_adamw_on_folded_weights_takes_the_original_steps():
 def test_loss_falls_well_below_the_unigram_entropy(packed, tmp_path):
     entropy = unigram_entropy(packed[0])
     model = build_model(tiny_config(VOCAB), seed=0)
-    cfg = small_cfg(steps=60, lr=2e-2, warmup_steps=5, valid_every=30, valid_batches=2, save_every=60, log_every=10)
+    # 100 steps: with the original's 0.02 embedding init a tiny model needs a little longer than 60 to get there.
+    cfg = small_cfg(steps=100, lr=2e-2, warmup_steps=5, valid_every=50, valid_batches=2, save_every=100, log_every=10)
     result = train(model, reader(packed[0], seed=0), cfg, tmp_path / "run",
                    valid=reader(packed[1], shuffle=False), progress=False)
-    assert result.steps == 60 and result.valid_loss < 0.8 * entropy, (result.valid_loss, entropy)
+    assert result.steps == 100 and result.valid_loss < 0.8 * entropy, (result.valid_loss, entropy)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     train_rows = [r for r in rows if "loss" in r]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "memory_mb", "loss/lm", "loss/mlm"} <= set(train_rows[0])
@@ -285,3 +287,20 @@ def test_bad_settings_name_the_key(packed, tmp_path, key, value, message):
     with pytest.raises(CpmctlError, match=message):
         train(build_model(tiny_config(VOCAB), seed=0), reader(packed[0]), small_cfg(**{key: value}),
               tmp_path / "run", progress=False)
+
+
+def test_weight_decay_on_matrices_or_everything():
+    """`weight_decay_on: matrices` (the default) decays 2-D weights only; `all` decays every parameter, layer-norm
+    gains and the position bias included, as the original's single optimizer group. The per-weight decay is the
+    original-convention decay divided by the weight's fold factor (see default_param_groups)."""
+    from cpmctl.train.loop import default_param_groups
+
+    model = build_model(tiny_config(VOCAB), seed=0)
+    for mode in ("matrices", "all"):
+        groups = default_param_groups(model, TrainConfig(weight_decay=0.01, weight_decay_on=mode))
+        decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+        for name, p in model.named_parameters():
+            scale = fold_factor(name, p.shape, model.config)
+            want = 0.01 / scale if (p.dim() >= 2 or mode == "all") else 0.0
+            assert decay_of[id(p)] == pytest.approx(want), (mode, name)
+    assert any(p.dim() < 2 for p in model.parameters())  # there are gains for `all` to decay

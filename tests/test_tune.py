@@ -17,7 +17,8 @@ from cpmctl.model.checkpoint import save_native
 from cpmctl.model.tokenizer import CPMAntTokenizer
 from cpmctl.train.loop import TrainingInterrupted
 from cpmctl.model import lora as L
-from cpmctl.tune.tuning import EarlyStop, EpochTracker, load_tune_recipe, prepare_run
+from cpmctl.tune.recipe import load_tune_recipe
+from cpmctl.tune.tuning import EarlyStop, EpochTracker, prepare_run
 from tests.conftest import tiny_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
@@ -137,7 +138,7 @@ def test_resume_after_an_interruption_is_exact(base, tmp_path):
     """ccpm (option scoring): stop in the middle of the run, resume, and land on the uninterrupted run's adapter."""
     overrides = FAST + ["train.batch_size=4", "train.lr=0.02", "tune.epochs=3", "tune.patience=0",
                         "train.save_every=2"]
-    recipe = lambda: load_tune_recipe(None, overrides, task="ccpm")  # noqa: E731
+    recipe = lambda: load_tune_recipe(None, overrides, task="ccpm", template="cpmctl")  # noqa: E731
     data = FIXTURES / "ccpm"
     full = prepare_run(base, data, tmp_path / "full", recipe(), log=lambda *a: None).fit(progress=False)
 
@@ -195,8 +196,8 @@ def _task_dir(tmp_path, task, edit=None, drop=None):
 ])
 def test_bad_task_data(base, tmp_path, capsys, task, edit, drop, message):
     data = _task_dir(tmp_path, task, edit, drop)
-    code, _, err = _run(["tune", "lora", "--task", task, "--model", str(base), "--data", str(data),
-                         "--out", str(tmp_path / "out"), *FAST], capsys)
+    code, _, err = _run(["tune", "lora", "--task", task, "--template", "cpmctl", "--model", str(base), "--data",
+                         str(data), "--out", str(tmp_path / "out"), *FAST], capsys)
     assert code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
 

@@ -8,6 +8,7 @@ import warnings
 
 import click
 import typer
+from rich.markup import escape
 
 from cpmctl import CpmctlError, __version__
 from cpmctl.cli import common
@@ -67,26 +68,43 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*pkg_resources.*")
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        rv = app(args=argv, standalone_mode=False)
+        rv = app(args=args, standalone_mode=False)
         sys.exit(rv if isinstance(rv, int) else common.EXIT_OK)
     except CpmctlError as e:
-        common.err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
-        sys.exit(e.exit_code)
+        _fail(str(e), e.exit_code, args)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except (click.ClickException, _TyperClickException) as e:
+        if "--json" in args:
+            common.emit_json({"error": e.format_message(), "exit_code": e.exit_code})
         e.show()
         sys.exit(e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
         common.err.print("interrupted")
         sys.exit(common.EXIT_INTERRUPTED)
     except FileNotFoundError as e:
-        common.err.print(f"[red]error:[/red] file not found: {e.filename}")
-        sys.exit(common.EXIT_BAD_INPUT)
+        _fail(f"file not found: {e.filename}", common.EXIT_BAD_INPUT, args)
+    except OSError as e:  # the environment's faults (read-only, full, a directory for a file): one line, exit 2
+        message = common.environment_error(e)
+        if message is None:
+            raise
+        _fail(message, common.EXIT_BAD_INPUT, args)
+    except UnicodeDecodeError as e:
+        _fail(f"an input is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8",
+              common.EXIT_BAD_INPUT, args)
     except torch_oom() as e:
-        common.err.print(f"[red]error:[/red] out of memory ({str(e).splitlines()[0][:120]}); lower the batch size")
-        sys.exit(common.EXIT_FAILURE)
+        _fail(f"out of memory ({str(e).splitlines()[0][:120]}); lower the batch size", common.EXIT_FAILURE, args)
+
+
+def _fail(message: str, code: int, args: list[str]) -> None:
+    """One `error:` line on stderr; with --json also one JSON object on stdout, so a script that parses stdout
+    sees the failure too."""
+    common.err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)
+    if "--json" in args:
+        common.emit_json({"error": message, "exit_code": code})
+    sys.exit(code)
 
 
 def torch_oom():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +19,39 @@ out = Console(highlight=False, soft_wrap=True)
 err = stderr
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# errno -> what the user reads; anything else from the OS is a bug and keeps its traceback.
+_ENVIRONMENT = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted", errno.ENOSPC: "no space left on the device",
+                errno.EDQUOT: "disk quota exceeded", errno.EISDIR: "is a directory where a file is expected",
+                errno.ENOTDIR: "not a directory", errno.ENAMETOOLONG: "file name too long",
+                errno.ELOOP: "too many levels of symbolic links", errno.EMFILE: "too many open files",
+                errno.EIO: "input/output error"}
+_TEMP = re.compile(r"^\.(.+)\.\d+\.[^.]+(?:\.spool)?\.tmp$")  # io.make_temp's names: report the output instead
+
+
+def environment_error(e: OSError) -> str | None:
+    """One line for an OSError the environment caused (the file named as the user named it), else None."""
+    reason = _ENVIRONMENT.get(e.errno)
+    if reason is None:
+        return None
+    where = e.filename
+    if where is not None:
+        path = Path(os.fsdecode(where))
+        m = _TEMP.match(path.name)
+        where = str(path.with_name(m.group(1))) if m else str(path)
+    return f"{where}: {reason}" if where else f"{reason} ({e.strerror})"
+
+
+def show_recipe(recipe, json_out: bool = False) -> None:
+    """`--print-recipe`: the resolved recipe as YAML, or as one JSON object with --json."""
+    from cpmctl.recipe import dump_recipe, to_dict
+
+    if json_out:
+        emit_json(to_dict(recipe))
+    else:
+        out.print(dump_recipe(recipe), end="", markup=False)
+
 
 def emit_json(obj) -> None:
     """One JSON object per line on stdout."""

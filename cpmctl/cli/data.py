@@ -10,8 +10,11 @@ import typer
 from rich.table import Table
 
 from cpmctl import CpmctlError
-from cpmctl.cli.common import emit_json, err, out, require_file
+from cpmctl.cli.common import emit_json, err, out, require_file, show_recipe
+from cpmctl.data.pack import PackSettings
+from cpmctl.data.store import CACHE_MB, DEFAULT_THRESHOLD
 from cpmctl.model.tokenizer import CPMAntTokenizer
+from cpmctl.outputs import FORCE_HELP
 
 app = typer.Typer(help="Tokenize, filter, deduplicate, build vocabularies and pack training data.", no_args_is_help=True)
 
@@ -103,18 +106,20 @@ def filter_(
     chunk_mb: float = typer.Option(4.0, "--chunk-mb", help=CHUNK_HELP),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
     print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ):
     """Drop low-quality documents by rules (length, Chinese share, symbols, repetition, boilerplate, blocked words)
     and optionally by perplexity; clean the text of those kept."""
     from cpmctl.data.filter import run_filter
-    from cpmctl.data.filter_rules import RULE_ORDER, FilterRecipe
+    from cpmctl.data.filter_rules import RULE_ORDER
+    from cpmctl.data.recipe import FilterRecipe
     from cpmctl.data.textio import output_spec
-    from cpmctl.recipe import dump_recipe, load_recipe
+    from cpmctl.recipe import load_recipe
 
     recipe = load_recipe(FilterRecipe, recipe_path, list(overrides or []))
     if print_recipe:
-        out.print(dump_recipe(recipe), end="", markup=False)
+        show_recipe(recipe, json_out)
         return
     if not inputs or output is None:
         raise CpmctlError("data filter needs --input and --output")
@@ -122,7 +127,7 @@ def filter_(
     spec = output_spec(output, shards[0].format, shards[0].compression)
     with byte_progress(shards, "filter") as advance:
         result = run_filter(shards, spec, recipe, rejected, _workers(workers), strict, _chunk_bytes(chunk_mb),
-                            shard_mb << 20, advance, _warn)
+                            shard_mb << 20, advance, _warn, force=force)
     if json_out:
         emit_json(result.to_dict())
         return
@@ -150,15 +155,16 @@ def dedup(
     output: Path = typer.Option(..., "--output", "-o", help="Output file (.jsonl/.txt[.gz|.zst]) or directory of shards."),
     store: Path = typer.Option(..., "--store", help="SQLite store of paragraph hashes (created if missing; persists)."),
     threshold: float = typer.Option(None, "--threshold", help="Duplicate when this share of paragraphs is known "
-                                    "(new store: 0.7; an existing store's value must match)."),
+                                    f"(new store: {DEFAULT_THRESHOLD}; an existing store's value must match)."),
     normalize: bool = typer.Option(None, "--normalize/--no-normalize", help="Hash NFKC-normalised, case-folded "
                                    "paragraphs without punctuation/space (new store: off; must match the store)."),
     fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
     workers: int = typer.Option(1, "--workers", "-w", help=WORKERS_HELP),
     shard_mb: int = typer.Option(512, "--shard-mb", help="Directory outputs: start a new shard after this many MB."),
     chunk_mb: float = typer.Option(4.0, "--chunk-mb", help=CHUNK_HELP),
-    cache_mb: int = typer.Option(128, "--cache-mb", help="SQLite page cache: bounds memory whatever the store's size."),
+    cache_mb: int = typer.Option(CACHE_MB, "--cache-mb", help="SQLite page cache: bounds memory whatever the store's size."),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ):
     """Drop documents whose paragraphs were mostly seen before, in this run or any earlier run on the same store.
@@ -172,7 +178,7 @@ def dedup(
     spec = output_spec(output, shards[0].format, shards[0].compression)
     with byte_progress(shards, "dedup") as advance:
         r = run_dedup(shards, spec, store, threshold, normalize, _workers(workers), strict, _chunk_bytes(chunk_mb),
-                      shard_mb << 20, advance, _warn, cache_mb)
+                      shard_mb << 20, advance, _warn, cache_mb, force=force)
     if json_out:
         emit_json(r.to_dict())
         return
@@ -197,6 +203,7 @@ def vocab(
     workers: int = typer.Option(None, "--workers", "-w", help=WORKERS_HELP + " Default: all cores."),
     chunk_mb: float = typer.Option(4.0, "--chunk-mb", help=CHUNK_HELP),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ):
     """Learn a vocabulary in the original's format: special tokens, every character seen, the most frequent jieba
@@ -208,7 +215,7 @@ def vocab(
     shards = _inputs(inputs, fmt)
     with byte_progress(shards, "vocab") as advance:
         r = build_vocab(shards, out_path, size, min_char_count, _workers(workers), strict, _chunk_bytes(chunk_mb),
-                        advance, _warn)
+                        advance, _warn, force=force)
     if json_out:
         emit_json(r.to_dict())
         return
@@ -225,24 +232,34 @@ def pack(
     inputs: list[str] = typer.Option(..., "--input", "-i", help=INPUT_HELP),
     vocab_path: Path = typer.Option(..., "--vocab", help="Vocabulary file."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output directory (train/ and valid/ packed datasets)."),
-    max_length: int = typer.Option(1024, "--max-length", help="Row length; pieces are max_length - 34 tokens."),
-    valid_fraction: float = typer.Option(0.0, "--valid-fraction", help="Share of documents held out in OUT/valid."),
-    seed: int = typer.Option(0, "--seed", help="Seed for lm/mlm choice, masks and the validation split."),
-    mask_ratio: float = typer.Option(0.15, "--mask-ratio", help="Share of an mlm piece's tokens to predict."),
+    max_length: int = typer.Option(None, "--max-length", help="Row length; pieces are max_length - 34 tokens "
+                                   f"(default {PackSettings.max_length})."),
+    valid_fraction: float = typer.Option(None, "--valid-fraction", help="Share of documents held out in OUT/valid "
+                                         f"(default {PackSettings.valid_fraction})."),
+    seed: int = typer.Option(None, "--seed", help="Seed for lm/mlm choice, masks and the validation split "
+                             f"(default {PackSettings.seed})."),
+    mask_ratio: float = typer.Option(None, "--mask-ratio", help="A fixed share of an mlm piece's tokens to predict "
+                                     f"(default {PackSettings.mask_ratio or 'none: the original random count'})."),
+    later_prompts: str = typer.Option(None, "--later-prompts", help="Prompt slots of a row's later records: "
+                                      "prompt-embedding (each record its own, the default) or input-embedding (the "
+                                      "original's quirk: read as vocabulary ids 32..95)."),
     fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
     workers: int = typer.Option(None, "--workers", "-w", help=WORKERS_HELP + " Default: all cores."),
     chunk_mb: float = typer.Option(1.0, "--chunk-mb", help=CHUNK_HELP),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ):
     """Tokenize documents and cut them into the original's lm/mlm records, packed into memory-mapped rows."""
-    from cpmctl.data.pack import PackSettings, pack as run_pack
+    from cpmctl.data.pack import pack as run_pack
 
-    settings = PackSettings(max_length=max_length, seed=seed, valid_fraction=valid_fraction, mask_ratio=mask_ratio)
+    given = {"max_length": max_length, "seed": seed, "valid_fraction": valid_fraction, "mask_ratio": mask_ratio,
+             "later_prompts": later_prompts}
+    settings = PackSettings(**{k: v for k, v in given.items() if v is not None})
     shards = _inputs(inputs, fmt)
     with byte_progress(shards, "pack") as advance:
         r = run_pack(shards, require_file(vocab_path, "vocab file"), out_dir, settings, _workers(workers), strict,
-                     _chunk_bytes(chunk_mb), advance, _warn)
+                     _chunk_bytes(chunk_mb), advance, _warn, force=force)
     if json_out:
         emit_json(r.to_dict())
         return
@@ -275,6 +292,8 @@ def inspect(
         out.print(_table(f"{name}: {info['path']}", [
             ("rows", info["rows"]), ("max_length", info["max_length"]), ("records", f"{info['records']:,} ({tasks})"),
             ("tokens", info["tokens"]), ("target tokens", info["target_tokens"]), ("fill", f"{info['fill']:.1%}"),
+            *((f"{name} objective", f"{c['records']:,} records, {c['tokens']:,} tokens, {c['predicted']:,} predicted "
+               f"({c['predicted'] / max(c['tokens'], 1):.1%})") for name, c in info["objectives"].items()),
             ("vocab", f"{info['vocab_size']:,} tokens, md5 {info['vocab_md5']}"),
         ]))
         for sample in info["samples"]:

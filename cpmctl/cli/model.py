@@ -7,15 +7,15 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cpmctl import CpmctlError
 from cpmctl.cli.common import emit_json, err, format_count, out, require_file
 from cpmctl.device import resolve_device, resolve_dtype
-from cpmctl.generate.plan import plan_for_config, plan_table
-from cpmctl.model.ant import build_model, param_counts
+from cpmctl.generate.plan import plan_generation, plan_table
 from cpmctl.model.checkpoint import convert as convert_checkpoint
-from cpmctl.model.checkpoint import detect_format, read_config, save_native
-from cpmctl.model.config import canonical_name, resolve_config
-from cpmctl.model.tokenizer import CPMAntTokenizer
+from cpmctl.model.checkpoint import detect_format, read_config
+from cpmctl.model.config import resolve_config
+from cpmctl.model.create import describe, init_checkpoint
+from cpmctl.model.generation_config import GenerationConfig
+from cpmctl.outputs import FORCE_HELP
 
 app = typer.Typer(help="Create, inspect and convert CPM-Ant checkpoints.", no_args_is_help=True)
 
@@ -26,53 +26,15 @@ def init(
     vocab: Path = typer.Option(..., "--vocab", help="Vocabulary file (ant.txt or one built by `cpmctl data vocab`)."),
     out_dir: Path = typer.Option(..., "--out", help="Output checkpoint directory (native format)."),
     seed: int = typer.Option(0, "--seed", help="Random seed of the initialisation."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """A randomly initialised model (the original init: std 1 before folding) in the native format."""
-    cfg = resolve_config(config)
-    tokenizer = CPMAntTokenizer(require_file(vocab, "vocab file"))
-    # The vocabulary defines the embedding size of a new model.
-    resized = tokenizer.vocab_size != cfg.vocab_size
-    old_vocab_size, cfg.vocab_size = cfg.vocab_size, tokenizer.vocab_size
-    counts = param_counts(cfg)
-    if counts["total"] > 2e9:
-        raise CpmctlError(f"{config}: {format_count(counts['total'])} parameters is too large to initialise here; "
-                          "initialise on the training cluster")
-    if resized:
-        err.print(f"vocab_size {old_vocab_size} -> {tokenizer.vocab_size} (from {vocab})")
-    model = build_model(cfg, seed=seed)
-    save_native(model, out_dir, vocab=vocab)
-    result = {"out": str(out_dir), "config": config, "seed": seed, **{f"params_{k}": v for k, v in counts.items()}}
+    """A randomly initialised model (the original's init) in the native format."""
+    result = init_checkpoint(config, require_file(vocab, "vocab file"), out_dir, seed, note=err.print, force=force)
     if json_out:
         emit_json(result)
     else:
-        out.print(f"initialised {config} ({format_count(counts['total'])} parameters, seed {seed}) -> {out_dir}")
-
-
-def describe(path_or_name: str) -> dict:
-    path = Path(path_or_name)
-    if path.exists():
-        cfg, fmt = read_config(path)
-    else:
-        cfg, fmt = resolve_config(path_or_name), "config"
-    counts = param_counts(cfg)
-    return {
-        "path": str(path_or_name),
-        "format": fmt,
-        "ladder": canonical_name(path_or_name),
-        "vocab_size": cfg.vocab_size,
-        "dim_model": cfg.dim_model,
-        "num_layers": cfg.num_layers,
-        "attention_layers_kept": cfg.num_attention_kept,
-        "ffn_layers_kept": cfg.num_ffn_kept,
-        "num_heads": cfg.num_heads,
-        "dim_head": cfg.dim_head,
-        "dim_ff": cfg.dim_ff,
-        "dtype": "fp16" if cfg.half else "fp32",
-        "params_total": counts["total"],
-        "params_embedding": counts["embedding"],
-        "params_non_embedding": counts["non_embedding"],
-    }
+        out.print(f"initialised {config} ({format_count(result['params_total'])} parameters, seed {seed}) -> {out_dir}")
 
 
 @app.command()
@@ -111,12 +73,13 @@ def info(
 
 
 def _memory_plan(path, memory_limit, device, dtype, quantize, batch_rows, prompt_tokens, max_new_tokens):
-    cfg = read_config(path)[0] if Path(path).exists() else resolve_config(path)
+    """The plan `generate` would make for --batch-rows greedy prompts of --prompt-tokens tokens decoded together."""
+    cfg = read_config(path)[0] if Path(path).exists() and Path(path).suffix != ".json" else resolve_config(path)
     dev = resolve_device(device)
     dtype = dtype or ("fp16" if cfg.half and dev.type == "cuda" else "fp32")
-    return plan_for_config(cfg, device=dev, dtype=resolve_dtype(dtype, dev), memory_limit_gb=memory_limit,
-                           quantize=quantize, batch_rows=batch_rows, prompt_tokens=prompt_tokens,
-                           max_new_tokens=max_new_tokens)
+    return plan_generation(cfg, [prompt_tokens] * max(batch_rows, 1), batch_size=batch_rows,
+                           batch_option="--batch-rows", decoding=GenerationConfig(decode="greedy", max_new_tokens=max_new_tokens),
+                           device=dev, dtype=resolve_dtype(dtype, dev), memory_limit_gb=memory_limit, quantize=quantize)
 
 
 @app.command()
@@ -125,11 +88,12 @@ def convert(
     to: str = typer.Option(..., "--to", help="Target format: native, original or hf."),
     out_path: Path = typer.Option(..., "--out", help="Output directory (native, hf) or .pt file (original)."),
     vocab: Path = typer.Option(None, "--vocab", help="Vocab file to store with the output."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Convert between formats. native <-> original is a lossless re-container (bit-exact in any dtype)."""
     src_fmt = detect_format(path)
-    result = convert_checkpoint(path, to, out_path, vocab=vocab)
+    result = convert_checkpoint(path, to, out_path, vocab=vocab, force=force)
     if json_out:
         emit_json({"source": str(path), "source_format": src_fmt, "format": to, "out": str(result)})
     else:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from cpmctl.cli.common import EXIT_INTERRUPTED, emit_json, err, out
+from cpmctl.cli.common import EXIT_INTERRUPTED, emit_json, err, out, show_recipe
 
 
 def pretrain(
@@ -15,22 +15,24 @@ def pretrain(
     recipe_path: Path = typer.Option(None, "--recipe", help="Recipe YAML (recipes/pretrain/mini.yaml)."),
     resume: Path = typer.Option(None, "--resume", help="Continue the run in DIR (its out_dir or a step checkpoint)."),
     nproc: int = typer.Option(None, "--nproc", help="Run N processes on this machine (launches torchrun)."),
+    force: bool = typer.Option(False, "--force", help="Start a new run even though out_dir holds something else or "
+                               "an earlier run; it replaces out_dir only once complete."),
     print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the result."),
 ):
     """Pretrain or continue training; checkpoints, metrics.jsonl and loss_curve.png go to out_dir, the model to
     out_dir/final."""
-    from cpmctl.recipe import dump_recipe
     from cpmctl.train.launch import run_under_torchrun
     from cpmctl.train.loop import TrainingInterrupted
-    from cpmctl.train.pretrain import load_pretrain_recipe, preflight, resume_run_dir, run_pretrain
+    from cpmctl.train.pretrain import preflight, resume_run_dir, run_pretrain
+    from cpmctl.train.recipe import load_pretrain_recipe
 
     overrides = list(overrides or [])
     recipe = load_pretrain_recipe(recipe_path, overrides)
     if resume is not None:
         recipe.out_dir, recipe.resume = str(resume_run_dir(resume)), str(resume)
     if print_recipe:
-        out.print(dump_recipe(recipe), end="", markup=False)
+        show_recipe(recipe, json_out)
         return
     if nproc is not None:
         preflight(recipe)
@@ -39,11 +41,12 @@ def pretrain(
             err.print("--nproc: train.engine single -> ddp")
             args.append("train.engine=ddp")
         args += (["--resume", str(resume)] if resume is not None else []) + (["--json"] if json_out else [])
+        args += ["--force"] if force else []
         return run_under_torchrun(nproc, "pretrain", args)
 
     rank = int(os.environ.get("RANK", 0))
     try:
-        result = run_pretrain(recipe, log=err.print)
+        result = run_pretrain(recipe, log=err.print, force=force)
     except TrainingInterrupted as e:
         if rank == 0:
             where = f"; checkpoint {e.checkpoint}" if e.checkpoint else ""

@@ -7,8 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cpmctl import CpmctlError
-from cpmctl.cli.common import EXIT_INTERRUPTED, emit_json, err, format_count, out
+from cpmctl.cli.common import EXIT_INTERRUPTED, emit_json, err, format_count, out, show_recipe
 
 
 def prune(
@@ -22,6 +21,8 @@ def prune(
     out_dir: Path = typer.Option(None, "--out", help="Output directory: one sub-directory per stage."),
     vocab: Path = typer.Option(None, "--vocab", help="Vocab file to store with the outputs (default: beside --model)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages, target shapes and parameter counts."),
+    force: bool = typer.Option(False, "--force", help="Start anew even though --out holds something else or an "
+                               "earlier run; it replaces --out only once complete."),
     print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per stage (with --dry-run: the plan)."),
 ):
@@ -29,8 +30,6 @@ def prune(
     shape, recovery training; outputs in native and original formats. Rerun the same command to resume."""
     from cpmctl.prune.pipeline import prepare, run_prune
     from cpmctl.prune.recipe import load_prune_recipe
-    from cpmctl.prune.targets import check_checkpoint_shape, plan_stages, plan_summary
-    from cpmctl.recipe import dump_recipe
     from cpmctl.train.loop import TrainingInterrupted
 
     overrides = list(overrides or [])
@@ -40,32 +39,18 @@ def prune(
         overrides.append(f"data.valid={valid}")
     recipe = load_prune_recipe(recipe_path, overrides)
     if print_recipe:
-        out.print(dump_recipe(recipe), end="", markup=False)
+        show_recipe(recipe, json_out)
         return
-    if source is None or target is None:
-        raise CpmctlError("--from and --to are required (ladder names such as 10b / 7b, or config files)")
-
+    plan = prepare(source, target, model, out_dir, vocab)
     if dry_run:
-        stages = plan_stages(source, target)
-        vocab_size = None
-        if model is not None:
-            from cpmctl.model.checkpoint import read_config
-
-            config, _ = read_config(model)
-            check_checkpoint_shape(config, stages, model)
-            vocab_size = config.vocab_size
-        _render_plan(source, target, model, plan_summary(stages, vocab_size), json_out)
+        _render_plan(plan.summary(), json_out)
         return
-
-    missing = [name for name, value in (("--model", model), ("--out", out_dir)) if value is None]
-    if missing:
-        raise CpmctlError(f"{' and '.join(missing)} required (or --dry-run)")
-    plan = prepare(model, source, target, out_dir, vocab)
+    plan.check_runnable()
     if not json_out:
         err.print(f"pruning {model}: {' -> '.join([plan.stages[0].source_name] + [s.target_name for s in plan.stages])}"
                   f" ({recipe.method} selection) -> {out_dir}")
     try:
-        run_prune(plan, recipe, log=err.print, on_stage=lambda r: _render_stage(r, json_out))
+        run_prune(plan, recipe, log=err.print, on_stage=lambda r: _render_stage(r, json_out), force=force)
     except TrainingInterrupted as e:
         where = f" (checkpoint {e.checkpoint})" if e.checkpoint else ""
         err.print(f"interrupted at step {e.step}{where}; rerun the same command to resume")
@@ -78,12 +63,12 @@ def prune(
 _SHORT = {"attention": "attn", "ffn": "ffn", "heads": "heads", "channels": "ff"}
 
 
-def _render_plan(source: str, target: str, model: Path | None, rows: list[dict], json_out: bool) -> None:
+def _render_plan(summary: dict, json_out: bool) -> None:
     if json_out:
-        emit_json({"dry_run": True, "from": source, "to": target, "model": str(model) if model else None,
-                   "stages": rows})
+        emit_json(summary)
         return
-    table = Table(title=f"prune {source} -> {target}")
+    rows = summary["stages"]
+    table = Table(title=f"prune {summary['from']} -> {summary['to']}")
     for col in ("stage", "prunes", "attn kept", "ffn kept", "heads", "dim_ff", "non-emb params", "kept"):
         table.add_column(col)
     for r in rows:

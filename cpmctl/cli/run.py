@@ -6,12 +6,12 @@ from pathlib import Path
 
 import typer
 
-from cpmctl.cli.common import emit_json, err, out
+from cpmctl.cli.common import emit_json, err, out, show_recipe
 from cpmctl.lifecycle.recipe import LifecycleRecipe
 from cpmctl.lifecycle.report import write_report
 from cpmctl.lifecycle.runner import run_lifecycle
 from cpmctl.lifecycle.stages import STAGES
-from cpmctl.recipe import dump_recipe, load_recipe
+from cpmctl.recipe import load_recipe
 
 
 def run(
@@ -19,16 +19,18 @@ def run(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Recipe overrides, e.g. run_dir=runs/x."),
     from_stage: str = typer.Option(None, "--from-stage", help="Rerun from this stage on (earlier ones must be done)."),
     only: str = typer.Option(None, "--only", help="Run only this stage."),
+    force: bool = typer.Option(False, "--force", help="Start anew even though run_dir holds something else or an "
+                               "earlier run; it replaces run_dir only once every stage is done."),
     print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per stage and one for the report."),
 ):
     """Run the recipe's stages in order (finished stages are skipped) and write report.md into the run directory."""
     recipe = load_recipe(LifecycleRecipe, recipe_path, overrides or [])
     if print_recipe:
-        out.print(dump_recipe(recipe), markup=False)
+        show_recipe(recipe, json_out)
         return
     echo = (lambda s: err.print(s, markup=False)) if json_out else (lambda s: out.print(s, markup=False))
-    state = run_lifecycle(recipe, STAGES, from_stage=from_stage, only=only, echo=echo)
+    state = run_lifecycle(recipe, STAGES, from_stage=from_stage, only=only, echo=echo, force=force)
     report = write_report(state)
     if json_out:
         for name in recipe.stages:

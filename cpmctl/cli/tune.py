@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 
-from cpmctl.cli.common import emit_json, err, format_count, out
+from cpmctl.cli.common import emit_json, err, format_count, out, show_recipe
+from cpmctl.outputs import FORCE_HELP
+from cpmctl.tune.import_delta import OPENDELTA_DEFAULT_ALPHA
 
 app = typer.Typer(help="LoRA delta tuning: train, merge and import adapters.", no_args_is_help=True)
 
@@ -16,23 +18,27 @@ def lora(
     overrides: list[str] = typer.Argument(None, help="Recipe overrides: section.key=value (train.lr=1e-3)."),
     task: str = typer.Option(None, "--task", help="ccpm, c3, sogou-log, lcsts, kdconv, math23k, or custom."),
     task_def: Path = typer.Option(None, "--task-def", help="YAML task definition for --task custom."),
+    template: str = typer.Option(None, "--template", help="Built-in tasks: original (CPM-Live's inputs, the default) "
+                                 "or cpmctl (task.template; docs/tasks.md)."),
     model_path: str = typer.Option(None, "--model", help="Base checkpoint (any format); a ladder name for --dry-run."),
     data: Path = typer.Option(None, "--data", help="Task data: a directory with train.jsonl, dev.jsonl, test.jsonl."),
     recipe_path: Path = typer.Option(None, "--recipe", help="Recipe YAML (recipes/tune/lcsts.yaml)."),
     out_dir: Path = typer.Option(None, "--out", help="Run directory: checkpoints, metrics.jsonl, best/ adapter."),
     vocab: Path = typer.Option(None, "--vocab", help="Vocab file (default: vocab.txt beside the checkpoint)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Start anew even though --out holds something else or an "
+                               "earlier run; it replaces --out only once complete."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print trainable and total parameters; load no weights."),
     print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the result."),
 ):
     """Tune LoRA adapters on a task with the shared training loop; the best adapter on dev is kept in OUT/best."""
-    from cpmctl.recipe import dump_recipe
-    from cpmctl.tune.tuning import TuneRecipe, load_tune_recipe, tune_lora, tune_dry_run
+    from cpmctl.tune.recipe import load_tune_recipe
+    from cpmctl.tune.tuning import tune_dry_run, tune_lora
 
-    recipe: TuneRecipe = load_tune_recipe(recipe_path, overrides or [], task=task, task_def=task_def)
+    recipe = load_tune_recipe(recipe_path, overrides or [], task=task, task_def=task_def, template=template)
     if print_recipe:
-        out.print(dump_recipe(recipe), end="", markup=False)
+        show_recipe(recipe, json_out)
         return
     if dry_run:
         counts = tune_dry_run(model_path, recipe)
@@ -43,7 +49,7 @@ def lora(
                       f"{counts['trainable']:,} trainable of {counts['total']:,} parameters "
                       f"({counts['trainable_percent']:.3f}%) in {counts['lora_modules']} modules")
         return
-    result = tune_lora(model_path, data, out_dir, recipe, vocab=vocab, resume=resume, log=err.print)
+    result = tune_lora(model_path, data, out_dir, recipe, vocab=vocab, resume=resume, log=err.print, force=force)
     if json_out:
         emit_json(result)
     else:
@@ -59,12 +65,13 @@ def merge(
     adapter: Path = typer.Option(..., "--adapter", help="Adapter directory (peft format)."),
     out_dir: Path = typer.Option(..., "--out", help="Output checkpoint directory (native format)."),
     vocab: Path = typer.Option(None, "--vocab", help="Vocab file to store (default: the one beside the model)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Merge an adapter into the base weights and write a native checkpoint (same outputs, no adapter needed)."""
     from cpmctl.model.lora import merge_adapter
 
-    result = merge_adapter(model_path, adapter, out_dir, vocab=vocab)
+    result = merge_adapter(model_path, adapter, out_dir, vocab=vocab, force=force)
     if json_out:
         emit_json(result)
     else:
@@ -77,7 +84,9 @@ def import_delta(
     out_dir: Path = typer.Option(None, "--out", help="Adapter directory to write (default: FILE's stem + '-adapter')."),
     model_path: str = typer.Option(None, "--model",
                                    help="Base checkpoint, config JSON or ladder name: checks and records the shape."),
-    alpha: float = typer.Option(16.0, "--alpha", help="LoRA alpha the delta was trained with (OpenDelta default 16)."),
+    alpha: float = typer.Option(None, "--alpha", help="LoRA alpha the delta was trained with (default: OpenDelta's "
+                                f"{OPENDELTA_DEFAULT_ALPHA:g})."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Convert an original OpenDelta LoRA delta (lora_A / lora_B on project_q / project_v) into a peft adapter."""
@@ -86,7 +95,8 @@ def import_delta(
 
     out_dir = out_dir or path.with_name(path.stem + "-adapter")
     config = base_config(model_path) if model_path else None
-    result = run_import(path, out_dir, alpha=alpha, base_config=config, base_model=model_path)
+    given = {"alpha": alpha} if alpha is not None else {}
+    result = run_import(path, out_dir, base_config=config, base_model=model_path, force=force, **given)
     if json_out:
         emit_json(result)
     else:

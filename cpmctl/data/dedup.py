@@ -14,7 +14,9 @@ when complete. See docs/formats.md, "Dedup store".
 
 from __future__ import annotations
 
+import os
 import re
+import sqlite3
 import time
 import unicodedata
 from array import array
@@ -37,6 +39,7 @@ from cpmctl.data.textio import (
     Shard,
     as_output_line,
     check_readable,
+    claim_output,
     parse_line,
     read_chunks,
 )
@@ -255,8 +258,15 @@ def dedup(
     on_progress: Callable[[int], None] | None = None,
     warn: Callable[[str], None] | None = None,
     cache_mb: int = CACHE_MB,
+    force: bool = False,
 ) -> DedupResult:
-    """Deduplicate `shards` into `output` against the store at `store_path` (created if missing)."""
+    """Deduplicate `shards` into `output` against the store at `store_path` (created if missing). The output
+    follows the output policy (cpmctl/outputs.py); neither it nor the store may be an input."""
+    inputs = [s.path for s in shards]
+    for shard in shards:
+        if os.path.exists(store_path) and os.path.samefile(shard.path, store_path):
+            raise CpmctlError(f"--store {store_path}: is also the input {shard.path}")
+    claimed = claim_output(output, "data dedup", inputs + [store_path], force)
     check_readable(shards)
     start = time.perf_counter()
     errors = LineErrors(strict, warn)
@@ -264,9 +274,15 @@ def dedup(
         settings = store.settings
         result = DedupResult(files=len(shards), output=str(output.path), threshold=settings.threshold,
                              normalize=settings.normalize)
-        with DocumentWriter(output, shard_bytes) as writer:
-            for shard in shards:
-                _dedup_shard(shard, store, writer, result, errors, workers, chunk_bytes, on_progress)
+        with DocumentWriter(output, shard_bytes, claimed) as writer:
+            try:
+                for shard in shards:
+                    _dedup_shard(shard, store, writer, result, errors, workers, chunk_bytes, on_progress)
+            except sqlite3.OperationalError as e:
+                if "full" not in str(e):
+                    raise
+                raise CpmctlError(f"--store {store_path}: disk full while writing it ({e}); every chunk committed "
+                                  "before is kept: free some space and rerun to resume") from None
             store.checkpoint()
             result.store_paragraphs = store.paragraph_count
             result.store_bytes = store.size_bytes()

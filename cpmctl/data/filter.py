@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
-import tempfile
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ import numpy as np
 from cpmctl import CpmctlError
 from cpmctl.data.filter_rules import RULE_ORDER, DocumentFilter, FilterRecipe, load_blocklist
 from cpmctl.data.parallel import ordered_map
+from cpmctl.io import make_temp
 from cpmctl.data.textio import (
     DEFAULT_CHUNK_BYTES,
     DocumentWriter,
@@ -30,6 +31,7 @@ from cpmctl.data.textio import (
     OutputSpec,
     Shard,
     check_readable,
+    claim_output,
     format_document,
     output_spec,
     parse_line,
@@ -109,14 +111,14 @@ def rejected_line(text: str, record: dict | None, rule: str, reason: str, source
 class PerplexityStage:
     """Scores kept documents in batches; decides at once (max_perplexity) or after a percentile band is known."""
 
-    def __init__(self, recipe: FilterRecipe, workdir: Path):
+    def __init__(self, recipe: FilterRecipe, output: Path):
         self.rule = recipe.perplexity
         self.band = self.rule.percentile_low is not None or self.rule.percentile_high is not None
         self.pending: list[tuple[bytes, str, bytes]] = []  # (output line, text, rejected line)
         self.model = self.tokenizer = None
         self.scores: list[float] = []
         self.spool = None
-        self.workdir = workdir
+        self.output = output  # the spool is a temp file beside it (removed by the next run if this one is killed)
 
     def _load(self) -> None:
         # Loaded on first use: the worker pool has been forked by then, so workers do not inherit the model.
@@ -146,8 +148,8 @@ class PerplexityStage:
             self.scores.append(ppl)
             if self.band:
                 if self.spool is None:
-                    fd, name = tempfile.mkstemp(prefix=".filter-spool.", suffix=".tmp", dir=self.workdir)
-                    self.spool = (open(fd, "w+b"), Path(name))
+                    name = make_temp(self.output, suffix=".spool.tmp")
+                    self.spool = (open(name, "w+b"), name)
                 pickle.dump((ppl, out_line, rejected), self.spool[0])
             else:
                 emit(ppl, out_line, rejected, self.rule.max_perplexity, None)
@@ -200,8 +202,22 @@ def run_filter(
     shard_bytes: int = 512 << 20,
     on_progress: Callable[[int], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> FilterResult:
+    """Outputs follow the output policy (cpmctl/outputs.py): never an input, never what another command wrote
+    (unless `force`), checked before any work."""
     recipe.validate()
+    rejected_spec = _rejected_spec(rejected) if rejected else None
+    inputs = [s.path for s in shards] + [recipe.blocklist.file if recipe.blocklist.enabled else None,
+                                         recipe.perplexity.model if recipe.perplexity.enabled else None]
+    if rejected_spec is not None:
+        rej, out = os.path.realpath(rejected_spec.path), os.path.realpath(output.path)
+        if rej == out or (output.is_dir and rej.startswith(out + os.sep)):
+            raise CpmctlError(f"--rejected {rejected}: is --output or inside it; give the rejected documents their own "
+                              "file beside the output")
+    claims = [claim_output(output, "data filter", inputs, force)]
+    if rejected_spec is not None:
+        claims.append(claim_output(rejected_spec, "data filter", inputs, force, what="--rejected"))
     words = load_blocklist(recipe.blocklist.file) if recipe.blocklist.enabled else None
     check_readable(shards)
     fmt = shards[0].format
@@ -209,9 +225,9 @@ def run_filter(
     errors = LineErrors(strict, warn)
     result = FilterResult(files=len(shards), output=str(output.path),
                           rejected_file=str(rejected) if rejected else None)
-    rejected_spec = _rejected_spec(rejected) if rejected else None
-    ppl = PerplexityStage(recipe, output.path.parent) if recipe.perplexity.enabled else None
-    with DocumentWriter(output, shard_bytes) as writer, _maybe_writer(rejected_spec) as rejected_writer:
+    ppl = PerplexityStage(recipe, output.path) if recipe.perplexity.enabled else None
+    with DocumentWriter(output, shard_bytes, claims[0]) as writer, \
+            _maybe_writer(rejected_spec, claims[1:]) as rejected_writer:
 
         def reject(rule: str, line: bytes | None) -> None:
             result.rejected[rule] += 1
@@ -297,5 +313,5 @@ class _NoWriter:
         return False
 
 
-def _maybe_writer(spec: OutputSpec | None):
-    return DocumentWriter(spec) if spec is not None else _NoWriter()
+def _maybe_writer(spec: OutputSpec | None, output: list):
+    return DocumentWriter(spec, output=output[0]) if spec is not None else _NoWriter()

@@ -1,161 +1,34 @@
-"""Quality filters for Chinese web text: the recipe (recipes/data/filter.yaml) and one small function per rule.
+"""Quality filters for Chinese web text: one small function per rule of the recipe (recipes/data/filter.yaml,
+its sections in data/recipe.py).
 
 Rules run in a fixed order; the first that rejects a document names the reason. Two steps change the text instead
 of judging it: `cleanup` (control characters, whitespace, optional traditional->simplified) and the boilerplate
 rule's line removal. Lengths count characters that are not whitespace. Repetition follows Gopher (Rae et al.
 2021, table A1) with one change for Chinese, which has no spaces: the "words" are units, one CJK character or one
 run of ASCII letters/digits (punctuation is not a unit).
-
-Longer than 450 lines because every rule and its recipe section sit side by side, so the recipe a user edits
-and the code that reads it are read together.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from cpmctl import CpmctlError
-
-
-# ----- the recipe ----------------------------------------------------------------------------------------------
-@dataclass
-class CleanupRule:
-    enabled: bool = True
-    traditional_to_simplified: bool = False  # needs the opencc package
-
-
-@dataclass
-class BoilerplateRule:
-    enabled: bool = True
-    # A paragraph of at most max_line_chars characters containing a phrase or matching a pattern is boilerplate.
-    phrases: list[str] = field(default_factory=lambda: [
-        "点击查看更多", "点击查看全文", "点击阅读全文", "阅读全文", "查看更多", "展开全文", "收起全文", "返回首页",
-        "返回顶部", "上一篇", "下一篇", "上一页", "下一页", "相关阅读", "相关推荐", "热门推荐", "猜你喜欢",
-        "扫一扫", "扫描二维码", "长按识别二维码", "关注我们", "关注公众号", "分享到", "免责声明", "版权所有",
-        "版权声明", "本文来源", "转载请注明", "责任编辑", "我们使用cookie", "使用 cookie", "cookie 政策",
-        "cookies", "隐私政策", "用户协议", "登录 注册", "立即登录", "立即注册", "网站地图", "联系我们",
-        "首页 >", "当前位置", "all rights reserved", "javascript",
-    ])
-    patterns: list[str] = field(default_factory=lambda: [
-        r"^(首页|主页)\s*[>»/|]",  # breadcrumb navigation
-        r"^[\s|·•>»/]*((首页|新闻|体育|娱乐|财经|科技|汽车|房产|教育|旅游|健康|军事)[\s|·•/]+){3,}",  # menu rows
-        r"(ICP备|ICP证)\s*\d+",
-        r"^(Copyright|©|\(c\))",
-    ])
-    max_line_chars: int = 100
-    remove_lines: bool = True  # drop boilerplate paragraphs from kept documents
-    max_line_fraction: float = 0.5  # reject a document when this share of its paragraphs is boilerplate
-
-
-@dataclass
-class MinLengthRule:
-    enabled: bool = True
-    min_chars: int = 100
-
-
-@dataclass
-class ChineseRatioRule:
-    enabled: bool = True
-    min_ratio: float = 0.4  # CJK characters / all non-whitespace characters
-
-
-@dataclass
-class ParagraphLengthRule:
-    enabled: bool = True
-    min_avg_chars: float = 10.0  # short paragraphs on average: lists, menus, tables
-    max_avg_chars: float = 5000.0  # one endless paragraph: scraped markup or code
-
-
-@dataclass
-class SymbolRule:
-    enabled: bool = True
-    max_symbol_ratio: float = 0.1  # symbols (Unicode S* and #*|~^_=<>@[]{}\`) / non-whitespace characters
-    max_digit_ratio: float = 0.25
-    max_ellipsis_paragraph_fraction: float = 0.3  # paragraphs ending in ... or …
-
-
-@dataclass
-class RepetitionRule:
-    enabled: bool = True
-    max_duplicate_paragraph_fraction: float = 0.3
-    max_duplicate_paragraph_char_fraction: float = 0.2
-    top_ngram_sizes: list[int] = field(default_factory=lambda: [2, 3, 4])
-    top_ngram_max_fraction: list[float] = field(default_factory=lambda: [0.2, 0.18, 0.16])
-    duplicate_ngram_sizes: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9, 10])
-    duplicate_ngram_max_fraction: list[float] = field(default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10])
-
-
-@dataclass
-class BlocklistRule:
-    enabled: bool = False
-    file: str | None = None  # UTF-8, one word or phrase per line, '#' starts a comment line
-    max_hits: int = 0  # reject a document with more hits than this
-
-
-@dataclass
-class PerplexityRule:
-    enabled: bool = False
-    model: str | None = None  # a cpmctl checkpoint (native dir, original .pt, HF dir)
-    vocab: str | None = None  # default: vocab.txt beside the checkpoint
-    max_perplexity: float | None = None  # drop documents above this
-    percentile_low: float | None = None  # keep the band [low, high] of this run's perplexities (CCNet)
-    percentile_high: float | None = None
-    batch_size: int = 8
-    max_length: int = 1024
-    device: str = "auto"
-    dtype: str = "fp32"
-
-
-@dataclass
-class FilterRecipe:
-    cleanup: CleanupRule = field(default_factory=CleanupRule)
-    boilerplate: BoilerplateRule = field(default_factory=BoilerplateRule)
-    min_length: MinLengthRule = field(default_factory=MinLengthRule)
-    chinese_ratio: ChineseRatioRule = field(default_factory=ChineseRatioRule)
-    paragraph_length: ParagraphLengthRule = field(default_factory=ParagraphLengthRule)
-    symbols: SymbolRule = field(default_factory=SymbolRule)
-    repetition: RepetitionRule = field(default_factory=RepetitionRule)
-    blocklist: BlocklistRule = field(default_factory=BlocklistRule)
-    perplexity: PerplexityRule = field(default_factory=PerplexityRule)
-
-    def validate(self) -> None:
-        r = self.repetition
-        if len(r.top_ngram_sizes) != len(r.top_ngram_max_fraction):
-            raise CpmctlError("repetition.top_ngram_sizes and top_ngram_max_fraction must have the same length")
-        if len(r.duplicate_ngram_sizes) != len(r.duplicate_ngram_max_fraction):
-            raise CpmctlError("repetition.duplicate_ngram_sizes and duplicate_ngram_max_fraction must have the same length")
-        if any(n < 1 for n in r.top_ngram_sizes + r.duplicate_ngram_sizes):
-            raise CpmctlError("repetition: n-gram sizes must be >= 1")
-        for i, p in enumerate(self.boilerplate.patterns):
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise CpmctlError(f"boilerplate.patterns[{i}]: not a valid regular expression ({e})") from None
-        if self.blocklist.enabled and not self.blocklist.file:
-            raise CpmctlError("blocklist.enabled needs blocklist.file (one blocked word per line)")
-        p = self.perplexity
-        if p.enabled:
-            if not p.model:
-                raise CpmctlError("perplexity.enabled needs perplexity.model (a cpmctl checkpoint)")
-            band = (p.percentile_low, p.percentile_high)
-            if p.max_perplexity is None and band == (None, None):
-                raise CpmctlError("perplexity: set max_perplexity or percentile_low/percentile_high")
-            for name, v in (("percentile_low", p.percentile_low), ("percentile_high", p.percentile_high)):
-                if v is not None and not 0 <= v <= 100:
-                    raise CpmctlError(f"perplexity.{name} must be in [0, 100], got {v}")
-            if None not in band and band[0] > band[1]:
-                raise CpmctlError("perplexity.percentile_low must not exceed percentile_high")
-            if p.batch_size < 1 or p.max_length < 64:
-                raise CpmctlError("perplexity: batch_size must be >= 1 and max_length >= 64")
-        if self.cleanup.traditional_to_simplified:
-            traditional_converter()  # fail now, not in a worker
-
+from cpmctl.data.recipe import (
+    BlocklistRule,
+    BoilerplateRule,
+    ChineseRatioRule,
+    FilterRecipe,
+    MinLengthRule,
+    ParagraphLengthRule,
+    RepetitionRule,
+    SymbolRule,
+    traditional_converter,
+)
 
 # Rule names in the order they run (the summary table lists them in this order).
 RULE_ORDER = ["boilerplate", "min_length", "chinese_ratio", "paragraph_length", "symbols", "repetition",
@@ -173,14 +46,6 @@ _ASCII_WORD = re.compile(r"[A-Za-z0-9]+")
 _DIGIT = re.compile(r"\d")
 _WHITESPACE = re.compile(r"\s+")
 _SYMBOL_ASCII = set("#*|~^_=<>@[]{}\\`")
-
-
-def traditional_converter():
-    try:
-        import opencc
-    except ImportError:
-        raise CpmctlError("cleanup.traditional_to_simplified needs the opencc package (pip install opencc)") from None
-    return opencc.OpenCC("t2s")
 
 
 def clean_text(text: str, converter=None) -> str:

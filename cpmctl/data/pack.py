@@ -14,13 +14,14 @@ the validation split when a hash of (seed, file, line) falls under --valid-fract
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import xxhash
@@ -32,6 +33,8 @@ from cpmctl.data.textio import DEFAULT_CHUNK_BYTES, LineErrors, MalformedLine, S
 from cpmctl.model import inputs
 from cpmctl.model.inputs import LM_TASK, MLM_SEGMENT, MLM_TASK, PROMPT_LENGTH, TASK_NAMES, TEXT_SEGMENT, Record, pack_row
 from cpmctl.model.tokenizer import BOS, EOS, CPMAntTokenizer
+from cpmctl.io import commit_dir, disk_full_error, make_temp, remove
+from cpmctl.outputs import claim
 
 MIN_PIECE = 32
 RESERVED = PROMPT_LENGTH + 2  # prompt slots + <s> + </s>
@@ -42,9 +45,14 @@ class PackSettings:
     max_length: int = 1024
     seed: int = 0
     valid_fraction: float = 0.0
-    mask_ratio: float = 0.15  # share of an mlm piece's tokens to predict (the reference does not state it)
+    # mlm: None = the original's count, k = randint(1, n - 1) of the record's n tokens (about half on average);
+    # a number = that fixed share of them instead (the BERT-style alternative).
+    mask_ratio: float | None = None
     lm_fraction: float = 0.5
     pack_window: int = 64  # open rows first-fit chooses among
+    # Where the prompt slots of the 2nd, 3rd... record of a row are looked up: "prompt-embedding" (each record its
+    # own prompt, the default) or "input-embedding" (the original's quirk; docs/data.md has the measured effect).
+    later_prompts: Literal["prompt-embedding", "input-embedding"] = "prompt-embedding"
 
     @property
     def piece_length(self) -> int:
@@ -55,23 +63,30 @@ class PackSettings:
             raise CpmctlError(f"--max-length must be at least {RESERVED + MIN_PIECE}, got {self.max_length}")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise CpmctlError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
-        if not 0.0 < self.mask_ratio <= 1.0:
+        if self.mask_ratio is not None and not 0.0 < self.mask_ratio <= 1.0:
             raise CpmctlError(f"--mask-ratio must be in (0, 1], got {self.mask_ratio}")
+        if self.later_prompts not in ("prompt-embedding", "input-embedding"):
+            raise CpmctlError(f"--later-prompts must be prompt-embedding or input-embedding, got {self.later_prompts!r}")
         if not 0.0 <= self.lm_fraction <= 1.0:
             raise CpmctlError(f"lm fraction must be in [0, 1], got {self.lm_fraction}")
 
 
-def make_record(piece: list[int], task: int, rng: random.Random, vocab_size: int, mask_ratio: float) -> Record:
-    """One training record from a piece of token ids: [<s>] + piece + [</s>] after the prompt slots of `task`."""
-    n = len(piece)
-    predicted = np.zeros(n + 2, dtype=bool)  # over [<s>] + piece + [</s>]
+def make_record(piece: list[int], task: int, rng: random.Random, vocab_size: int,
+                mask_ratio: float | None = None) -> Record:
+    """One training record from a piece of token ids: [<s>] + piece + [</s>] (n tokens) after the prompt slots of
+    `task`, predicted as the original's pretraining task does (training_tasks/ant/pretrain.py): lm predicts a
+    suffix of randint(1, n - 1) tokens (it can be </s> alone, or everything after <s>); mlm predicts
+    randint(1, n - 1) positions drawn without replacement from 1..n - 1 (</s> included, <s> never)."""
+    text = [BOS] + piece + [EOS]
+    n = len(text)
+    predicted = np.zeros(n, dtype=bool)
     if task == LM_TASK:
-        predicted[1 + rng.randint(1, n) :] = True  # piece tokens split.. and </s>; <s> and before are given
+        predicted[n - rng.randint(1, n - 1) :] = True
     else:
-        k = max(1, round(n * mask_ratio))
-        predicted[rng.sample(range(1, n + 1), k)] = True
+        k = rng.randint(1, n - 1) if mask_ratio is None else max(1, round((n - 1) * mask_ratio))
+        predicted[rng.sample(range(1, n), k)] = True
     segment = TEXT_SEGMENT if task == LM_TASK else MLM_SEGMENT
-    return inputs.make_record([BOS] + piece + [EOS], predicted, vocab_size, task, segment)
+    return inputs.make_record(text, predicted, vocab_size, task, segment)
 
 
 def document_rng(seed: int, shard_index: int, line: int) -> random.Random:
@@ -112,13 +127,13 @@ def records_for_chunk(item: tuple[int, list[bytes]]) -> dict:
     docs, malformed, tokens = [], [], 0
     for i, line in enumerate(lines):
         try:
-            parsed = parse_line(line, fmt)
+            parsed = parse_line(line, fmt, strip=True)
         except MalformedLine as e:
             malformed.append((i, str(e)))
             continue
         if parsed is None:
             continue
-        ids = tok.encode_for_model(parsed[0].strip("\n"))
+        ids = tok.encode_for_model(parsed[0])
         tokens += len(ids)
         rng = document_rng(settings.seed, shard, first + i)
         valid = in_valid_split(settings.seed, shard, first + i, settings.valid_fraction)
@@ -131,16 +146,22 @@ class RowPacker:
     """First-fit packing of records into max_length rows among a window of open rows; a row leaves the window
     (is written) when full or when the window needs room, so output order is deterministic."""
 
-    def __init__(self, writer: PackedWriter, max_length: int, window: int):
+    def __init__(self, writer: PackedWriter, max_length: int, window: int, quirk_vocab_size: int | None = None):
         self.writer, self.max_length, self.window = writer, max_length, window
+        self.quirk_vocab_size = quirk_vocab_size
         self.open: list[list[Record]] = []
         self.used: list[int] = []
         self.records = {name: 0 for name in TASK_NAMES.values()}
+        self.objectives = {name: {"records": 0, "tokens": 0, "predicted": 0} for name in TASK_NAMES.values()}
         self.tokens = 0
 
     def add(self, record: Record) -> None:
         n = len(record)
         self.records[TASK_NAMES[record.task]] += 1
+        counts = self.objectives[TASK_NAMES[record.task]]
+        counts["records"] += 1
+        counts["tokens"] += n
+        counts["predicted"] += int((record.context == 0).sum())
         self.tokens += n
         for i, used in enumerate(self.used):
             if used + n <= self.max_length:
@@ -159,7 +180,7 @@ class RowPacker:
     def _write(self, i: int) -> None:
         records = self.open.pop(i)
         self.used.pop(i)
-        self.writer.add_row(**pack_row(records, self.max_length))
+        self.writer.add_row(**pack_row(records, self.max_length, self.quirk_vocab_size))
 
     def finish(self) -> None:
         while self.open:
@@ -193,15 +214,16 @@ def pack(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     on_progress: Callable[[int], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> PackResult:
+    """`out` (train/, valid/, vocab.txt) is built whole beside it and swapped in when complete, by the output
+    policy of cpmctl/outputs.py (checked before any work)."""
     settings.validate()
+    out = Path(out)
+    output = claim(out, "data pack", force=force, inputs=[*(s.path for s in shards), vocab],
+                   accept=lambda p: (p / "train" / "meta.json").exists())
     tokenizer = CPMAntTokenizer(vocab)  # checks the vocabulary before any work
     check_readable(shards)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CpmctlError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "train" / "meta.json").exists():
-        raise CpmctlError(f"--out {out}: a non-empty directory that is not a packed dataset; choose a new one")
     vocab_bytes = Path(vocab).read_bytes()
     vocab_md5 = hashlib.md5(vocab_bytes).hexdigest()
     errors = LineErrors(strict, warn)
@@ -210,10 +232,11 @@ def pack(
     meta = {"vocab_md5": vocab_md5, "seed": settings.seed, "sources": [str(s.path) for s in shards],
             "settings": settings.__dict__ | {"piece_length": settings.piece_length}}
     split_names = ["train", "valid"] if settings.valid_fraction > 0 else ["train"]
-    out.mkdir(parents=True, exist_ok=True)
-    writers = {name: PackedWriter(out / name, settings.max_length, tokenizer.vocab_size, split=name, **meta)
+    build = make_temp(out, directory=True)
+    writers = {name: PackedWriter(build / name, settings.max_length, tokenizer.vocab_size, split=name, **meta)
                for name in split_names}
-    packers = {name: RowPacker(w, settings.max_length, settings.pack_window) for name, w in writers.items()}
+    quirk = tokenizer.vocab_size if settings.later_prompts == "input-embedding" else None
+    packers = {name: RowPacker(w, settings.max_length, settings.pack_window, quirk) for name, w in writers.items()}
     try:
         for index, shard in enumerate(shards):
             chunks = read_chunks(shard, chunk_bytes)
@@ -238,17 +261,27 @@ def pack(
             w = writers[name]
             fill = packer.tokens / (w.rows * settings.max_length) if w.rows else 0.0
             summary = {"rows": w.rows, "records": sum(packer.records.values()), "records_per_task": packer.records,
+                       "objectives": packer.objectives,
                        "tokens": packer.tokens, "fill": round(fill, 4)}
             w.close(**summary)
             result.splits[name] = summary
-    except BaseException:
+    except BaseException as e:
         for w in writers.values():
             if w.tmp.exists():
-                w.abort()
+                with contextlib.suppress(OSError):  # a full disk fails the close too; the temp goes anyway
+                    w.abort()
+        remove(build)
+        full = disk_full_error(e, out, "the packed rows") if isinstance(e, Exception) else None
+        if full is not None:
+            raise full from None
         raise
-    if "valid" not in split_names and (out / "valid" / "meta.json").exists():
-        shutil.rmtree(out / "valid")  # left by an earlier run with a validation split
-    shutil.copyfile(vocab, out / "vocab.txt")
+    try:
+        shutil.copyfile(vocab, build / "vocab.txt")
+        output.stamp(build)
+        commit_dir(build, out)
+    except BaseException:
+        remove(build)
+        raise
     result.seconds = time.perf_counter() - start
     return result
 
@@ -259,6 +292,10 @@ def split_dirs(path: str | Path) -> dict[str, Path]:
     path = Path(path)
     if (path / "meta.json").exists():
         return {path.name: path}
+    for name in ("train", "valid"):
+        if (path / name).is_dir() and not (path / name / "meta.json").exists():
+            raise CpmctlError(f"{path / name}: a split without meta.json (an unfinished or damaged `data pack` "
+                              "output); pack it again")
     found = {name: path / name for name in ("train", "valid") if (path / name / "meta.json").exists()}
     if not found:
         raise CpmctlError(f"{path}: not a packed dataset (no meta.json, no train/ or valid/; see `cpmctl data pack`)")
@@ -292,26 +329,37 @@ def decode_records(dataset: PackedDataset, row: int, tokenizer: CPMAntTokenizer)
 
 
 def split_counts(dataset: PackedDataset) -> dict:
-    """Rows, records per task, tokens and fill, from meta.json when `data pack` wrote them, else from the arrays."""
+    """Rows, records, tokens and predicted tokens per objective (lm, mlm), and fill: from meta.json when `data pack`
+    wrote them, else from the arrays (one pass, in chunks)."""
     meta = dataset.meta
-    if "records_per_task" in meta and "tokens" in meta:
-        per_task, tokens = dict(meta["records_per_task"]), int(meta["tokens"])
+    if "objectives" in meta and "tokens" in meta:
+        objectives, tokens = {k: dict(v) for k, v in meta["objectives"].items()}, int(meta["tokens"])
     else:
-        task, span = dataset.arrays["task"], dataset.arrays["span"]
-        per_task = {name: 0 for name in TASK_NAMES.values()}
-        tokens = 0
-        for start in range(0, len(dataset), 4096):
-            t, s = np.asarray(task[start : start + 4096]), np.asarray(span[start : start + 4096])
-            tokens += int((t >= 0).sum())
-            first = np.ones_like(s, dtype=bool)
-            first[:, 1:] = s[:, 1:] != s[:, :-1]  # the first token of each span starts a record
-            for value, name in TASK_NAMES.items():
-                per_task[name] += int((first & (t == value)).sum())
+        objectives, tokens = _objective_counts(dataset)
+    per_task = {name: c["records"] for name, c in objectives.items()}
     capacity = len(dataset) * dataset.max_length
     return {"rows": len(dataset), "max_length": dataset.max_length, "records": sum(per_task.values()),
-            "records_per_task": per_task, "tokens": tokens, "target_tokens": int(meta.get("target_tokens", 0)),
-            "fill": tokens / capacity if capacity else 0.0, "vocab_size": dataset.vocab_size,
-            "vocab_md5": meta.get("vocab_md5")}
+            "records_per_task": per_task, "objectives": objectives, "tokens": tokens,
+            "target_tokens": int(meta.get("target_tokens", 0)), "fill": tokens / capacity if capacity else 0.0,
+            "vocab_size": dataset.vocab_size, "vocab_md5": meta.get("vocab_md5")}
+
+
+def _objective_counts(dataset: PackedDataset) -> tuple[dict, int]:
+    task, span, context = (dataset.arrays[k] for k in ("task", "span", "context"))
+    objectives = {name: {"records": 0, "tokens": 0, "predicted": 0} for name in TASK_NAMES.values()}
+    tokens = 0
+    for start in range(0, len(dataset), 4096):
+        t, s = np.asarray(task[start : start + 4096]), np.asarray(span[start : start + 4096])
+        c = np.asarray(context[start : start + 4096])
+        tokens += int((t >= 0).sum())
+        first = np.ones_like(s, dtype=bool)
+        first[:, 1:] = s[:, 1:] != s[:, :-1]  # the first token of each span starts a record
+        for value, name in TASK_NAMES.items():
+            mine = t == value
+            objectives[name]["records"] += int((first & mine).sum())
+            objectives[name]["tokens"] += int(mine.sum())
+            objectives[name]["predicted"] += int((mine & (c == 0)).sum())
+    return objectives, tokens
 
 
 def inspect_splits(path: str | Path, vocab: str | Path | None = None, rows: int = 2) -> dict[str, dict]:

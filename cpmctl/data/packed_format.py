@@ -76,7 +76,7 @@ class PackedDataset:
         try:
             self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise CpmctlError(f"{meta_path}: not valid JSON ({e.msg})") from None
+            raise CpmctlError(f"{meta_path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
         if self.meta.get("format") != FORMAT:
             raise CpmctlError(f"{meta_path}: format is {self.meta.get('format')!r}, expected {FORMAT!r}")
         self.max_length = int(self.meta["max_length"])
@@ -125,6 +125,23 @@ class RowsInMemory:
         return {k: a[index] for k, a in self.arrays.items()}
 
 
+class RowRange:
+    """Rows [start, stop) of a packed dataset (a held-out tail, say), with the interface PackedReader needs."""
+
+    def __init__(self, dataset: PackedDataset, start: int, stop: int):
+        self.dataset, self.start, self.stop = dataset, start, stop
+        self.path, self.vocab_size, self.max_length = dataset.path, dataset.vocab_size, dataset.max_length
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def rows(self, index):
+        return self.dataset.rows(index + self.start)
+
+    def check_vocab(self, vocab_size: int, what: str = "model") -> None:
+        self.dataset.check_vocab(vocab_size, what)
+
+
 def to_batch(rows: dict[str, np.ndarray], device="cpu") -> dict[str, torch.Tensor]:
     """Model-ready tensors: long ids/targets/segments/spans/tasks, bool context."""
     t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(dt).to(device)  # noqa: E731
@@ -148,7 +165,7 @@ class PackedReader:
     """Batches of rows in a seeded per-epoch shuffle. Each global step takes `batch_size * world_size` rows of the
     permutation; rank r takes its contiguous share, so ranks never overlap and the state is one integer."""
 
-    def __init__(self, dataset: PackedDataset | RowsInMemory, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+    def __init__(self, dataset: PackedDataset | RowsInMemory | RowRange, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True):
         if len(dataset) < batch_size * world_size:
             raise CpmctlError(

@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections import deque
 from typing import Callable, Iterable, Iterator
+
+from cpmctl.outputs import die_with_parent
 
 
 def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _start_worker(parent: int, initializer: Callable | None, initargs: tuple) -> None:
+    """Workers die with the command that started them (a killed command leaves no worker behind)."""
+    die_with_parent(signal.SIGKILL, parent)
+    if initializer is not None:
+        initializer(*initargs)
 
 
 def ordered_map(
@@ -32,7 +42,7 @@ def ordered_map(
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     window = window or 2 * workers + 1
-    pool = ctx.Pool(workers, initializer=initializer, initargs=initargs)
+    pool = ctx.Pool(workers, initializer=_start_worker, initargs=(os.getpid(), initializer, initargs))
     pending: deque = deque()
     try:
         for item in items:

@@ -17,7 +17,6 @@ so memory stays flat however large the store grows. One run at a time holds the 
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sqlite3
 import time
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpmctl import CpmctlError
+from cpmctl.outputs import lock
 
 FORMAT = "cpmctl-dedup"
 VERSION = 1
@@ -73,8 +73,8 @@ class InputRecord:
 
 
 class DedupStore:
-    def __init__(self, path: Path, conn: sqlite3.Connection, lock_fd: int, settings):
-        self.path, self.conn, self._lock_fd, self.settings = path, conn, lock_fd, settings
+    def __init__(self, path: Path, conn: sqlite3.Connection, lock, settings):
+        self.path, self.conn, self._lock, self.settings = path, conn, lock, settings
         self.paragraph_count = int(self._meta().get("paragraphs", 0))
         self.last_inserted = 0
         self.recent_rows = conn.execute("SELECT count(*) FROM recent").fetchone()[0]
@@ -84,12 +84,18 @@ class DedupStore:
     def open(cls, path: str | Path, threshold: float | None = None, normalize: bool | None = None,
              cache_mb: int = CACHE_MB) -> "DedupStore":
         """Open or create the store. Settings not given are taken from the store (or the defaults for a new one);
-        settings given must equal the recorded ones."""
+        settings given must equal the recorded ones. An existing file is inspected read-only first, so a file that
+        is refused (not SQLite, another program's database, other settings) is left exactly as it was; a bad
+        setting creates nothing. One run at a time: the lock is keyed on the resolved path."""
         path = Path(path)
         if path.exists() and path.is_dir():
             raise CpmctlError(f"--store {path}: is a directory; name a .sqlite file")
+        if threshold is not None:
+            DedupSettings(threshold, bool(normalize)).validate()
+        if path.exists() and path.stat().st_size > 0:
+            _inspect(path, threshold, normalize)
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock_fd = _lock(path)
+        lock_fd = lock(path, "--store", "`cpmctl data dedup` run", inside=False)
         try:
             conn = sqlite3.connect(str(path), isolation_level=None, timeout=30)
             try:
@@ -108,12 +114,12 @@ class DedupStore:
                 settings = _check_settings(path, conn, threshold, normalize)
             return cls(path, conn, lock_fd, settings)
         except BaseException:
-            os.close(lock_fd)
+            lock_fd.release()
             raise
 
     def close(self) -> None:
         self.conn.close()
-        os.close(self._lock_fd)
+        self._lock.release()
 
     def __enter__(self):
         return self
@@ -232,14 +238,23 @@ class DedupStore:
                 "inputs": inputs[0] or 0, "inputs_complete": inputs[1] or 0, "lines": inputs[2] or 0}
 
 
-def _lock(path: Path) -> int:
-    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+def _inspect(path: Path, threshold: float | None, normalize: bool | None) -> None:
+    """Read-only checks of an existing file (no journal-mode switch, no lock file): refuse it untouched."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise CpmctlError(f"--store {path}: in use by another dedup run (lock {path}.lock)") from None
-    return fd
+        conn = sqlite3.connect(f"{Path(os.path.abspath(path)).as_uri()}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error as e:
+        raise CpmctlError(f"--store {path}: cannot open it read-only ({e})") from None
+    try:
+        try:
+            existing = _table_names(conn)
+        except sqlite3.DatabaseError as e:
+            raise CpmctlError(f"--store {path}: not a usable SQLite database ({e}); is it the right file?") from None
+        if existing and "meta" not in existing:
+            raise CpmctlError(f"--store {path}: a SQLite database but not a cpmctl dedup store")
+        if existing:
+            _check_settings(path, conn, threshold, normalize)
+    finally:
+        conn.close()
 
 
 def _configure(conn: sqlite3.Connection, cache_mb: int) -> None:

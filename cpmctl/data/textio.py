@@ -14,19 +14,20 @@ Outputs are written atomically: a file output goes to a temp name and is renamed
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import io
 import json
 import os
-import shutil
-import tempfile
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from cpmctl import CpmctlError
+from cpmctl.io import commit_dir, disk_full_error, make_temp, remove
 
 FORMATS = ("jsonl", "text")
 FORMAT_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "text", ".text": "text"}
@@ -165,8 +166,10 @@ def _short(e: BaseException) -> str:
     return text[:160]
 
 
-def parse_line(line: bytes, fmt: str) -> tuple[str, dict | None] | None:
+def parse_line(line: bytes, fmt: str, strip: bool = False) -> tuple[str, dict | None] | None:
     """(text with "\\n" between paragraphs, the JSON record or None); None for a blank jsonl line.
+    strip=True strips surrounding whitespace first, as the original preprocessing reads a document
+    (`line.strip()`, then `<n>` -> newline); the filters keep the text as it is.
     Raises MalformedLine for a line that is not a document."""
     if fmt == "jsonl":
         if not line.strip():
@@ -174,18 +177,20 @@ def parse_line(line: bytes, fmt: str) -> tuple[str, dict | None] | None:
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MalformedLine(f"not valid JSON ({getattr(e, 'msg', e)})") from None
+            reason = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else f"not UTF-8: {e.reason}"
+            raise MalformedLine(f"not valid JSON ({reason})") from None
         if not isinstance(record, dict):
             raise MalformedLine("not a JSON object")
         text = record.get("text")
         if not isinstance(text, str):
             raise MalformedLine("no string field 'text'")
-        return text, record
+        return (text.strip() if strip else text), record
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
         raise MalformedLine(f"not UTF-8 (byte {e.start})") from None
-    return text.rstrip("\r\n").replace(TEXT_PARAGRAPH_SEP, "\n"), None
+    text = text.strip() if strip else text.rstrip("\r\n")
+    return text.replace(TEXT_PARAGRAPH_SEP, "\n"), None
 
 
 def paragraphs(text: str) -> list[str]:
@@ -252,14 +257,13 @@ class OutputSpec:
 
 
 def output_spec(out: str | Path, fmt: str, compression: str | None) -> OutputSpec:
-    """A path with a data extension is one file; anything else is a directory of shards. The format must match."""
+    """A path with a data extension is one file; anything else is a directory of shards. The format must match.
+    Whether an existing output may be replaced is the output policy's call (cpmctl/outputs.py, `claim_output`)."""
     path = Path(out)
     ext_fmt, ext_compression = split_extension(path)
     if ext_fmt is None:
         if path.exists() and not path.is_dir():
             raise CpmctlError(f"--output {path}: exists and is not a directory (name a .jsonl/.txt file or a directory)")
-        if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST).exists():
-            raise CpmctlError(f"--output {path}: a non-empty directory not written by cpmctl; choose a new one")
         return OutputSpec(path, fmt, compression, True)
     if ext_fmt != fmt:
         raise CpmctlError(f"--output {path}: the input is {fmt} but the output name says {ext_fmt}")
@@ -268,25 +272,33 @@ def output_spec(out: str | Path, fmt: str, compression: str | None) -> OutputSpe
     return OutputSpec(path, fmt, ext_compression, False)
 
 
+def claim_output(spec: OutputSpec, command: str, inputs=(), force: bool = False, what: str = "--output"):
+    """The output policy (cpmctl/outputs.py) for a document output: a directory of shards is also this command's
+    own when its manifest.json (of an older cpmctl) says so."""
+    from cpmctl.outputs import claim
+
+    def own_manifest(path: Path) -> bool:
+        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("command") == command.split()[-1]
+
+    return claim(spec.path, command, kind="dir" if spec.is_dir else "file", force=force, inputs=inputs, what=what,
+                 accept=own_manifest)
+
+
 class DocumentWriter:
     """Writes output lines to a single file or to size-capped shards; nothing is visible until `close()`.
 
-    `abort()` (or an exception) removes everything written; a killed process leaves only dot-named temp files."""
+    `abort()` (or an exception) removes everything written; a killed process leaves only dot-named temp files
+    (`.NAME.PID.*.tmp`, removed by the next run). `output`: the outputs.claim() that marks the result as a
+    command's own."""
 
-    def __init__(self, spec: OutputSpec, shard_bytes: int = 512 << 20):
-        self.spec, self.shard_bytes = spec, shard_bytes
+    def __init__(self, spec: OutputSpec, shard_bytes: int = 512 << 20, output=None):
+        self.spec, self.shard_bytes, self.output = spec, shard_bytes, output
         self.shards: list[ShardInfo] = []
         self.documents = 0
         self.bytes = 0
         self._file = self._raw = None
-        parent = spec.path.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        if spec.is_dir:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{spec.path.name}.", suffix=".tmp", dir=parent))
-        else:
-            fd, name = tempfile.mkstemp(prefix=f".{spec.path.name}.", suffix=".tmp", dir=parent)
-            os.close(fd)
-            self.tmp = Path(name)
+        self.tmp = make_temp(spec.path, directory=spec.is_dir)
+        if not spec.is_dir:
             self._file, self._raw = open_writer(self.tmp, spec.compression)
             self.shards.append(ShardInfo(spec.path.name))
 
@@ -297,9 +309,12 @@ class DocumentWriter:
         self.shards.append(ShardInfo(name))
 
     def write(self, line: bytes) -> None:
-        if self.spec.is_dir and (self._file is None or self.shards[-1].bytes >= self.shard_bytes):
-            self._next_shard()
-        self._file.write(line)
+        try:
+            if self.spec.is_dir and (self._file is None or self.shards[-1].bytes >= self.shard_bytes):
+                self._next_shard()
+            self._file.write(line)
+        except OSError as e:
+            raise disk_full_error(e, self.spec.path, "the output") or e from None
         shard = self.shards[-1]
         shard.documents += 1
         shard.bytes += len(line)
@@ -316,33 +331,34 @@ class DocumentWriter:
             self._file = self._raw = None
 
     def close(self, **manifest) -> Path:
-        """Finish and rename into place; a directory gets a manifest.json listing its shards."""
-        if self.spec.is_dir and self._file is None:
-            self._next_shard()  # an empty result is still one (empty) shard
-        self._close_file()
-        if self.spec.is_dir:
-            info = {"format": self.spec.format, "compression": self.spec.compression, "documents": self.documents,
-                    "shards": [s.__dict__ for s in self.shards], **manifest}
-            (self.tmp / MANIFEST).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            old = None
-            if self.spec.path.exists():
-                old = self.spec.path.with_name(f".{self.spec.path.name}.old-{os.getpid()}")
-                os.replace(self.spec.path, old)
-            os.replace(self.tmp, self.spec.path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.spec.path)
+        """Finish and rename into place (an existing output is removed last); a directory gets a manifest.json
+        listing its shards."""
+        try:
+            if self.spec.is_dir and self._file is None:
+                self._next_shard()  # an empty result is still one (empty) shard
+            self._close_file()
+            if self.spec.is_dir:
+                info = {"format": self.spec.format, "compression": self.spec.compression, "documents": self.documents,
+                        "shards": [s.__dict__ for s in self.shards], **manifest}
+                (self.tmp / MANIFEST).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n",
+                                                 encoding="utf-8")
+                if self.output is not None:
+                    self.output.stamp(self.tmp)
+                commit_dir(self.tmp, self.spec.path)
+            else:
+                os.replace(self.tmp, self.spec.path)
+                if self.output is not None:
+                    self.output.stamp()
+        except OSError as e:
+            raise disk_full_error(e, self.spec.path, "the output") or e from None
         return self.spec.path
 
     def abort(self) -> None:
         try:
-            self._close_file()
+            with contextlib.suppress(OSError):  # a full disk fails the close too; the temp goes anyway
+                self._close_file()
         finally:
-            if self.tmp.is_dir():
-                shutil.rmtree(self.tmp, ignore_errors=True)
-            elif self.tmp.exists():
-                self.tmp.unlink()
+            remove(self.tmp)
 
     def __enter__(self):
         return self
@@ -351,3 +367,28 @@ class DocumentWriter:
         if exc_type is not None:
             self.abort()
         return False
+
+
+def read_jsonl(path: str | Path, what: str = "data file") -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a small JSONL file ('-' = stdin): task data, prompts,
+    predictions. A bad line is a CpmctlError naming file:line."""
+    try:
+        text = sys.stdin.read() if str(path) == "-" else Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CpmctlError(f"{what} not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise CpmctlError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except IsADirectoryError:
+        raise CpmctlError(f"{path}: is a directory, expected a .jsonl file") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CpmctlError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise CpmctlError(f"{path}:{n}: expected an object, got {type(obj).__name__}")
+        rows.append((n, obj))
+    return rows

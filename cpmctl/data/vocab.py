@@ -19,7 +19,7 @@ from typing import Callable
 from cpmctl import CpmctlError
 from cpmctl.data.parallel import ordered_map
 from cpmctl.data.textio import DEFAULT_CHUNK_BYTES, LineErrors, MalformedLine, Shard, check_readable, parse_line, read_chunks
-from cpmctl.io import atomic_file
+from cpmctl.outputs import claim
 from cpmctl.model.tokenizer import MAX_PIECE_CHARS, SPECIAL_TOKENS
 
 TAIL_TOKENS = [f"<s{i}>" for i in range(59)] + ["#" * n for n in range(2, 10)]
@@ -101,10 +101,13 @@ def build_vocab(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     on_progress: Callable[[int], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> VocabResult:
+    """`out` follows the output policy (cpmctl/outputs.py), checked before any work."""
     if size < len(SPECIAL_TOKENS) + len(ASCII_PRINTABLE):
         raise CpmctlError(f"--size {size} is too small: the special tokens and printable ASCII alone take "
                           f"{len(SPECIAL_TOKENS) + len(ASCII_PRINTABLE)}")
+    output = claim(out, "data vocab", kind="file", force=force, inputs=[s.path for s in shards])
     check_readable(shards)
     start = time.perf_counter()
     errors = LineErrors(strict, warn)
@@ -142,7 +145,7 @@ def build_vocab(
     word_tokens = ranked[:room]
     tokens = list(SPECIAL_TOKENS) + char_tokens + word_tokens + (TAIL_TOKENS if tail else [])
     text = "\n".join(tokens) + "\n"
-    with atomic_file(out, "w", encoding="utf-8") as f:
+    with output.file("w", encoding="utf-8") as f:
         f.write(text)
     if len(tokens) < size and warn:
         warn(f"the corpus has only {len(word_tokens)} distinct words: the vocabulary has {len(tokens)} tokens, "

@@ -19,6 +19,7 @@ import torch
 from cpmctl import CpmctlError
 from cpmctl.evaluate.runner import check_scoring_options, is_packed, load_scoring_model, model_perplexity
 from cpmctl.io import atomic_file, atomic_path
+from cpmctl.outputs import claim
 
 MARKDOWN_FILE = "compare.md"
 CHART_FILE = "compare.png"
@@ -77,7 +78,7 @@ def compare_models(models: list[str | Path], data: str | Path, out_dir: str | Pa
                    device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
                    vocab: str | Path | None = None,
                    progress: Callable[[int], Callable[[int], None]] | None = None,
-                   log: Callable[[str], None] | None = None) -> CompareReport:
+                   log: Callable[[str], None] | None = None, force: bool = False) -> CompareReport:
     """Score every model on `data` (one at a time, so only one is in memory) and write the table and chart."""
     from cpmctl.model.ant import param_counts
 
@@ -91,6 +92,7 @@ def compare_models(models: list[str | Path], data: str | Path, out_dir: str | Pa
     labels = list(names) if names else [Path(m).name or str(m) for m in models]
     if len(set(labels)) != len(labels):
         raise CpmctlError(f"model labels repeat ({', '.join(labels)}); give distinct --names")
+    output = claim(out_dir, "eval compare", force=force, inputs=[*models, data, vocab])
     results = []
     for label, path in zip(labels, models):
         model, tokenizer = load_scoring_model(path, vocab, device, dtype, need_vocab=not is_packed(data))
@@ -110,12 +112,10 @@ def compare_models(models: list[str | Path], data: str | Path, out_dir: str | Pa
         rows.append({"model": label, "path": str(path), "params_non_embedding": param_counts(config)["non_embedding"],
                      "tokens": r.tokens, "loss": r.loss, "ppl": r.ppl, "bpc": r.bpc, "relative": rel})
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = out_dir / MARKDOWN_FILE
-    with atomic_file(md, encoding="utf-8") as f:
-        f.write(markdown_table(rows, str(data)))
-    js = out_dir / JSON_FILE
-    with atomic_file(js, encoding="utf-8") as f:
-        f.write(json.dumps({"data": str(data), "rows": rows}, ensure_ascii=False, indent=2) + "\n")
-    chart = bar_chart(rows, out_dir / CHART_FILE, f"LM loss on {Path(data).name}")
-    return CompareReport(rows, md, chart, js)
+    with output.directory() as tmp:
+        with atomic_file(tmp / MARKDOWN_FILE, encoding="utf-8") as f:
+            f.write(markdown_table(rows, str(data)))
+        with atomic_file(tmp / JSON_FILE, encoding="utf-8") as f:
+            f.write(json.dumps({"data": str(data), "rows": rows}, ensure_ascii=False, indent=2) + "\n")
+        bar_chart(rows, tmp / CHART_FILE, f"LM loss on {Path(data).name}")
+    return CompareReport(rows, out_dir / MARKDOWN_FILE, out_dir / CHART_FILE, out_dir / JSON_FILE)

@@ -1,6 +1,7 @@
 """`cpmctl eval` core: run a task on a model (decode or score options, then metrics), or score predictions that
 any system wrote; and perplexity on raw text or packed data. Outputs: `predictions.jsonl` (one record per example,
-in data order) and `scores.json` side by side in the output directory, each written atomically.
+in data order) and `scores.json` side by side in the output directory, each written atomically. The recipe
+(EvalRecipe) is in evaluate/recipe.py.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,38 +18,15 @@ import torch
 
 from cpmctl import CpmctlError
 from cpmctl.io import atomic_file
-from cpmctl.model.generation_config import DecodeOverrides, overrides_of
 from cpmctl.model.tokenizer import NEWLINE, SPACE, CPMAntTokenizer
+from cpmctl.outputs import claim
 from cpmctl.evaluate.predict import predict
+from cpmctl.evaluate.recipe import EvalRecipe
+from cpmctl.recipe import check_recipe
 from cpmctl.tasks import Example, Task, read_jsonl
 
 PREDICTIONS_FILE = "predictions.jsonl"
 SCORES_FILE = "scores.json"
-
-
-# ----- recipe --------------------------------------------------------------------------------------------------
-@dataclass
-class EvalSettings:
-    split: str = "test"  # used when --data is a task directory
-    batch_size: int = 8
-    limit: int | None = None  # score only the first N examples
-    device: str = "auto"
-    dtype: str = "fp32"
-
-
-@dataclass
-class EvalRecipe:
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    decode: DecodeOverrides = field(default_factory=DecodeOverrides)
-
-    def validate(self) -> None:
-        if self.eval.batch_size < 1:
-            raise CpmctlError(f"eval.batch_size must be >= 1, got {self.eval.batch_size}")
-        if self.eval.limit is not None and self.eval.limit < 1:
-            raise CpmctlError(f"eval.limit must be >= 1, got {self.eval.limit}")
-
-    def decode_overrides(self) -> dict:
-        return overrides_of(self.decode)
 
 
 # ----- results -------------------------------------------------------------------------------------------------
@@ -122,24 +100,28 @@ def load_eval_model(model_path: str | Path, adapter: str | Path | None, vocab: s
 def run_model_eval(task: Task, data: str | Path, model_path: str | Path, out_dir: str | Path, recipe: EvalRecipe,
                    device: torch.device, dtype: torch.dtype, adapter: str | Path | None = None,
                    vocab: str | Path | None = None,
-                   progress: Callable[[int, int], Callable[[int], None]] | None = None) -> EvalResult:
-    """Evaluate a model on a task; writes predictions.jsonl and scores.json into `out_dir`.
+                   progress: Callable[[int, int], Callable[[int], None]] | None = None,
+                   force: bool = False) -> EvalResult:
+    """Evaluate a model on a task; writes predictions.jsonl and scores.json into `out_dir` (a directory written
+    whole, by the output policy of cpmctl/outputs.py).
 
     `progress(total, ...)` is called once with the number of work units and returns the per-batch tick."""
-    recipe.validate()
+    check_recipe(recipe)
+    output = claim(out_dir, "eval", force=force, inputs=[data, model_path, adapter, vocab])
     examples = load_examples(task, data, recipe.eval.split, recipe.eval.limit)
     model, tokenizer = load_eval_model(model_path, adapter, vocab, device, dtype)
     tick = progress(work_units(task, examples)) if progress is not None else None
     predictions, metrics = evaluate_model(task, examples, model, tokenizer, recipe.eval.batch_size,
                                           recipe.decode_overrides(), tick)
     out_dir = Path(out_dir)
-    pred_path = write_predictions(out_dir / PREDICTIONS_FILE, task, examples, predictions)
     decode = asdict(task.decode.updated(recipe.decode_overrides())) if task.kind == "generation" else None
     scores = {"task": task.name, "n": len(examples), "metrics": metrics, "model": str(model_path),
               "adapter": None if adapter is None else str(adapter), "data": str(data), "split": recipe.eval.split,
               "decode": decode}
-    scores_path = write_scores(out_dir / SCORES_FILE, scores)
-    return EvalResult(task.name, len(examples), metrics, pred_path, scores_path)
+    with output.directory() as tmp:
+        write_predictions(tmp / PREDICTIONS_FILE, task, examples, predictions)
+        write_scores(tmp / SCORES_FILE, scores)
+    return EvalResult(task.name, len(examples), metrics, out_dir / PREDICTIONS_FILE, out_dir / SCORES_FILE)
 
 
 # ----- scoring existing predictions ----------------------------------------------------------------------------
@@ -180,9 +162,11 @@ def read_predictions(path: str | Path, task: Task, examples: list[Example]) -> l
 
 
 def run_prediction_eval(task: Task, data: str | Path, predictions: str | Path, recipe: EvalRecipe,
-                        out_dir: str | Path | None = None) -> EvalResult:
-    """Score predictions written by any system; with `out_dir`, scores.json is written there."""
-    recipe.validate()
+                        out_dir: str | Path | None = None, force: bool = False) -> EvalResult:
+    """Score predictions written by any system; with `out_dir`, scores.json is written there (a directory written
+    whole, by the output policy of cpmctl/outputs.py)."""
+    check_recipe(recipe)
+    output = claim(out_dir, "eval", force=force, inputs=[data, predictions]) if out_dir is not None else None
     examples = load_examples(task, data, recipe.eval.split, recipe.eval.limit)
     preds = read_predictions(predictions, task, examples)
     metrics = task.score(preds, examples)
@@ -190,7 +174,9 @@ def run_prediction_eval(task: Task, data: str | Path, predictions: str | Path, r
     if out_dir is not None:
         scores = {"task": task.name, "n": len(examples), "metrics": metrics, "predictions": str(predictions),
                   "data": str(data), "split": recipe.eval.split}
-        scores_path = write_scores(Path(out_dir) / SCORES_FILE, scores)
+        with output.directory() as tmp:
+            write_scores(tmp / SCORES_FILE, scores)
+        scores_path = Path(out_dir) / SCORES_FILE
     return EvalResult(task.name, len(examples), metrics, None, scores_path)
 
 

@@ -34,10 +34,14 @@ def encode_prompt(tokenizer: CPMAntTokenizer, text: str) -> list[int]:
 
 
 # ----- logits processing ---------------------------------------------------------------------------------------
-def apply_repetition_penalty(logits: torch.Tensor, generated: torch.Tensor | None, penalty: float) -> torch.Tensor:
-    """CTRL penalty on tokens generated so far: logit * p if negative, else logit / p (each token once)."""
+def apply_repetition_penalty(logits: torch.Tensor, generated: torch.Tensor | None, penalty: float,
+                             window: int | None = None) -> torch.Tensor:
+    """CTRL penalty on tokens generated so far (the last `window` of them when set, as the original's
+    repetition_window): logit * p if negative, else logit / p (each token once)."""
     if penalty == 1.0 or generated is None or generated.shape[1] == 0:
         return logits
+    if window is not None:
+        generated = generated[:, -window:]
     seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, generated, True)
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalised, logits)
@@ -96,7 +100,7 @@ def greedy(model, inputs, cfg: GenerationConfig, on_token: Callable | None = Non
     for i in range(cfg.max_new_tokens):
         if i == 0 and cfg.bans_first_step:
             logits = _ban_first(logits)
-        logits = apply_repetition_penalty(logits, tokens, cfg.repetition_penalty)
+        logits = apply_repetition_penalty(logits, tokens, cfg.repetition_penalty, cfg.repetition_window)
         token = logits.argmax(-1)
         # A row ends at its first </s>; later tokens of an ended row are computed but not returned.
         ended_at = torch.where((ended_at < 0) & (token == EOS), i, ended_at)
@@ -124,7 +128,7 @@ def sample(model, inputs, cfg: GenerationConfig, on_token: Callable | None = Non
     for i in range(steps):
         if i == 0 and cfg.bans_first_step:
             logits = _ban_first(logits)
-        logits = apply_repetition_penalty(logits, tokens, cfg.repetition_penalty)
+        logits = apply_repetition_penalty(logits, tokens, cfg.repetition_penalty, cfg.repetition_window)
         logits = top_k_top_p_filter(logits / cfg.temperature, cfg.top_k, cfg.top_p)
         token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)[:, 0]
         ends = (token == EOS) | (i == steps - 1)
@@ -185,7 +189,7 @@ def beam_search(model, inputs, cfg: GenerationConfig) -> list[list[int]]:
     for i in range(limit + 1):
         if i == 0 and cfg.bans_first_step:
             logits = _ban_first(logits)
-        logits = apply_repetition_penalty(logits, out, cfg.repetition_penalty)
+        logits = apply_repetition_penalty(logits, out, cfg.repetition_penalty, cfg.repetition_window)
         scores = F.log_softmax(logits, dim=-1) + beam_scores[:, None]
         top_scores, top_ids = torch.topk(scores.view(b, -1), 2 * beam, dim=1, largest=True, sorted=True)
         top_scores_l, top_ids_l = top_scores.tolist(), top_ids.tolist()

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from cpmctl import CpmctlError
 from cpmctl.generate.lazy import MappedCheckpoint
 from cpmctl.generate.plan import (
     GB,
@@ -27,9 +28,7 @@ from cpmctl.generate.plan import (
     MemoryPlan,
     block_layout,
     format_blocks,
-    generation_shape,
     layout_bytes,
-    memory_limit_bytes,
     plan_memory,
 )
 from cpmctl.generate.quant import (
@@ -298,36 +297,30 @@ class OffloadedModel:
             self.streamer.close()
 
 
-def load_offloaded(
+def load_planned(
     path: str | Path,
+    plan: MemoryPlan,
     *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    budget: int | None = None,
-    quantize: str | None = None,
-    batch_rows: int = 1,
-    prefill_length: int = 64,
-    capacity: int = 256,
+    device: torch.device | str,
     on_progress: Callable[[str], None] | None = None,
 ) -> OffloadedModel:
-    """Load a native or original checkpoint lazily within `budget` bytes (None = no limit) on `device`.
+    """Load a native or original checkpoint lazily on `device` as `plan` says (from plan_generation, or
+    plan_memory for an exact shape), in the plan's dtype, int8 linears where it is quantized.
 
-    The plan is made (and a too-small budget rejected) before any weight is read. Fixed weights and resident
-    blocks are folded tensor by tensor onto the device; streamed blocks go to pinned host memory (CUDA) or stay in
-    the mapped file (CPU).
+    Fixed weights and resident blocks are folded tensor by tensor onto the device; streamed blocks go to pinned
+    host memory (CUDA) or stay in the mapped file (CPU).
     """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    check_quantize_name(quantize)
+    device = _normalized(device)
+    if device.type != plan.device_type:
+        raise CpmctlError(f"the memory plan is for {plan.device_type}, not {device}")
+    dtype = plan.torch_dtype
     ckpt = MappedCheckpoint(path)
     config = ckpt.config
-    if quantize:
-        check_int8_support(device, dtype)
-    plan = plan_memory(config, device_type=device.type, dtype=dtype, budget=budget, quantize=quantize,
-                       batch_rows=batch_rows, prefill_length=prefill_length, capacity=capacity)
-    int8_act = scale_dtype(device, dtype) if quantize else None
+    int8_act = scale_dtype(device, dtype) if plan.quantize else None
     layouts = {i: block_layout(config, i, dtype, int8_act) for i in range(config.num_layers)}
+    # A plan sized for another config would overrun its buffers: the block sizes must be this checkpoint's.
+    if [layout_bytes(layouts[i]) for i in range(config.num_layers)] != plan.block_bytes:
+        raise CpmctlError(f"{path}: the memory plan was made for another model config")
     ledger = MemoryLedger()
 
     model = build_model(config, device="meta", dtype=dtype)
@@ -359,26 +352,37 @@ def load_offloaded(
     return OffloadedModel(model, plan, ckpt.info, ledger, streamer)
 
 
-def load_for_generation(
+def load_offloaded(
     path: str | Path,
-    prompt_tokens: list[int],
     *,
-    decode: str,
-    beam_size: int,
-    max_new_tokens: int,
-    batch_size: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    memory_limit_gb: float | None,
-    quantize: str | None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    budget: int | None = None,
+    quantize: str | None = None,
+    batch_rows: int = 1,
+    prefill_length: int = 64,
+    capacity: int = 256,
+    on_progress: Callable[[str], None] | None = None,
 ) -> OffloadedModel:
-    """`cpmctl generate --memory-limit/--quantize`: size the plan for these prompts (token counts) and load."""
+    """Tests and benchmarks: plan for this exact shape within `budget` bytes (None = no limit), then load_planned.
+    The plan is made (and a too-small budget rejected) before any weight is read. `generate` plans for its
+    prompts with plan_generation instead."""
+    device = _normalized(device)
     check_quantize_name(quantize)
-    budget = memory_limit_bytes(memory_limit_gb, device)
     config = MappedCheckpoint.read_config(path)
-    rows, prefill, capacity = generation_shape(config, prompt_tokens, batch_size, decode, beam_size, max_new_tokens)
-    return load_offloaded(path, device=device, dtype=dtype, budget=budget, quantize=quantize, batch_rows=rows,
-                          prefill_length=prefill, capacity=capacity)
+    if quantize:
+        check_int8_support(device, dtype)
+    plan = plan_memory(config, device_type=device.type, dtype=dtype, budget=budget, quantize=quantize,
+                       batch_rows=batch_rows, prefill_length=prefill_length, capacity=capacity)
+    return load_planned(path, plan, device=device, on_progress=on_progress)
+
+
+def _normalized(device: torch.device | str) -> torch.device:
+    """A CUDA device with its index (the streams and events are per device)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def describe_plan(plan: MemoryPlan) -> str:

@@ -11,12 +11,16 @@ What is counted (bytes, from the config alone; nothing is loaded):
   is folded from the memory-mapped checkpoint (cache and activations are shown but not charged).
 The plan keeps resident the largest blocks that fit beside the buffers; the rest stream. A budget below the
 minimum (fixed weights + one block + cache + activations) fails here, before any weight is read.
+
+plan_memory is the pure sizing; plan_generation checks the inputs of `generate` and `model info` and sizes the plan
+of a generation shape with it. The loader (offload.load_planned) takes the finished plan.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -25,6 +29,7 @@ from cpmctl import CpmctlError
 from cpmctl.generate.quant import check_int8_support, check_quantize_name, int8_kernel, replace_linears, scale_dtype
 from cpmctl.model.ant import TransformerBlock
 from cpmctl.model.config import CPMAntConfig
+from cpmctl.model.generation_config import GenerationConfig
 
 GB = 10**9  # --memory-limit is in GB (10^9 bytes), the stricter reading of "4 GB"
 ALIGN = 512  # every tensor of a streaming buffer starts on a 512-byte boundary (CUDA and CPU allocator alignment)
@@ -140,6 +145,11 @@ class MemoryPlan:
     activation_bytes: int = 0
     workspace_bytes: int = 0
     minimum_bytes: int = 0
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype the plan was sized for, which the loader loads in."""
+        return getattr(torch, self.dtype)
 
     @property
     def weight_bytes(self) -> int:
@@ -288,19 +298,36 @@ def format_blocks(indices: list[int]) -> str:
     return ",".join(runs)
 
 
-def plan_for_config(config: CPMAntConfig, *, device: torch.device, dtype: torch.dtype, memory_limit_gb: float | None,
-                    quantize: str | None = None, batch_rows: int = 1, prompt_tokens: int = 128,
-                    max_new_tokens: int = 100) -> MemoryPlan:
-    """`cpmctl model info --memory-limit`: the plan for decoding `batch_rows` rows of `prompt_tokens` tokens."""
+def plan_generation(
+    config: CPMAntConfig,
+    prompt_tokens: Sequence[int],
+    *,
+    decoding: GenerationConfig,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    memory_limit_gb: float | None,
+    quantize: str | None = None,
+    batch_option: str = "--batch-size",
+) -> MemoryPlan:
+    """The plan of decoding prompts of these token counts (`<s>` included, the prompt slots not), `batch_size` at a
+    time, with `decoding`: the one place where `generate --memory-limit/--quantize` and `model info --memory-limit`
+    check their inputs (quantize name, shape, the limit against the device, int8 support, in that order) before
+    sizing with plan_memory. `batch_option` is the flag named when the batch is out of range (`model info` plans
+    for --batch-rows rows: greedy, so rows = batch)."""
     check_quantize_name(quantize)
-    for name, value in (("--batch-rows", batch_rows), ("--prompt-tokens", prompt_tokens),
-                        ("--max-new-tokens", max_new_tokens)):
-        if value < 1:
-            raise CpmctlError(f"{name} must be >= 1, got {value}")
+    if batch_size < 1:
+        raise CpmctlError(f"{batch_option} must be >= 1, got {batch_size}")
+    if not prompt_tokens:
+        raise CpmctlError("no prompts to plan for")
+    if min(prompt_tokens) < 1:
+        raise CpmctlError(f"--prompt-tokens must be >= 1, got {min(prompt_tokens)}")
+    decoding.validate()
     budget = memory_limit_bytes(memory_limit_gb, device)
     if quantize:
         check_int8_support(device, dtype)
-    rows, prefill, capacity = generation_shape(config, [prompt_tokens], batch_rows, "greedy", 1, max_new_tokens)
+    rows, prefill, capacity = generation_shape(config, list(prompt_tokens), batch_size, decoding.decode,
+                                               decoding.beam_size, decoding.max_new_tokens)
     return plan_memory(config, device_type=device.type, dtype=dtype, budget=budget, quantize=quantize,
                        batch_rows=rows, prefill_length=prefill, capacity=capacity)
 

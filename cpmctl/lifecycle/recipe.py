@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from cpmctl import REPO_ROOT
+from cpmctl.data.store import DEFAULT_THRESHOLD
+from cpmctl.model.generation_config import DecodeMode
 
 ASSETS = REPO_ROOT / "cpmctl" / "assets"
+# The stages a recipe can list, in the order they can run (their functions: lifecycle/stages.py STAGES).
+Stage = Literal["filter", "dedup", "vocab", "pack", "pretrain", "prune", "tune", "eval", "generate"]
 
 
 @dataclass
@@ -16,7 +21,7 @@ class DataSection:
     next_batch: list[str] = field(default_factory=lambda: [str(ASSETS / "corpus" / "batch2.jsonl")])
     filter_recipe: str = str(REPO_ROOT / "recipes" / "data" / "filter.yaml")
     filter_overrides: list[str] = field(default_factory=list)
-    dedup_threshold: float = 0.7
+    dedup_threshold: float = DEFAULT_THRESHOLD  # the store's own default
     vocab_size: int = 5000
     max_length: int = 256
     valid_fraction: float = 0.05
@@ -43,7 +48,7 @@ class TuneSection:
     data: str = str(ASSETS / "tasks" / "lcsts-mini")
     recipe: str = str(REPO_ROOT / "recipes" / "tune" / "mini.yaml")
     # Which model is tuned: "pretrained" (the mini-10b) or "pruned" (the last pruning stage).
-    model: str = "pretrained"
+    model: Literal["pretrained", "pruned"] = "pretrained"
     overrides: list[str] = field(default_factory=list)
     eval_limit: int = 60
 
@@ -51,7 +56,7 @@ class TuneSection:
 @dataclass
 class GenerateSection:
     prompts: list[str] = field(default_factory=lambda: ["今天天气很好，", "我们学校的图书馆", "北京的冬天"])
-    decode: str = "beam"
+    decode: DecodeMode = "beam"
     max_new_tokens: int = 40
     repetition_penalty: float = 1.2
 
@@ -60,9 +65,7 @@ class GenerateSection:
 class LifecycleRecipe:
     run_dir: str = "runs/mini"
     seed: int = 0
-    stages: list[str] = field(
-        default_factory=lambda: ["filter", "dedup", "vocab", "pack", "pretrain", "prune", "tune", "eval", "generate"]
-    )
+    stages: list[Stage] = field(default_factory=lambda: list(get_args(Stage)))
     data: DataSection = field(default_factory=DataSection)
     pretrain: PretrainSection = field(default_factory=PretrainSection)
     prune: PruneSection = field(default_factory=PruneSection)

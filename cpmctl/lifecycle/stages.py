@@ -81,10 +81,20 @@ def stage_pack(run: Run) -> dict:
     return {"train": out / "train", "valid": out / "valid"}
 
 
+def _continue(run: Run, out: Path, resume: list[str]) -> list[str]:
+    """A stage asked for again starts over (--force: the old output goes once the new one is complete); one cut
+    short by a killed driver continues from its checkpoints."""
+    from cpmctl.train.checkpointing import latest_checkpoint
+
+    if run.forced:
+        return ["--force"]
+    return resume if latest_checkpoint(out) is not None else []
+
+
 def stage_pretrain(run: Run) -> dict:
     packed = run.record("pack")["outputs"]
     out = run.path("pretrain")
-    run.cpmctl("pretrain", "--recipe", _resolve(run.recipe.pretrain.recipe),
+    run.cpmctl("pretrain", *_continue(run, out, ["--resume", str(out)]), "--recipe", _resolve(run.recipe.pretrain.recipe),
                f"model.vocab={run.record('vocab')['outputs']['vocab']}", f"data.train={packed['train']}",
                f"data.valid={packed['valid']}", f"out_dir={out}", f"train.seed={run.recipe.seed}",
                *run.recipe.pretrain.overrides)
@@ -95,7 +105,8 @@ def stage_prune(run: Run) -> dict:
     p = run.recipe.prune
     packed = run.record("pack")["outputs"]
     out = run.path("prune")
-    results = run.cpmctl("prune", "--model", run.record("pretrain")["outputs"]["model"], "--from", p.source,
+    results = run.cpmctl("prune", *(["--force"] if run.forced else []),
+                         "--model", run.record("pretrain")["outputs"]["model"], "--from", p.source,
                          "--to", p.target, "--data", packed["train"], "--valid", packed["valid"],
                          "--recipe", _resolve(p.recipe), "--out", out, *p.overrides)
     outputs = {"out": out}
@@ -118,7 +129,7 @@ def stage_tune(run: Run) -> dict:
     t = run.recipe.tune
     out = run.path("tune")
     base = _tune_base(run)
-    results = run.cpmctl("tune", "lora", "--task", t.task, "--model", base, "--data", _resolve(t.data), "--recipe", _resolve(t.recipe),
+    results = run.cpmctl("tune", "lora", *_continue(run, out, ["--resume"]), "--task", t.task, "--model", base, "--data", _resolve(t.data), "--recipe", _resolve(t.recipe),
                          "--out", out, f"train.seed={run.recipe.seed}", *t.overrides)
     adapter = next((r.get("adapter") or r.get("best_adapter") for r in results if r.get("adapter") or r.get("best_adapter")), None)
     return {"adapter": Path(adapter) if adapter else out / "adapter", "base": base}

@@ -21,6 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from cpmctl.model.config import CPMAntConfig
 
+EMBEDDING_INIT_STD = 0.02  # input, prompt and segment embeddings, before the 1/sqrt(dim_model) factor
+
 
 class RMSNorm(nn.Module):
     """Weight-only RMS norm; statistics in fp32 as in the original."""
@@ -118,16 +120,19 @@ class TransformerBlock(nn.Module):
         self.layer = layer
         self.self_att = SelfAttentionBlock(config) if config.has_attention(layer) else None
         self.ffn = FFNBlock(config) if config.has_ffn(layer) else None
+        self.dropout_p = config.dropout_p
         # Pruning sets scalar gates on whole sub-blocks; None = no gate.
         self.attention_gate: torch.Tensor | None = None
         self.ffn_gate: torch.Tensor | None = None
 
     def forward(self, h, bias, cache=None):
+        # The original applies dropout to each residual branch before adding it (layers/blocks.py), besides the
+        # attention probabilities and the FFN intermediate.
         if self.self_att is not None:
-            out = self.self_att(h, bias, cache, self.layer)
+            out = F.dropout(self.self_att(h, bias, cache, self.layer), self.dropout_p, self.training)
             h = h + (out if self.attention_gate is None else out * self.attention_gate.to(out.dtype))
         if self.ffn is not None:
-            out = self.ffn(h)
+            out = F.dropout(self.ffn(h), self.dropout_p, self.training)
             h = h + (out if self.ffn_gate is None else out * self.ffn_gate.to(out.dtype))
         return h
 
@@ -281,7 +286,9 @@ class CPMAnt(nn.Module):
     # ----- init -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """The original init (std 1 for every weight before folding), then folded: std 1/sqrt(fan_in)."""
+        """The original init, then folded: linears and the position-bias table std 1 before folding (folded: std
+        1/sqrt(fan_in); the bias table has no factor), the input, prompt and segment embeddings std 0.02 before
+        the 1/sqrt(dim_model) factor (folded: 0.02/sqrt(dim_model)); layer norms 1."""
         d = self.config.dim_model
         for name, p in self.named_parameters():
             if name.endswith("layernorm_before_attention.weight") or name.endswith("layernorm_before_ffn.weight") or (
@@ -291,7 +298,7 @@ class CPMAnt(nn.Module):
                 continue
             std = 1.0
             if name.endswith("embedding.weight"):
-                std = 1.0 / math.sqrt(d)
+                std = EMBEDDING_INIT_STD / math.sqrt(d)
             elif p.dim() == 2 and not name.startswith("position_bias"):
                 std = 1.0 / math.sqrt(p.shape[1])
             p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * std)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +28,13 @@ from cpmctl import CpmctlError
 from cpmctl.io import atomic_dir, atomic_path
 from cpmctl.model.ant import CPMAnt, build_model
 from cpmctl.model.config import CPMAntConfig, from_hf_config, to_hf_config
+from cpmctl.outputs import claim
 
 NATIVE_WEIGHTS = "model.safetensors"
 VOCAB_FILE = "vocab.txt"
+# One key: safetensors writes its metadata map in hash order, so two keys could come out in either order and the
+# same model would not give the same bytes twice. The weights are always in the original convention.
+NATIVE_METADATA = {"format": "cpmctl-native-original-convention"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -185,13 +190,25 @@ def _torch_load(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CpmctlError(f"checkpoint not found: {path}") from None
+    except pickle.UnpicklingError as e:
+        # torch's text is a paragraph of advice; the reason is on its "WeightsUnpickler error:" line.
+        reason = next((line.split("error:", 1)[1].split(". ")[0].strip() for line in str(e).splitlines()
+                       if "WeightsUnpickler error:" in line), type(e).__name__)
+        raise CpmctlError(f"{path}: holds more than tensors ({reason}); cpmctl reads only plain state dicts, it "
+                          "never runs code from a checkpoint") from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        raise CpmctlError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        raise CpmctlError(f"{path}: cannot read checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CpmctlError(f"{path}: not a state dict of tensors")
     return state
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's text, cut at a word boundary (with an ellipsis) if it is long."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def _safetensors_load(path: Path) -> dict:
@@ -301,12 +318,15 @@ def model_state(model: CPMAnt, dtype=None) -> dict:
     return unfold({k: v for k, v in model.state_dict().items()}, model.config, dtype)
 
 
-def save_native(model: CPMAnt, out: str | Path, vocab: str | Path | None = None, dtype=None, extra: dict | None = None):
-    """Write a native checkpoint directory atomically. `extra` files: {name: text} written beside."""
+def save_native(model: CPMAnt, out: str | Path, vocab: str | Path | None = None, dtype=None, extra: dict | None = None,
+                output=None, replace: bool = False):
+    """Write a native checkpoint directory atomically. `extra` files: {name: text} written beside. `output`: the
+    outputs.claim() of a command (it marks the directory as that command's); without it an existing `out` is
+    replaced only with `replace=True` (a run's own sub-directory)."""
     state = {k: v.contiguous() for k, v in model_state(model, dtype).items()}
-    with atomic_dir(out) as tmp:
+    with (output.directory() if output is not None else atomic_dir(out, replace=replace)) as tmp:
         model.config.save(tmp / "config.json")
-        save_file(state, str(tmp / NATIVE_WEIGHTS), metadata={"format": "cpmctl-native", "convention": "original"})
+        save_file(state, str(tmp / NATIVE_WEIGHTS), metadata=NATIVE_METADATA)
         if vocab is not None:
             shutil.copyfile(vocab, tmp / VOCAB_FILE)
         for name, text in (extra or {}).items():
@@ -329,26 +349,38 @@ def save_original(model: CPMAnt, out: str | Path, dtype=None) -> tuple[Path, Pat
     return pt, cfg
 
 
-def convert(src: str | Path, to: str, out: str | Path, vocab: str | Path | None = None) -> Path:
-    """Lossless re-container between native and original (no folding: both hold original-convention weights)."""
+def convert(src: str | Path, to: str, out: str | Path, vocab: str | Path | None = None, force: bool = False) -> Path:
+    """Lossless re-container between native and original (no folding: both hold original-convention weights).
+    `out` follows the output policy of cpmctl/outputs.py (checked before reading any weights)."""
+    if to not in ("native", "original", "hf"):
+        raise CpmctlError(f"unknown target format '{to}' (native, original, hf)")
+    out, src_path = Path(out), Path(src)
+    inputs = [src, vocab] + ([src_path.with_suffix(".json")] if src_path.suffix == ".pt" else [])
+    if to == "original" and out.suffix == ".pt":
+        outputs = [claim(p, "model convert", kind="file", force=force, inputs=inputs) for p in (out, out.with_suffix(".json"))]
+    else:
+        output = claim(out, "model convert", force=force, inputs=inputs)
     info, state = read_checkpoint(src)
     vocab = vocab or info.vocab
     if to == "native":
-        with atomic_dir(out) as tmp:
+        with output.directory() as tmp:
             info.config.save(tmp / "config.json")
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / NATIVE_WEIGHTS),
-                      metadata={"format": "cpmctl-native", "convention": "original"})
+                      metadata=NATIVE_METADATA)
             if vocab:
                 shutil.copyfile(vocab, tmp / VOCAB_FILE)
         return Path(out)
     if to == "original":
-        out = Path(out)
-        if out.suffix != ".pt":
-            out.mkdir(parents=True, exist_ok=True)
-            out = out / "model.pt"
-        with atomic_path(out) as tmp:
+        if out.suffix != ".pt":  # a directory: model.pt, model.json, vocab.txt
+            with output.directory() as tmp:
+                torch.save(state, tmp / "model.pt")
+                info.config.save(tmp / "model.json")
+                if vocab:
+                    shutil.copyfile(vocab, tmp / VOCAB_FILE)
+            return out / "model.pt"
+        with outputs[0].path_for_writer() as tmp:
             torch.save(state, tmp)
-        with atomic_path(out.with_suffix(".json")) as tmp:
+        with outputs[1].path_for_writer() as tmp:
             info.config.save(tmp)
         if vocab and not (out.parent / VOCAB_FILE).exists():
             shutil.copyfile(vocab, out.parent / VOCAB_FILE)
@@ -356,10 +388,10 @@ def convert(src: str | Path, to: str, out: str | Path, vocab: str | Path | None 
     if to == "hf":
         folded = fold(state, info.config)
         hf = to_hf_state_dict(folded, info.config)
-        with atomic_dir(out) as tmp:
+        with output.directory() as tmp:
             (tmp / "config.json").write_text(json.dumps(to_hf_config(info.config), indent=2) + "\n")
             save_file(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             if vocab:
                 shutil.copyfile(vocab, tmp / VOCAB_FILE)
         return Path(out)
-    raise CpmctlError(f"unknown target format '{to}' (native, original, hf)")
+    raise AssertionError(to)

@@ -28,6 +28,8 @@ class GenerationConfig:
     seed: int | None = None
     # Ban eos and newline at the first step (the original does it for beam and sampling). None = by decode mode.
     ban_first_step: bool | None = None
+    # The repetition penalty looks at the last W generated tokens only (the original's repetition_window).
+    repetition_window: int | None = None
 
     def validate(self) -> None:
         if self.decode not in get_args(DecodeMode):
@@ -36,6 +38,8 @@ class GenerationConfig:
             raise CpmctlError(f"--beam-size must be >= 1, got {self.beam_size}")
         if self.max_new_tokens < 1:
             raise CpmctlError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.repetition_window is not None and self.repetition_window < 1:
+            raise CpmctlError(f"--repetition-window must be >= 1 (or unset for all generated tokens), got {self.repetition_window}")
         if self.repetition_penalty < 1.0:
             raise CpmctlError(f"--repetition-penalty must be >= 1.0, got {self.repetition_penalty}")
         if not 0.0 <= self.top_p <= 1.0:

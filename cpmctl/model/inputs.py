@@ -81,9 +81,14 @@ def given_then_predicted(given: Sequence[int], predicted: Sequence[int], vocab_s
                        prompt_length)
 
 
-def pack_row(records: Sequence[Record], max_length: int) -> dict[str, np.ndarray]:
+def pack_row(records: Sequence[Record], max_length: int, quirk_vocab_size: int | None = None) -> dict[str, np.ndarray]:
     """One row: the records back to back, span k for record k, then padding (id 0, context False, target IGNORE,
-    task -1, segment 0) in span len(records)."""
+    task -1, segment 0) in span len(records).
+
+    quirk_vocab_size (the vocabulary size) reproduces a quirk of the original: its model sends only the first 32
+    positions of a row through the prompt embedding, so the prompt ids (32 * task + j) of every later record of a
+    packed row are read as ordinary vocabulary ids (tokens 32..95) from the input embedding. None (the default)
+    gives every record its own prompt slots."""
     row = {
         "input": np.zeros(max_length, FIELDS["input"]),
         "target": np.full(max_length, IGNORE, FIELDS["target"]),
@@ -98,6 +103,9 @@ def pack_row(records: Sequence[Record], max_length: int) -> dict[str, np.ndarray
         if end > max_length:
             raise ValueError(f"records of {end} tokens do not fit a row of {max_length}")
         row["input"][pos:end] = r.input
+        if k > 0 and quirk_vocab_size is not None:
+            slots = row["input"][pos:end] >= quirk_vocab_size
+            row["input"][pos:end][slots] -= quirk_vocab_size
         row["target"][pos:end] = r.target
         row["segment"][pos:end] = r.segment
         row["context"][pos:end] = r.context

@@ -24,6 +24,7 @@ from cpmctl import CpmctlError
 from cpmctl.io import atomic_dir
 from cpmctl.model.ant import CPMAnt, build_model
 from cpmctl.model.config import CPMAntConfig
+from cpmctl.recipe import at_least, check_recipe, fail, positive, within
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -48,18 +49,20 @@ class LoraSettings:
     rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
     dora: bool = False  # weight-decomposed LoRA (magnitude vector per output channel)
 
-    def validate(self) -> None:
-        if self.r < 1:
-            raise CpmctlError(f"lora.r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise CpmctlError(f"lora.alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise CpmctlError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+    def check(self, at: str) -> None:
+        """The rules a type cannot state, with the section's key path (`lora.r`); cpmctl/recipe.py calls it."""
+        at_least(self, at, "r", 1)
+        positive(self, at, "alpha")
+        within(self, at, "dropout", 0.0, 1.0, open_high=True)
         if not self.targets:
-            raise CpmctlError("lora.targets is empty: name at least one of " + ", ".join(LINEAR_TARGETS))
+            fail(at, "targets", "must name at least one of " + ", ".join(LINEAR_TARGETS))
         unknown = [t for t in self.targets if t not in LINEAR_TARGETS]
         if unknown:
-            raise CpmctlError(f"lora.targets: unknown module '{unknown[0]}' (known: {', '.join(LINEAR_TARGETS)})")
+            fail(at, "targets", f"unknown module '{unknown[0]}' (known: {', '.join(LINEAR_TARGETS)})")
+
+    def validate(self) -> None:
+        """Settings built in Python or read from an adapter: the checks a loaded recipe's `lora:` section gets."""
+        check_recipe(self, "lora")
 
     @property
     def scaling(self) -> float:
@@ -167,8 +170,9 @@ def save_adapter(model: CPMAnt, out: str | Path, settings: LoraSettings, meta: d
 
 
 def write_adapter(out: str | Path, state: dict[str, torch.Tensor], settings: LoraSettings, meta: dict,
-                  base_model: str | None = None) -> Path:
-    with atomic_dir(out) as tmp:
+                  base_model: str | None = None, output=None, replace: bool = False) -> Path:
+    """`output`: the outputs.claim() of a command; without it an existing `out` is replaced only with `replace`."""
+    with (output.directory() if output is not None else atomic_dir(out, replace=replace)) as tmp:
         write_adapter_files(tmp, state, settings, meta, base_model)
     return Path(out)
 
@@ -313,12 +317,14 @@ def merge_lora(model: CPMAnt) -> CPMAnt:
 
 
 def merge_adapter(model_path: str | Path, adapter: str | Path, out: str | Path,
-                  vocab: str | Path | None = None) -> dict:
+                  vocab: str | Path | None = None, force: bool = False) -> dict:
     """Write a native checkpoint with the adapter merged into the base weights. Merged in fp32, saved in the
-    checkpoint's own dtype."""
+    checkpoint's own dtype. `out` follows the output policy (cpmctl/outputs.py): never the base model itself."""
     from cpmctl.model.checkpoint import save_native
+    from cpmctl.outputs import claim
 
+    output = claim(out, "tune merge", force=force, inputs=[model_path, adapter, vocab])
     model, info = load_model_with_adapter(model_path, adapter, dtype=torch.float32)
     merge_lora(model)
-    save_native(model, out, vocab=vocab or info.vocab, dtype=info.dtype)
+    save_native(model, out, vocab=vocab or info.vocab, dtype=info.dtype, output=output)
     return {"model": str(model_path), "adapter": str(adapter), "out": str(out), "dtype": str(info.dtype or "float32")}

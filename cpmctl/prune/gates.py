@@ -37,9 +37,12 @@ _EPS = 1e-6
 class HardConcrete(nn.Module):
     """A tensor of independent hard-concrete gates."""
 
-    def __init__(self, shape: tuple[int, ...], init_mean: float = 3.0, init_std: float = 0.01):
+    def __init__(self, shape: tuple[int, ...], init_mean: float = 3.0, init_std: float = 0.01,
+                 generator: torch.Generator | None = None):
         super().__init__()
-        self.log_alpha = nn.Parameter(torch.empty(shape).normal_(init_mean, init_std))
+        # Drawn from the caller's seeded generator: two identical prune commands start from the same gates.
+        init = torch.randn(shape, generator=generator) * init_std + init_mean
+        self.log_alpha = nn.Parameter(init)
         # The noise u of the current optimizer step; set by `resample`, reused by every micro-batch of the step.
         self.register_buffer("noise", torch.full(shape, 0.5), persistent=False)
 
@@ -133,7 +136,8 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 class StageMasks(nn.Module):
     """The gates of one stage on one model: only the structure types the stage prunes get gates."""
 
-    def __init__(self, config: CPMAntConfig, kinds: list[str], init_mean: float = 3.0, init_std: float = 0.01):
+    def __init__(self, config: CPMAntConfig, kinds: list[str], init_mean: float = 3.0, init_std: float = 0.01,
+                 seed: int = 0):
         super().__init__()
         self.config = config
         self.kinds = list(kinds)
@@ -145,7 +149,8 @@ class StageMasks(nn.Module):
             "heads": (config.num_heads,),
             "channels": (len(self.ffn_layers), config.dim_ff),
         }
-        self.gates = nn.ModuleDict({k: HardConcrete(sizes[k], init_mean, init_std) for k in self.kinds})
+        generator = torch.Generator().manual_seed(seed)
+        self.gates = nn.ModuleDict({k: HardConcrete(sizes[k], init_mean, init_std, generator) for k in self.kinds})
 
     def resample(self, generator: torch.Generator) -> None:
         for gate in self.gates.values():

@@ -55,7 +55,9 @@ class MaskPhase:
     def __init__(self, stage: Stage, config, recipe: PruneRecipe, teacher: CPMAnt | None):
         self.kinds = stage.kinds
         self.targets = stage.target_counts()
-        self.masks = StageMasks(config, self.kinds, recipe.gates.init_mean, recipe.gates.init_std)
+        # The gates' initial log_alpha come from (recipe seed, stage): reruns and resumed runs start alike.
+        self.masks = StageMasks(config, self.kinds, recipe.gates.init_mean, recipe.gates.init_std,
+                                seed=recipe.seed * 1_000_003 + stage.index)
         totals = self.masks.totals()
         fractions = {k: self.targets[k] / totals[k] for k in self.kinds}
         warmup = round(recipe.gates.target_warmup * recipe.mask.steps)

@@ -30,40 +30,25 @@ from typing import Callable
 import torch
 
 from cpmctl import CpmctlError
-from cpmctl.data.packed_format import PackedDataset, PackedReader
+from cpmctl.data.packed_format import PackedDataset, PackedReader, RowRange
 from cpmctl.io import atomic_file
 from cpmctl.model.ant import CPMAnt
-from cpmctl.model.checkpoint import VOCAB_FILE, load_model, read_config, save_native, save_original
+from cpmctl.model.checkpoint import VOCAB_FILE, find_vocab, load_model, read_config, save_native, save_original, vocab_beside
+from cpmctl.model.config import CPMAntConfig
 from cpmctl.prune.baselines import magnitude_selection, random_selection
 from cpmctl.prune.extract import extract
 from cpmctl.prune.gates import Selection, clear_gates
 from cpmctl.prune.mask_phase import MaskPhase, lm_objective
 from cpmctl.prune.recipe import PruneData, PruneRecipe
 from cpmctl.prune.report import kept_summary, plot_survivors
-from cpmctl.prune.targets import Shape, Stage, check_checkpoint_shape, plan_stages
+from cpmctl.prune.targets import Shape, Stage, check_checkpoint_shape, plan_stages, plan_summary
 from cpmctl.device import resolve_device
 from cpmctl.train.engine import Engine
-from cpmctl.train.loop import TrainConfig, evaluate, train
+from cpmctl.outputs import run_dir
+from cpmctl.train.loop import TrainConfig, TrainingInterrupted, evaluate, train
 
 
 # ----- data ----------------------------------------------------------------------------------------------------
-class RowRange:
-    """Rows [start, stop) of a packed dataset, with the PackedDataset interface PackedReader needs."""
-
-    def __init__(self, dataset: PackedDataset, start: int, stop: int):
-        self.dataset, self.start, self.stop = dataset, start, stop
-        self.path, self.vocab_size, self.max_length = dataset.path, dataset.vocab_size, dataset.max_length
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def rows(self, index):
-        return self.dataset.rows(index + self.start)
-
-    def check_vocab(self, vocab_size: int, what: str = "model") -> None:
-        self.dataset.check_vocab(vocab_size, what)
-
-
 @dataclass
 class StageData:
     train: PackedDataset | RowRange
@@ -112,6 +97,7 @@ class StageContext:
     vocab: Path | None
     progress: bool = True
     log: Callable[[str], None] = print
+    rebase: Callable = lambda value: value  # paths in the work directory -> paths in --out (a --force run)
 
 
 def _save_model_fn(vocab: Path | None):
@@ -195,15 +181,14 @@ def run_stage(stage: Stage, source_path: Path, stage_dir: Path, ctx: StageContex
         probe = PackedReader(ctx.data.valid, 1, shuffle=False).next_batch()
         gap = extraction_gap(model, pruned, selection, probe)
         check = Shape.of(pruned.config)
-        expected_shape = Shape(*(stage.target_counts()[k] for k in ("attention", "ffn", "heads", "channels")))
-        if check != expected_shape:
-            raise CpmctlError(f"internal: extracted shape ({check.describe()}) != target ({expected_shape.describe()})",
-                              exit_code=1)
+        if check != stage.target_shape:
+            raise CpmctlError(f"internal: extracted shape ({check.describe()}) != target "
+                              f"({stage.target_shape.describe()})", exit_code=1)
         loss_extracted = validation_loss(pruned, ctx.data.valid, eval_batch, eval_n)
         info = {"loss_before": loss_before, "loss_extracted": loss_extracted, "extraction_max_abs_diff": gap,
                 "kept": kept_summary(model.config, selection), "source_config": model.config.to_dict(), **learned}
         # selection.pt inside the atomically written directory marks the mask phase + extraction as done.
-        save_native(pruned, extracted_dir, vocab=ctx.vocab,
+        save_native(pruned, extracted_dir, vocab=ctx.vocab, replace=True,
                     extra={"extraction.json": json.dumps(info, indent=2) + "\n"})
         torch.save(selection.state_dict(), extracted_dir / "selection.pt")
         del model
@@ -220,7 +205,7 @@ def run_stage(stage: Stage, source_path: Path, stage_dir: Path, ctx: StageContex
                    valid=valid, save_model=_save_model_fn(ctx.vocab), resume=True, progress=ctx.progress)
     loss_after = validation_loss(pruned, ctx.data.valid, eval_batch, eval_n)
 
-    native = save_native(pruned, stage_dir / "model", vocab=ctx.vocab)
+    native = save_native(pruned, stage_dir / "model", vocab=ctx.vocab, replace=True)
     pt, _ = save_original(pruned, stage_dir / "original" / "model")
     if ctx.vocab is not None:
         shutil.copyfile(ctx.vocab, stage_dir / "original" / VOCAB_FILE)
@@ -230,7 +215,7 @@ def run_stage(stage: Stage, source_path: Path, stage_dir: Path, ctx: StageContex
     shape = Shape.of(pruned.config)
     report = {
         "stage": stage.index, "from": stage.source_name, "to": stage.target_name, "method": recipe.method,
-        "prunes": stage.kinds,
+        "prunes": list(stage.kinds),
         "shape": {"attention_layers_kept": shape.attention_kept, "ffn_layers_kept": shape.ffn_kept,
                   "num_heads": shape.num_heads, "dim_ff": shape.dim_ff, "mask_modules": pruned.config.mask_modules},
         "kept": info["kept"],
@@ -243,7 +228,7 @@ def run_stage(stage: Stage, source_path: Path, stage_dir: Path, ctx: StageContex
         "seconds": round(time.perf_counter() - started, 1),
     }
     with atomic_file(report_path) as f:
-        f.write(json.dumps(report, indent=2) + "\n")
+        f.write(json.dumps(ctx.rebase(report), indent=2) + "\n")
     report["status"] = "done"
     return report
 
@@ -251,46 +236,71 @@ def run_stage(stage: Stage, source_path: Path, stage_dir: Path, ctx: StageContex
 # ----- the whole run -------------------------------------------------------------------------------------------
 @dataclass
 class PrunePlan:
+    source: str
+    target: str
     stages: list[Stage]
-    model: Path
-    out_dir: Path
+    model: Path | None
+    out_dir: Path | None
     vocab: Path | None
+    config: CPMAntConfig | None  # the checkpoint's config, when --model is given
+
+    def check_runnable(self) -> None:
+        missing = [name for name, value in (("--model", self.model), ("--out", self.out_dir)) if value is None]
+        if missing:
+            raise CpmctlError(f"{' and '.join(missing)} required (or --dry-run)")
+
+    def summary(self) -> dict:
+        """What `--dry-run` prints: the stages, their target shapes and parameter counts (no weights read)."""
+        vocab_size = self.config.vocab_size if self.config is not None else None
+        return {"dry_run": True, "from": self.source, "to": self.target,
+                "model": str(self.model) if self.model else None, "stages": plan_summary(self.stages, vocab_size)}
 
 
-def prepare(model: str | Path, source: str, target: str, out_dir: str | Path, vocab: str | Path | None = None) -> PrunePlan:
-    """Every check that needs no weights: the stages, reachability, the checkpoint's shape against --from."""
+def prepare(source: str, target: str, model: str | Path | None = None, out_dir: str | Path | None = None,
+            vocab: str | Path | None = None) -> PrunePlan:
+    """Every check that needs no weights: the stages, reachability, the checkpoint's shape against --from, the
+    vocabulary. A dry run stops here; a run needs --model and --out."""
+    if source is None or target is None:
+        raise CpmctlError("--from and --to are required (ladder names such as 10b / 7b, or config files)")
     stages = plan_stages(source, target)
-    model = Path(model)
-    config, _ = read_config(model)
-    check_checkpoint_shape(config, stages, model)
-    if vocab is not None:
-        vocab = Path(vocab)
-        if not vocab.exists():
-            raise CpmctlError(f"vocab file not found: {vocab}")
-    else:
-        root = model if model.is_dir() else model.parent
-        vocab = root / VOCAB_FILE if (root / VOCAB_FILE).exists() else None
-    return PrunePlan(stages, model, Path(out_dir), vocab)
+    config = None
+    if model is not None:
+        model = Path(model)
+        config, _ = read_config(model)
+        check_checkpoint_shape(config, stages, model)
+        vocab = find_vocab(model, vocab) if vocab is not None or vocab_beside(model) else None
+    return PrunePlan(source, target, stages, model, Path(out_dir) if out_dir is not None else None, vocab, config)
 
 
 def run_prune(plan: PrunePlan, recipe: PruneRecipe, *, progress: bool = True, log=print,
-              on_stage: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run every stage in turn; each stage reads the previous stage's output model."""
-    config, _ = read_config(plan.model)
-    batch_sizes = [recipe.recovery.batch_size] + ([recipe.mask.batch_size] if recipe.method == "learned" else [])
-    data = open_data(recipe.data, config.vocab_size, batch_sizes)
-    ctx = StageContext(recipe, data, plan.vocab, progress, log)
-    plan.out_dir.mkdir(parents=True, exist_ok=True)
-    _write_run_info(plan, recipe)
-    reports, source = [], plan.model
-    for stage in plan.stages:
-        stage_dir = plan.out_dir / stage.dirname
-        report = run_stage(stage, source, stage_dir, ctx)
-        reports.append(report)
-        if on_stage is not None:
-            on_stage(report)
-        source = stage_dir / "model"
-    return reports
+              on_stage: Callable[[dict], None] | None = None, force: bool = False) -> list[dict]:
+    """Run every stage in turn; each stage reads the previous stage's output model. --out follows the output
+    policy (cpmctl/outputs.py): locked for the run, an own directory resumed, `force` runs anew beside it."""
+    plan.check_runnable()
+    config = plan.config
+    inputs = [plan.model, plan.vocab, recipe.data.train, recipe.data.valid]
+    with run_dir(plan.out_dir, "prune", force=force, inputs=inputs, accept=lambda p: (p / "prune.json").exists()) as rd:
+        batch_sizes = [recipe.recovery.batch_size] + ([recipe.mask.batch_size] if recipe.method == "learned" else [])
+        data = open_data(recipe.data, config.vocab_size, batch_sizes)
+        ctx = StageContext(recipe, data, plan.vocab, progress, log, rd.rebase)
+        work = dataclasses.replace(plan, out_dir=rd.work)
+        _write_run_info(work, recipe)
+        reports, source = [], plan.model
+        try:
+            for stage in plan.stages:
+                stage_dir = work.out_dir / stage.dirname
+                report = run_stage(stage, source, stage_dir, ctx)
+                reports.append(report)
+                if on_stage is not None:
+                    on_stage(rd.rebase(report))
+                source = stage_dir / "model"
+        except TrainingInterrupted as e:
+            if rd.temp:
+                raise CpmctlError(f"interrupted at step {e.step}: the --force run is discarded, {rd.path} is "
+                                  "unchanged", exit_code=130) from None
+            raise
+        rd.commit()
+    return rd.rebase(reports)
 
 
 def _write_run_info(plan: PrunePlan, recipe: PruneRecipe) -> None:

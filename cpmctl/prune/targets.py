@@ -31,39 +31,41 @@ class Shape:
     def of(cls, config: CPMAntConfig) -> "Shape":
         return cls(config.num_attention_kept, config.num_ffn_kept, config.num_heads, config.dim_ff)
 
+    def counts(self) -> dict[str, int]:
+        """How many structures of each type the shape keeps (heads / channels: per layer), keyed by KINDS."""
+        return dict(zip(KINDS, (self.attention_kept, self.ffn_kept, self.num_heads, self.dim_ff)))
+
     def describe(self) -> str:
         return (f"attention {self.attention_kept}, ffn {self.ffn_kept}, heads {self.num_heads}, "
                 f"dim_ff {self.dim_ff}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Stage:
+    """One rung down the ladder. Its target shape and the structure types it shrinks are computed once, when the
+    stage is planned; the mask phase, the baselines, extraction's check and the report all read them from here."""
+
     index: int  # 1-based
     source_name: str
     target_name: str
     source: CPMAntConfig  # the ladder (or file) config the stage starts from
     target: CPMAntConfig  # the ladder (or file) config whose counts the stage must reach
+    target_shape: Shape
+    kinds: list[str]  # the structure types this stage shrinks, in KINDS order
 
-    @property
-    def kinds(self) -> list[str]:
-        """The structure types this stage shrinks."""
-        s, t = Shape.of(self.source), Shape.of(self.target)
-        changes = {
-            "attention": t.attention_kept < s.attention_kept,
-            "ffn": t.ffn_kept < s.ffn_kept,
-            "heads": t.num_heads < s.num_heads,
-            "channels": t.dim_ff < s.dim_ff,
-        }
-        return [k for k in KINDS if changes[k]]
+    @classmethod
+    def plan(cls, index: int, source_name: str, target_name: str, source: CPMAntConfig,
+             target: CPMAntConfig) -> "Stage":
+        s, t = Shape.of(source).counts(), Shape.of(target)
+        kinds = [k for k, n in t.counts().items() if n < s[k]]
+        return cls(index, source_name, target_name, source, target, t, kinds)
 
     @property
     def dirname(self) -> str:
         return f"stage-{self.index}-{_slug(self.source_name)}-to-{_slug(self.target_name)}"
 
     def target_counts(self) -> dict[str, int]:
-        """How many structures of each pruned type the stage keeps (heads / channels: per layer)."""
-        t = Shape.of(self.target)
-        return {"attention": t.attention_kept, "ffn": t.ffn_kept, "heads": t.num_heads, "channels": t.dim_ff}
+        return self.target_shape.counts()
 
 
 def _slug(name: str) -> str:
@@ -123,7 +125,7 @@ def plan_stages(source: str, target: str) -> list[Stage]:
     stages = []
     for k in range(len(names) - 1):
         check_reachable(configs[k], configs[k + 1], names[k], names[k + 1])
-        stages.append(Stage(k + 1, names[k], names[k + 1], configs[k], configs[k + 1]))
+        stages.append(Stage.plan(k + 1, names[k], names[k + 1], configs[k], configs[k + 1]))
     return stages
 
 
@@ -153,12 +155,12 @@ def plan_summary(stages: list[Stage], vocab_size: int | None = None) -> list[dic
     rows = []
     for stage in stages:
         source, target = counts(stage.source), counts(stage.target)
-        shape = Shape.of(stage.target)
+        shape = stage.target_shape
         rows.append({
             "stage": stage.index,
             "from": stage.source_name,
             "to": stage.target_name,
-            "prunes": stage.kinds,
+            "prunes": list(stage.kinds),
             "target": {
                 "dim_model": stage.target.dim_model,
                 "num_layers": stage.target.num_layers,

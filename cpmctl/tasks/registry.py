@@ -1,9 +1,20 @@
 """The task registry: the six CUGE tasks CPM-Ant was tuned and scored on, and user tasks defined in YAML
-(docs/tasks.md). `get_task` is the one way in for tune, eval and the lifecycle."""
+(docs/tasks.md). `get_task` is the one way in for tune, eval and the lifecycle.
+
+Each built-in task comes in two templates:
+- `original` (the default): as CPM-Live's examples/tune.py and infer.py build the inputs, so adapters trained by
+  the original code (`tune import-delta`) and adapters trained here see the same thing: prompt task 1, then
+  `<s>` + the raw input (choice: + the option + "[是否正确]"; ranking: query + document + "[是否正确]"), cut
+  from the front when too long; CCPM is a generation task (its answer is generated), and generation tasks decode
+  with beam search (3 beams) as infer.py does.
+- `cpmctl`: cpmctl's own templates with a few words of instruction (摘要：, 回复：, 答案：...), prompt task 2, and
+  CCPM as a choice task scored by the "是" logit of each option.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, get_args
 
 from cpmctl import CpmctlError
 from cpmctl.model.generation_config import GenerationConfig
@@ -12,7 +23,38 @@ from cpmctl.tasks.kinds import CHOICE_SUFFIX, ChoiceTask, GenerationTask, Rankin
 from cpmctl.tasks.schema import KINDS
 
 
+TaskTemplate = Literal["original", "cpmctl"]
+TEMPLATES = get_args(TaskTemplate)
+DEFAULT_TEMPLATE = "original"
+ORIGINAL_PROMPT_TASK = 1  # examples/tune.py and infer.py: task_id=1
+
+
+def _original() -> dict[str, Task]:
+    """The six tasks as CPM-Live's examples tune and infer them (examples/scripts/*.sh for lengths and lr)."""
+    beam = lambda n: GenerationConfig("beam", beam_size=3, max_new_tokens=n)  # noqa: E731 - infer.py's beam search
+    p = ORIGINAL_PROMPT_TASK
+    tasks = [
+        GenerationTask("ccpm", "classical poetry matching, generated as the original tuned it (input holds the "
+                       "sentence and the options; the target is the answer)", template="{input}", prompt_task_id=p,
+                       keep="tail", metrics=("exact_match",), max_target_length=8, decode=beam(1)),
+        ChoiceTask("c3", "free-form multiple-choice reading comprehension (passage and question in input)",
+                   template="{input}{option}" + CHOICE_SUFFIX, prompt_task_id=p, max_length=1024, keep="tail"),
+        RankingTask("sogou-log", "query-document relevance ranking from search logs",
+                    template="{query}{document}" + CHOICE_SUFFIX, prompt_task_id=p, keep="tail"),
+        GenerationTask("lcsts", "short-text summarization", template="{input}", prompt_task_id=p, keep="tail",
+                       metrics=("rouge",), max_target_length=64, decode=beam(50)),
+        GenerationTask("kdconv", "knowledge-grounded multi-turn dialogue (knowledge and history in input)",
+                       template="{input}", prompt_task_id=p, keep="tail", metrics=("bleu", "distinct"),
+                       max_length=1500, decode=beam(50)),
+        GenerationTask("math23k", "math word problems: generate the equation x=...; scored on its value",
+                       template="{input}", prompt_task_id=p, keep="tail", metrics=("math",), max_target_length=48,
+                       decode=beam(32)),
+    ]
+    return {t.name: t for t in tasks}
+
+
 def _builtin() -> dict[str, Task]:
+    """cpmctl's own templates."""
     tasks = [
         ChoiceTask("ccpm", "classical poetry matching: pick the line of poetry a modern Chinese sentence describes",
                    template="{input}对应的诗句：{option}" + CHOICE_SUFFIX),
@@ -32,6 +74,8 @@ def _builtin() -> dict[str, Task]:
 
 
 TASKS: dict[str, Task] = _builtin()
+ORIGINAL_TASKS: dict[str, Task] = _original()
+BUILTIN = {"original": ORIGINAL_TASKS, "cpmctl": TASKS}
 TASK_CLASSES = {"generation": GenerationTask, "choice": ChoiceTask, "ranking": RankingTask}
 CUSTOM_KEYS = {"name", "kind", "description", "template", "prompt_task_id", "max_length", "truncate", "keep",
                "fields", "metrics", "max_target_length", "decode", "ks"}
@@ -85,8 +129,9 @@ def load_custom_task(path: str | Path) -> Task:
         raise CpmctlError(f"{path}: {e}") from None
 
 
-def get_task(name: str, definition: str | Path | None = None) -> Task:
-    """A registered task by name, or `custom` with a YAML definition (a .yaml path given as the name also works)."""
+def get_task(name: str, definition: str | Path | None = None, template: str = DEFAULT_TEMPLATE) -> Task:
+    """A built-in task by name in one of TEMPLATES, or `custom` with a YAML definition (a .yaml path given as the
+    name also works; its own template applies)."""
     if name == "custom" or name.endswith((".yaml", ".yml")):
         path = definition if name == "custom" else name
         if path is None:
@@ -94,6 +139,8 @@ def get_task(name: str, definition: str | Path | None = None) -> Task:
         if not Path(path).exists():
             raise CpmctlError(f"task definition not found: {path}")
         return load_custom_task(path)
+    if template not in BUILTIN:
+        raise CpmctlError(f"task template must be one of {', '.join(TEMPLATES)}, got {template!r}")
     if name not in TASKS:
         raise CpmctlError(f"unknown task '{name}' (one of {', '.join(task_names())})")
-    return TASKS[name]
+    return BUILTIN[template][name]

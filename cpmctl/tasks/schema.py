@@ -5,11 +5,11 @@ A bad line is a one-line error naming file:line and the field."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from cpmctl import CpmctlError
+from cpmctl.data.textio import read_jsonl  # noqa: F401 - re-exported: tasks read their files with it
 
 SPLITS = ("train", "dev", "test")
 KINDS = ("generation", "choice", "ranking")
@@ -51,32 +51,7 @@ class RankingExample:
 Example = GenerationExample | ChoiceExample | RankingExample
 
 
-# ----- jsonl reading -------------------------------------------------------------------------------------------
-def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a bad line is a CpmctlError naming file:line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CpmctlError(f"data file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise CpmctlError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except IsADirectoryError:
-        raise CpmctlError(f"{path}: is a directory, expected a .jsonl file") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CpmctlError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise CpmctlError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-        rows.append((n, obj))
-    return rows
-
-
+# ----- fields ------------------------------------------------------------------------------------------------
 def text_field(obj: dict, key: str, where: str, allow_empty: bool = False) -> str:
     if key not in obj:
         raise CpmctlError(f"{where}: missing field '{key}'")

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cpmctl import CpmctlError
-from cpmctl.io import atomic_file
+from cpmctl.io import atomic_file, honour_umask
 from cpmctl.model.ant import build_model
 from cpmctl.train.engine import Engine, unwrap
 
@@ -172,6 +172,7 @@ def save_checkpoint(
             torch.save({**state, "optimizer": optimizer_state, "ranks": ranks, "world_size": engine.world_size,
                         "engine": engine.kind, "sharded": sharded}, tmp / STATE_FILE)
             # 3. Into place: the rename is the commit point.
+            honour_umask(tmp)  # save_file writes 0600
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -210,7 +211,12 @@ def restore_params(module: torch.nn.Module, path: Path) -> None:
     file = path / PARAMS_FILE
     if not file.exists():
         raise CpmctlError(f"{path}: no {PARAMS_FILE} (a sharded checkpoint resumes only with engine fsdp)")
-    saved = load_file(str(file))
+    try:
+        saved = load_file(str(file))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CpmctlError(f"{file}: cannot read the saved parameters ({reason}); the checkpoint is damaged: "
+                          "resume from an earlier one") from None
     own = dict(module.named_parameters())
     missing = sorted(_trainable_names(module) - set(saved))
     unknown = sorted(set(saved) - set(own))

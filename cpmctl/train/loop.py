@@ -1,12 +1,11 @@
 """The one training loop. Pretraining, pruning recovery and LoRA tuning all call `train()`.
 
-Read top to bottom: TrainConfig (a recipe's `train:` section), the optimizer's parameter groups, then `train()`:
-set up the engine, resume if asked, and run steps of `grad_accum` micro-batches; log, validate and checkpoint on
-their schedules. A checkpoint holds everything the next step depends on (weights, optimizer, step, RNG states,
-data position), so an interrupted and resumed run follows the same loss curve as an uninterrupted one.
-
-Longer than 450 lines because the loop is meant to be read in one place, top to bottom: splitting its resume,
-step and save phases across files would hide the order they run in.
+Read top to bottom: the optimizer's parameter groups, then `train()`: set up the engine, resume if asked, and run
+steps of `grad_accum` micro-batches; log, validate and checkpoint on their schedules. The settings are a
+TrainConfig (a recipe's `train:` section, train/recipe.py). A checkpoint holds everything the next step depends on
+(weights, optimizer, step, RNG states, data position), so an interrupted and resumed run follows the same loss
+curve as an uninterrupted one. The loop is meant to be read in one place: its resume, step and save phases stay
+in this file, in the order they run.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import torch
 
 from cpmctl import CpmctlError
 from cpmctl.progress import StepProgress
+from cpmctl.recipe import check_recipe
 from cpmctl.model.ant import CPMAnt
 from cpmctl.model.checkpoint import fold_factor, save_native
 from cpmctl.train import checkpointing as ckpt
@@ -46,55 +46,10 @@ from cpmctl.train.engine import (
 from cpmctl.train.metrics import MetricsLog, MetricWindow
 from cpmctl.train.objectives import lm_loss
 from cpmctl.train.plots import plot_loss_curve
-from cpmctl.train.schedule import SCHEDULES, lr_factor
+from cpmctl.train.recipe import TrainConfig
+from cpmctl.train.schedule import lr_factor
 
 ADAM_EPS = 1e-8
-
-
-@dataclass
-class TrainConfig:
-    """Flat training settings; a recipe section `train:` maps onto it. `lr` is the peak learning rate."""
-
-    steps: int = 1000
-    batch_size: int = 8  # rows per micro-batch per process
-    grad_accum: int = 1
-    lr: float = 1e-3
-    schedule: str = "noam"  # noam | cosine | linear | constant
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0  # 0 = no clipping (the norm is still logged)
-    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU and GPU) | fp16 (GPU, dynamic loss scale from 2**20)
-    activation_checkpointing: bool = False
-    compile: bool = False
-    engine: str = "single"  # single | ddp | fsdp (torch.distributed, launched by torchrun)
-    log_every: int = 10
-    valid_every: int = 100
-    valid_batches: int = 20
-    save_every: int = 500
-    keep_last: int = 2  # 0 = keep every checkpoint
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_format: str = "full"  # full | sharded (fsdp: torch.distributed.checkpoint shards, no gathering)
-    # AdamW on folded weights with the steps AdamW takes on the original-convention weights (docs/pretrain.md).
-    original_lr_scaling: bool = True
-
-    def validate(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "log_every", "valid_every", "save_every")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise CpmctlError(f"train.{name}: must be positive, got {getattr(self, name)}")
-        for name in ("lr", "warmup_steps", "weight_decay", "grad_clip", "valid_batches", "keep_last"):
-            if getattr(self, name) < 0:
-                raise CpmctlError(f"train.{name}: must not be negative, got {getattr(self, name)}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise CpmctlError(f"train.min_lr_ratio: must be within [0, 1], got {self.min_lr_ratio}")
-        if self.schedule not in SCHEDULES:
-            raise CpmctlError(f"train.schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.checkpoint_format not in ("full", "sharded"):
-            raise CpmctlError(f"train.checkpoint_format: expected full or sharded, got {self.checkpoint_format!r}")
-        if self.checkpoint_format == "sharded" and self.engine != "fsdp":
-            raise CpmctlError("train.checkpoint_format: sharded checkpoints need train.engine=fsdp")
 
 
 @dataclass
@@ -118,7 +73,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 # ----- optimizer -----------------------------------------------------------------------------------------------
 def default_param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
-    """AdamW groups over every trainable parameter, weight decay on 2-D weights only.
+    """AdamW groups over every trainable parameter, weight decay on 2-D weights only (`weight_decay_on:
+    matrices`) or on every parameter, norms and the position-bias table included (`all`, the original's single
+    optimizer group).
 
     The model holds folded weights W_f = c * W (c = 1/sqrt(fan_in) for linears, 1/sqrt(dim_model) for embeddings).
     AdamW on W_f with lr*c, eps/c and weight_decay/c takes exactly the steps AdamW takes on the original W with
@@ -131,7 +88,7 @@ def default_param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        decay = p.dim() >= 2
+        decay = p.dim() >= 2 or cfg.weight_decay_on == "all"
         scale = fold_factor(name, p.shape, config) if config is not None else 1.0
         group = groups.setdefault((decay, scale), {
             "params": [],
@@ -207,7 +164,7 @@ def train(
     Raises TrainingInterrupted (a KeyboardInterrupt) after saving a checkpoint on Ctrl-C / SIGTERM, and
     CpmctlError for bad input (data/model mismatch, out of memory with the batch size to lower).
     """
-    cfg.validate()
+    check_recipe(cfg, "train")  # a TrainConfig built in Python gets the checks a loaded recipe had
     out_dir = Path(out_dir)
     engine = setup_engine(cfg.engine, cfg.device)
     try:

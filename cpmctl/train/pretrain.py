@@ -2,14 +2,14 @@
 
 A new model starts from a config (ladder name or JSON, the vocabulary fixes vocab_size); continued training
 starts from any readable checkpoint (native, original .pt, HF) with a fresh optimizer and the recipe's schedule.
-Resuming an interrupted run (`resume`) is different: it restores the run's own checkpoint exactly.
+Resuming an interrupted run (`resume`) is different: it restores the run's own checkpoint exactly. The recipe
+types (PretrainRecipe, TrainConfig) and `load_pretrain_recipe` are in train/recipe.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from cpmctl import CpmctlError
@@ -19,40 +19,12 @@ from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import NATIVE_WEIGHTS, VOCAB_FILE, load_model, read_config, save_native
 from cpmctl.model.config import resolve_config
 from cpmctl.model.tokenizer import CPMAntTokenizer
-from cpmctl.recipe import load_recipe
+from cpmctl.recipe import check_recipe
 from cpmctl.train.checkpointing import STATE_FILE
 from cpmctl.train.engine import dist_env
-from cpmctl.train.loop import TrainConfig, TrainResult, train
-
-
-@dataclass
-class PretrainModel:
-    init: str = "mini-10b"  # ladder name / config JSON (a new model), or a checkpoint to continue training
-    vocab: str | None = None  # vocabulary file; default: vocab.txt beside the checkpoint
-    seed: int = 0  # initialisation seed of a new model
-
-
-@dataclass
-class PretrainData:
-    train: str = ""  # packed dataset directory (`cpmctl data pack`)
-    valid: str | None = None  # held-out packed dataset for validation loss
-
-
-@dataclass
-class PretrainRecipe:
-    model: PretrainModel = field(default_factory=PretrainModel)
-    data: PretrainData = field(default_factory=PretrainData)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    out_dir: str = "runs/pretrain"
-    resume: bool | str = False  # true: continue out_dir's latest checkpoint; a path: that run or checkpoint
-
-
-def load_pretrain_recipe(path: str | Path | None, overrides: list[str] | None = None) -> PretrainRecipe:
-    recipe = load_recipe(PretrainRecipe, path, overrides)
-    recipe.train.validate()
-    if not recipe.data.train:
-        raise CpmctlError("data.train: the packed training data directory is required (`cpmctl data pack`)")
-    return recipe
+from cpmctl.outputs import run_dir
+from cpmctl.train.loop import TrainingInterrupted, TrainResult, train
+from cpmctl.train.recipe import PretrainModel, PretrainRecipe
 
 
 def resume_run_dir(resume: str | Path) -> Path:
@@ -126,11 +98,38 @@ def preflight(recipe: PretrainRecipe) -> None:
 
 
 # ----- run -----------------------------------------------------------------------------------------------------
-def run_pretrain(recipe: PretrainRecipe, *, progress: bool = True, log=print) -> dict:
-    """Train as the recipe says; returns the summary (the `--json` object). Rank 0 writes out_dir/final."""
+def _earlier_run(path: Path) -> bool:
+    """An out_dir of a cpmctl older than the output markers."""
+    return (path / "latest").exists() or (path / "metrics.jsonl").exists()
+
+
+def run_pretrain(recipe: PretrainRecipe, *, progress: bool = True, log=print, force: bool = False) -> dict:
+    """Train as the recipe says; returns the summary (the `--json` object). Rank 0 writes out_dir/final.
+    out_dir follows the output policy (cpmctl/outputs.py): locked for the run, refused when it holds something
+    else; `force` trains a new run beside it and swaps it in when complete."""
+    check_recipe(recipe)
+    rank, _, world_size = dist_env() if recipe.train.engine != "single" else (0, 0, 1)
+    if force and recipe.resume:
+        raise CpmctlError("--force starts a new run (it replaces out_dir once complete); it does not go with --resume")
+    if force and world_size > 1:
+        raise CpmctlError("--force with several processes: remove out_dir first, or choose a new one")
+    init = recipe.model.init if _is_checkpoint(recipe.model.init) else None
+    inputs = [recipe.data.train, recipe.data.valid, init, recipe.model.vocab]
+    with run_dir(recipe.out_dir, "pretrain", force=force, inputs=inputs, what="out_dir", accept=_earlier_run,
+                 writer=rank == 0) as rd:
+        try:
+            summary = _pretrain(recipe, rd.work, rank, world_size, progress, log)
+        except TrainingInterrupted as e:
+            if rd.temp:
+                raise CpmctlError(f"interrupted at step {e.step}: the --force run is discarded, {rd.path} is "
+                                  "unchanged", exit_code=130) from None
+            raise
+        rd.commit()
+    return rd.rebase(summary)
+
+
+def _pretrain(recipe: PretrainRecipe, out_dir: Path, rank: int, world_size: int, progress: bool, log) -> dict:
     cfg = recipe.train
-    out_dir = Path(recipe.out_dir)
-    rank, _, world_size = dist_env() if cfg.engine != "single" else (0, 0, 1)
 
     train_set = PackedDataset(recipe.data.train)
     valid_set = PackedDataset(recipe.data.valid) if recipe.data.valid else None
@@ -177,7 +176,7 @@ def run_pretrain(recipe: PretrainRecipe, *, progress: bool = True, log=print) ->
 
 def export_final(checkpoint: Path, final: Path) -> Path:
     """out_dir/final: the model part of the last checkpoint (config, weights, vocab), without the trainer state."""
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, replace=True) as tmp:
         for name in ("config.json", NATIVE_WEIGHTS, VOCAB_FILE):
             if (checkpoint / name).exists():
                 shutil.copyfile(checkpoint / name, tmp / name)

@@ -106,8 +106,11 @@ def check_delta_fits(state: dict[str, torch.Tensor], config: CPMAntConfig, sourc
 
 
 def import_delta(path: str | Path, out: str | Path, alpha: float = OPENDELTA_DEFAULT_ALPHA,
-                 base_config: CPMAntConfig | None = None, base_model: str | None = None) -> dict:
+                 base_config: CPMAntConfig | None = None, base_model: str | None = None, force: bool = False) -> dict:
     """Convert an OpenDelta LoRA delta file into an adapter directory; returns a summary."""
+    from cpmctl.outputs import claim
+
+    output = claim(out, "tune import-delta", force=force, inputs=[path])
     state, settings, ignored = convert_delta(read_delta(path), str(path))
     settings.alpha = float(alpha)
     settings.validate()
@@ -117,7 +120,7 @@ def import_delta(path: str | Path, out: str | Path, alpha: float = OPENDELTA_DEF
     else:
         meta = {"format": "cpmctl-lora", "version": 1, "base_config": None, "source": str(path),
                 "imported_from": "opendelta"}
-    write_adapter(out, state, settings, meta, base_model)
+    write_adapter(out, state, settings, meta, base_model, output=output)
     return {
         "out": str(out),
         "modules": len(state) // 2,

@@ -8,7 +8,8 @@ adapter of that step plus the trainer state, so `--resume` continues exactly; th
 checkpoints as the loop's `extra_state`.
 
 Files in OUT: best/ (the adapter to use), step-*/ (checkpoints), metrics.jsonl and loss_curve.png (the loop's),
-dev.jsonl (one line per evaluated epoch), tune_result.json (the summary, written when the run ends).
+dev.jsonl (one line per evaluated epoch), tune_result.json (the summary, written when the run ends). The recipe
+(TuneRecipe) and `load_tune_recipe` are in tune/recipe.py.
 """
 
 from __future__ import annotations
@@ -22,75 +23,17 @@ from typing import Callable
 import torch
 
 from cpmctl import CpmctlError
-from cpmctl.model.generation_config import DecodeOverrides, overrides_of
+from cpmctl.device import DTYPES
 from cpmctl.io import atomic_file
-from cpmctl.recipe import load_recipe
-from cpmctl.train.loop import TrainConfig
-from cpmctl.model.lora import LoraSettings, adapter_meta, adapter_state_dict, write_adapter, write_adapter_files
+from cpmctl.model.generation_config import overrides_of
+from cpmctl.model.lora import adapter_meta, adapter_state_dict, write_adapter, write_adapter_files
+from cpmctl.recipe import check_recipe
+from cpmctl.train.recipe import TrainConfig
+from cpmctl.tune.recipe import TuneRecipe
 
 BEST_DIR = "best"
 DEV_LOG = "dev.jsonl"
 RESULT_FILE = "tune_result.json"
-BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-# ----- recipe --------------------------------------------------------------------------------------------------
-@dataclass
-class TaskSettings:
-    name: str | None = None  # ccpm, c3, sogou-log, lcsts, kdconv, math23k, custom (--task)
-    definition: str | None = None  # YAML task definition for custom (--task-def)
-    max_length: int | None = None  # tokens per training row; null = the task's own
-    pack: bool = False  # share rows between short examples (distinct spans)
-
-
-@dataclass
-class TuneSettings:
-    epochs: int | None = 20  # training length in passes over the train split; null = train.steps
-    patience: int = 3  # epochs without a better dev score before stopping; 0 = never stop early
-    metric: str | None = None  # dev metric that picks the best adapter; null = the task's primary metric
-    dev_limit: int | None = None  # score only the first N dev examples each epoch
-    eval_batch_size: int = 8
-    base_dtype: str = "fp32"  # fp32 | bf16: dtype of the frozen base weights (LoRA weights stay fp32)
-
-
-@dataclass
-class TuneRecipe:
-    task: TaskSettings = field(default_factory=TaskSettings)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, warmup_steps=50, save_every=200))
-    tune: TuneSettings = field(default_factory=TuneSettings)
-    decode: DecodeOverrides = field(default_factory=DecodeOverrides)  # dev decoding overrides (generation tasks)
-
-    def validate(self) -> None:
-        self.lora.validate()
-        self.train.validate()
-        if self.train.engine == "fsdp":
-            raise CpmctlError("train.engine: LoRA tuning runs with single or ddp (fsdp shards whole models)")
-        t = self.tune
-        if t.epochs is not None and t.epochs < 1:
-            raise CpmctlError(f"tune.epochs must be >= 1 (or null to use train.steps), got {t.epochs}")
-        if t.patience < 0:
-            raise CpmctlError(f"tune.patience must be >= 0, got {t.patience}")
-        if t.dev_limit is not None and t.dev_limit < 1:
-            raise CpmctlError(f"tune.dev_limit must be >= 1, got {t.dev_limit}")
-        if t.eval_batch_size < 1:
-            raise CpmctlError(f"tune.eval_batch_size must be >= 1, got {t.eval_batch_size}")
-        if t.base_dtype not in BASE_DTYPES:
-            raise CpmctlError(f"tune.base_dtype must be one of {', '.join(BASE_DTYPES)}, got {t.base_dtype!r}")
-        if self.task.max_length is not None and self.task.max_length < 48:
-            raise CpmctlError(f"task.max_length must be >= 48 (32 prompt slots + text), got {self.task.max_length}")
-
-
-def load_tune_recipe(path: str | Path | None, overrides: list[str], task: str | None = None,
-                     task_def: str | Path | None = None) -> TuneRecipe:
-    """Defaults, then the YAML file, then the overrides; --task / --task-def win over the recipe."""
-    recipe = load_recipe(TuneRecipe, path, overrides)
-    if task is not None:
-        recipe.task.name = task
-    if task_def is not None:
-        recipe.task.definition = str(task_def)
-    recipe.validate()
-    return recipe
 
 
 # ----- metrics -------------------------------------------------------------------------------------------------
@@ -196,7 +139,7 @@ def _resolve_task(recipe: TuneRecipe):
 
     if recipe.task.name is None:
         raise CpmctlError("--task is required (ccpm, c3, sogou-log, lcsts, kdconv, math23k, or custom)")
-    task = get_task(recipe.task.name, recipe.task.definition)
+    task = get_task(recipe.task.name, recipe.task.definition, recipe.task.template)
     if recipe.task.max_length is not None:
         task = dataclasses.replace(task, max_length=recipe.task.max_length)
     return task
@@ -305,15 +248,41 @@ class LoraRun:
         return summary
 
 
+def _earlier_tune(path: Path) -> bool:
+    """A run directory of a cpmctl older than the output markers."""
+    return (path / RESULT_FILE).exists() or (path / DEV_LOG).exists() or (path / "latest").exists()
+
+
 def tune_lora(model_path: str | Path | None, data: str | Path | None, out_dir: str | Path | None, recipe: TuneRecipe,
               vocab: str | Path | None = None, resume: bool = False, log: Callable = print,
-              progress: bool = True) -> dict:
-    """Tune LoRA on `recipe.task` and keep the best adapter (by the dev metric) in OUT/best. Returns a summary."""
-    finished = Path(out_dir) / RESULT_FILE if out_dir is not None else None
-    if resume and finished is not None and finished.exists():
-        log(f"{out_dir}: the run has already finished ({RESULT_FILE})")
-        return json.loads(finished.read_text(encoding="utf-8"))
-    return prepare_run(model_path, data, out_dir, recipe, vocab=vocab, resume=resume, log=log).fit(progress)
+              progress: bool = True, force: bool = False) -> dict:
+    """Tune LoRA on `recipe.task` and keep the best adapter (by the dev metric) in OUT/best. Returns a summary.
+    OUT follows the output policy (cpmctl/outputs.py): locked for the run; `force` runs anew beside it."""
+    from cpmctl.outputs import run_dir
+    from cpmctl.train.engine import dist_env
+    from cpmctl.train.loop import TrainingInterrupted
+
+    if out_dir is None:
+        raise CpmctlError("--out is required")
+    if force and resume:
+        raise CpmctlError("--force starts a new run (it replaces --out once complete); it does not go with --resume")
+    with run_dir(out_dir, "tune lora", force=force, inputs=[model_path, data, vocab], accept=_earlier_tune,
+                 writer=dist_env()[0] == 0) as rd:
+        finished = rd.work / RESULT_FILE
+        if resume and finished.exists():
+            log(f"{out_dir}: the run has already finished ({RESULT_FILE})")
+            return json.loads(finished.read_text(encoding="utf-8"))
+        try:
+            summary = prepare_run(model_path, data, rd.work, recipe, vocab=vocab, resume=resume, log=log).fit(progress)
+        except TrainingInterrupted as e:
+            if rd.temp:
+                raise CpmctlError(f"interrupted at step {e.step}: the --force run is discarded, {rd.path} is "
+                                  "unchanged", exit_code=130) from None
+            raise
+        if rd.temp:
+            _write_json(rd.work / RESULT_FILE, rd.rebase(summary))
+        rd.commit()
+    return rd.rebase(summary)
 
 
 def prepare_run(model_path: str | Path | None, data: str | Path | None, out_dir: str | Path | None,
@@ -330,7 +299,7 @@ def prepare_run(model_path: str | Path | None, data: str | Path | None, out_dir:
     for value, flag in ((model_path, "--model"), (data, "--data"), (out_dir, "--out")):
         if value is None:
             raise CpmctlError(f"{flag} is required")
-    recipe.validate()
+    check_recipe(recipe)
     out_dir, data = Path(out_dir), Path(data)
     task = _resolve_task(recipe)
     metric = resolve_metric(task, recipe.tune.metric)
@@ -360,7 +329,7 @@ def prepare_run(model_path: str | Path | None, data: str | Path | None, out_dir:
                              seed=cfg.seed, rank=rank, world_size=world, shuffle=False)
 
     # Frozen base weights (fp32 or bf16), fp32 LoRA weights.
-    model, _ = load_model(model_path, dtype=BASE_DTYPES[recipe.tune.base_dtype])
+    model, _ = load_model(model_path, dtype=DTYPES[recipe.tune.base_dtype])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # peft draws lora_A at random: the same run gets the same start
         inject_lora(model, recipe.lora, base_model=str(model_path))
@@ -385,7 +354,7 @@ def prepare_run(model_path: str | Path | None, data: str | Path | None, out_dir:
         if is_main:
             write_adapter(out_dir / BEST_DIR, adapter_state_dict(m), recipe.lora,
                           {**meta, "epoch": row["epoch"], "step": row["step"], "metric": metric, "dev": row["metrics"]},
-                          base_model=str(model_path))
+                          base_model=str(model_path), replace=True)
 
     tracker = EpochTracker(evaluate, save_best, metric, recipe.tune.patience, log=log,
                            on_history=(lambda h: _write_dev_log(out_dir / DEV_LOG, h)) if is_main else None)

@@ -1,0 +1,172 @@
+"""`cpmctl generate` as a core call: the prompts (a text, stdin, or a JSONL file), the model and vocabulary loaded
+for them, and decoding them `batch_size` at a time.
+
+Two ways to load: the plain one (load_model, with an optional unmerged LoRA adapter), and, with a memory limit or
+int8 linears, the lazy one: the prompts are tokenized first, plan_generation sizes the plan for them, and
+load_planned follows it (offload.py). Either way the vocabulary is the one beside the checkpoint unless given,
+and its size must be the model's.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from cpmctl import CpmctlError
+from cpmctl.data.textio import read_jsonl
+from cpmctl.device import resolve_device, resolve_dtype
+from cpmctl.generate.decode import GenerationResult, encode_prompt, generate
+from cpmctl.generate.lazy import MappedCheckpoint
+from cpmctl.generate.offload import OffloadedModel, load_planned
+from cpmctl.generate.plan import MemoryPlan, plan_generation
+from cpmctl.model.ant import CPMAnt
+from cpmctl.model.checkpoint import load_tokenizer
+from cpmctl.model.generation_config import GenerationConfig
+from cpmctl.model.lora import load_model_with_adapter
+from cpmctl.model.tokenizer import CPMAntTokenizer
+
+DEFAULT_BATCH_SIZE = 8  # prompts of an input file decoded together
+
+
+# ----- prompts -------------------------------------------------------------------------------------------------
+def read_prompts(path: str | Path) -> list[str]:
+    """The `prompt` field of every non-blank line of a JSONL file ('-' = stdin); other fields are ignored."""
+    prompts = []
+    for n, obj in read_jsonl(path, "input file"):
+        if not isinstance(obj.get("prompt"), str):
+            raise CpmctlError(f"{path}:{n}: expected an object with a string field 'prompt'")
+        prompts.append(obj["prompt"])
+    if not prompts:
+        raise CpmctlError(f"{path}: no prompts")
+    return prompts
+
+
+def collect_prompts(prompt: str | None, input_file: str | Path | None) -> list[str]:
+    """One PROMPT ('-' reads it from stdin) or the prompts of an input file, none of them empty."""
+    if (prompt is None) == (input_file is None):
+        raise CpmctlError("give a PROMPT or --input FILE.jsonl (one of them)")
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    prompts = read_prompts(input_file) if input_file is not None else [prompt]
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise CpmctlError(f"prompt {i + 1} is empty")
+    return prompts
+
+
+# ----- loading -------------------------------------------------------------------------------------------------
+@dataclass
+class LoadedForGeneration:
+    """What decoding runs on; `plan` and `offloaded` are set when it was loaded within a plan."""
+
+    model: CPMAnt
+    tokenizer: CPMAntTokenizer
+    plan: MemoryPlan | None = None
+    offloaded: OffloadedModel | None = None
+
+    def close(self) -> None:
+        if self.offloaded is not None:
+            self.offloaded.close()
+
+
+def load_for_generation(
+    model_path: str | Path,
+    prompts: list[str],
+    cfg: GenerationConfig,
+    *,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    adapter: str | Path | None = None,
+    vocab: str | Path | None = None,
+    memory_limit_gb: float | None = None,
+    quantize: str | None = None,
+) -> LoadedForGeneration:
+    """The model and tokenizer for decoding `prompts` with `cfg`: plain, or lazily within a memory limit / with
+    int8 linears (then planned for these prompts before any weight is read)."""
+    if memory_limit_gb is None and quantize is None:
+        # The weights first: a missing or damaged checkpoint is named before its vocabulary.
+        model, _ = load_model_with_adapter(model_path, adapter, device=device, dtype=dtype)
+        return LoadedForGeneration(model, load_tokenizer(model_path, vocab, vocab_size=model.config.vocab_size))
+    if adapter is not None:
+        raise CpmctlError("--adapter cannot be combined with --memory-limit or --quantize: merge the adapter first")
+    config = MappedCheckpoint.read_config(model_path)
+    # The plan's shape is in tokens, so the prompts are tokenized before loading.
+    tokenizer = load_tokenizer(model_path, vocab, vocab_size=config.vocab_size)
+    counts = [len(encode_prompt(tokenizer, p)) for p in prompts]
+    plan = plan_generation(config, counts, decoding=cfg, batch_size=batch_size, device=device, dtype=dtype,
+                           memory_limit_gb=memory_limit_gb, quantize=quantize)
+    offloaded = load_planned(model_path, plan, device=device)
+    return LoadedForGeneration(offloaded.model, tokenizer, plan, offloaded)
+
+
+# ----- decoding ------------------------------------------------------------------------------------------------
+@dataclass
+class GenerationRun:
+    """Prompts ready to decode on a loaded model. `results()` decodes them batch by batch, in input order, and
+    releases a streamed model's hooks once done; with `streaming`, each new token's text went to `on_text` as it
+    was produced (one prompt, greedy or sampling)."""
+
+    loaded: LoadedForGeneration
+    prompts: list[str]
+    cfg: GenerationConfig
+    batch_size: int
+    on_text: Callable[[str], None] | None = None
+    _used: bool = field(default=False, repr=False)
+
+    @property
+    def plan(self) -> MemoryPlan | None:
+        return self.loaded.plan
+
+    @property
+    def streaming(self) -> bool:
+        return self.on_text is not None
+
+    def results(self) -> Iterator[GenerationResult]:
+        if self._used:
+            raise RuntimeError("a GenerationRun decodes once")
+        self._used = True
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        on_token = None
+        if self.on_text is not None:
+            on_text = self.on_text
+            on_token = lambda ids: on_text(tokenizer.decode(ids))  # noqa: E731
+        try:
+            for start in range(0, len(self.prompts), self.batch_size):
+                yield from generate(model, tokenizer, self.prompts[start : start + self.batch_size], self.cfg,
+                                    on_token=on_token)
+        finally:
+            self.loaded.close()
+
+
+def prepare_generation(
+    model_path: str | Path,
+    cfg: GenerationConfig,
+    *,
+    prompt: str | None = None,
+    input_file: str | Path | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str = "auto",
+    dtype: str = "fp32",
+    adapter: str | Path | None = None,
+    vocab: str | Path | None = None,
+    memory_limit_gb: float | None = None,
+    quantize: str | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> GenerationRun:
+    """`cpmctl generate`: check the settings, read the prompts, load the model for them. `on_text` receives the
+    text of each token as it comes where that is possible (a single prompt, not beam search)."""
+    cfg.validate()
+    if batch_size < 1:
+        raise CpmctlError(f"--batch-size must be >= 1, got {batch_size}")
+    prompts = collect_prompts(prompt, input_file)
+    dev = resolve_device(device)
+    loaded = load_for_generation(model_path, prompts, cfg, batch_size=batch_size, device=dev,
+                                 dtype=resolve_dtype(dtype, dev), adapter=adapter, vocab=vocab,
+                                 memory_limit_gb=memory_limit_gb, quantize=quantize)
+    streams = on_text is not None and len(prompts) == 1 and cfg.decode != "beam"
+    return GenerationRun(loaded, prompts, cfg, batch_size, on_text if streams else None)
