@@ -255,6 +255,17 @@ def test_store_errors_are_one_line(tmp_path, capsys):
     # Settings not given come from the store.
     assert run([src], tmp_path / "o3.jsonl", store).threshold == 0.8
 
+    # A store missing one of its tables is refused by name, and left byte-identical.
+    damaged = tmp_path / "damaged.sqlite"
+    run([src], tmp_path / "o4.jsonl", damaged)
+    with sqlite3.connect(damaged) as db:
+        db.execute("DROP TABLE recent")
+    db.close()
+    before = damaged.read_bytes()
+    r = cli(capsys, "dedup", "--input", src, "--output", tmp_path / "o5.jsonl", "--store", damaged)
+    assert r.returncode == 2 and "a damaged dedup store (no table 'recent')" in r.stderr, r.stderr
+    assert damaged.read_bytes() == before and not (tmp_path / "o5.jsonl").exists()
+
 
 def test_store_is_locked_while_a_run_holds_it(tmp_path):
     with DedupStore.open(tmp_path / "s.sqlite"):

@@ -91,6 +91,18 @@ def test_inputs_files_directories_globs_and_compression(tmp_path):
         resolve_inputs([tmp_path / "y.txt", tmp_path / "d" / "b.jsonl"])
 
 
+def test_compression_is_read_from_the_magic_bytes(tmp_path):
+    """A gzip file named .jsonl and a zstd file named .gz are read as what they are."""
+    lines = [json.dumps({"text": f"第{i}篇"}, ensure_ascii=False) for i in range(5)]
+    data = ("\n".join(lines) + "\n").encode()
+    (tmp_path / "gz.jsonl").write_bytes(gzip.compress(data))
+    (tmp_path / "zst.jsonl.gz").write_bytes(zstandard.ZstdCompressor().compress(data))
+    shards = resolve_inputs([tmp_path / "gz.jsonl", tmp_path / "zst.jsonl.gz"])
+    assert [s.compression for s in shards] == ["gzip", "zstd"]
+    for shard in shards:
+        assert [line for _, chunk in read_chunks(shard) for line in chunk] == [x.encode() + b"\n" for x in lines]
+
+
 def test_damaged_shards_are_named(tmp_path):
     truncated = tmp_path / "t.jsonl.gz"
     truncated.write_bytes(gzip.compress(b'{"text": "abc"}\n' * 5000)[:200])

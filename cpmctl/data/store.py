@@ -18,6 +18,7 @@ so memory stays flat however large the store grows. One run at a time holds the 
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -251,6 +252,10 @@ def _inspect(path: Path, threshold: float | None, normalize: bool | None) -> Non
             raise CpmctlError(f"--store {path}: not a usable SQLite database ({e}); is it the right file?") from None
         if existing and "meta" not in existing:
             raise CpmctlError(f"--store {path}: a SQLite database but not a cpmctl dedup store")
+        missing = sorted(TABLES - existing) if existing else []
+        if missing:
+            raise CpmctlError(f"--store {path}: a damaged dedup store (no table '{missing[0]}'); restore it from a "
+                              "backup or start a new store")
         if existing:
             _check_settings(path, conn, threshold, normalize)
     finally:
@@ -262,6 +267,9 @@ def _configure(conn: sqlite3.Connection, cache_mb: int) -> None:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute(f"PRAGMA cache_size=-{cache_mb * 1024}")
     conn.execute("PRAGMA temp_store=MEMORY")
+
+
+TABLES = set(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
 
 
 def _table_names(conn: sqlite3.Connection) -> set[str]:

@@ -100,11 +100,29 @@ def resolve_inputs(specs: list[str | Path], fmt: str = "auto") -> list[Shard]:
             raise CpmctlError(f"{p}: cannot tell the format from the extension; name it .jsonl/.txt or pass --format")
         if not os.access(p, os.R_OK):
             raise CpmctlError(f"{p}: not readable (permission denied)")
-        shards.append(Shard(p, shard_fmt, compression))
+        shards.append(Shard(p, shard_fmt, sniff_compression(p, compression)))
     formats = {s.format for s in shards}
     if len(formats) > 1:
         raise CpmctlError(f"inputs mix formats ({', '.join(sorted(formats))}); give one format per run")
     return shards
+
+
+MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def sniff_compression(path: Path, by_extension: str | None) -> str | None:
+    """The compression the file's first bytes show (gzip, zstd), whatever its extension says: a zstd file named
+    .gz or a gzip file named .jsonl is read as what it is. Without a known magic the extension decides (a damaged
+    .zst is then reported as unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return by_extension  # open_binary reports the error
+    for magic, kind in MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    return by_extension
 
 
 def _is_data_file(path: Path, fmt: str) -> bool:
