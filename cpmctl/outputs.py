@@ -254,6 +254,11 @@ class RunDir:
             return [self.rebase(v) for v in value]
         return value
 
+    def discarded(self, step: int) -> CpmctlError:
+        """The error for a --force run interrupted at `step`: its temp directory goes, the old output stays."""
+        return CpmctlError(f"interrupted at step {step}: the --force run is discarded, {self.path} is unchanged",
+                           exit_code=130)
+
     def commit(self) -> Path:
         if self.temp:
             commit_dir(self.work, self.path)

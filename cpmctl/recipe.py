@@ -177,10 +177,12 @@ def non_negative(section, at: str, *names: str) -> None:
             fail(at, name, f"must not be negative, got {value}")
 
 
-def at_least(section, at: str, name: str, minimum, why: str = "") -> None:
-    value = getattr(section, name)
-    if value is not None and value < minimum:
-        fail(at, name, f"must be >= {minimum}{f' ({why})' if why else ''}, got {value}")
+def at_least(section, at: str, names: str | tuple[str, ...], minimum, why: str = "") -> None:
+    """Each named field (one name or a tuple of them) is null or >= minimum."""
+    for name in (names,) if isinstance(names, str) else names:
+        value = getattr(section, name)
+        if value is not None and value < minimum:
+            fail(at, name, f"must be >= {minimum}{f' ({why})' if why else ''}, got {value}")
 
 
 def within(section, at: str, name: str, low: float, high: float, *, open_low: bool = False,

@@ -63,6 +63,16 @@ def tiny_cfg(tiny_vocab) -> CPMAntConfig:
     return tiny_config(CPMAntTokenizer(tiny_vocab).vocab_size)
 
 
+@pytest.fixture
+def config(tmp_path, tiny_vocab) -> Path:
+    """A tiny config JSON fitting the tiny vocabulary."""
+    from cpmctl.model.tokenizer import CPMAntTokenizer
+
+    path = tmp_path / "tiny.json"
+    tiny_config(CPMAntTokenizer(tiny_vocab).vocab_size).save(path)
+    return path
+
+
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     """`cpmctl ARGV` in-process through the real entry point: (exit code, stdout, stderr)."""
     from cpmctl.cli.app import main

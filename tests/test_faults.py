@@ -36,13 +36,6 @@ def corpus(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture
-def config(tmp_path, tiny_vocab) -> Path:
-    path = tmp_path / "tiny.json"
-    tiny_config(CPMAntTokenizer(tiny_vocab).vocab_size).save(path)
-    return path
-
-
 @contextlib.contextmanager
 def tmpfs(path: Path, options: str):
     """A small tmpfs at `path`, or a skip where this machine does not let us mount one."""

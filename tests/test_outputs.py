@@ -57,13 +57,6 @@ def corpus(tmp_path) -> Path:
 
 
 @pytest.fixture
-def config(tmp_path, tiny_vocab) -> Path:
-    path = tmp_path / "tiny.json"
-    tiny_config(CPMAntTokenizer(tiny_vocab).vocab_size).save(path)
-    return path
-
-
-@pytest.fixture
 def model(capsys, tmp_path, config, tiny_vocab) -> Path:
     code, _, err = run_cli(capsys, "model", "init", "--config", config, "--vocab", tiny_vocab, "--out", tmp_path / "m")
     assert code == 0, err
@@ -326,7 +319,9 @@ def test_pretrain_refuses_a_foreign_out_dir_and_force_swaps_in_the_finished_run(
 
 
 # ----- the run driver and its stage children --------------------------------------------------------------------
-def _children(pid: int) -> list[int]:
+def _processes(field: int, value: int) -> list[int]:
+    """PIDs of the live (not zombie) processes whose /proc stat field (1 = parent, 2 = process group) is `value`;
+    a container's init may never reap zombies."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -334,23 +329,17 @@ def _children(pid: int) -> list[int]:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == pid and fields[0] != "Z":
+            if int(fields[field]) == value and fields[0] != "Z":
                 found.append(int(entry.name))
     return found
 
 
+def _children(pid: int) -> list[int]:
+    return _processes(1, pid)
+
+
 def _alive_in_group(pgid: int) -> list[int]:
-    """Processes of the group that are not zombies (a container's init may never reap them)."""
-    alive = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                alive.append(int(entry.name))
-    return alive
+    return _processes(2, pgid)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -8,10 +8,14 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from rich.console import Console
 
 from cpmctl import CpmctlError
+from cpmctl.outputs import FORCE_HELP
 from cpmctl.progress import stderr
 
 # Human output on stdout; progress bars and warnings on stderr so `--json` stdout stays machine-readable.
@@ -71,3 +75,10 @@ def format_count(n: int) -> str:
         if n >= size:
             return f"{n / size:.3f}{unit}"
     return str(n)
+
+
+# Options that several commands share, declared once (`force: Force = False`).
+Force = Annotated[bool, typer.Option("--force", help=FORCE_HELP)]
+RunForce = Annotated[bool, typer.Option("--force", help="Start anew even though the output directory holds something "
+                                        "else or an earlier run; it is replaced only once the new run is complete.")]
+PrintRecipe = Annotated[bool, typer.Option("--print-recipe", help="Print the resolved recipe and exit.")]

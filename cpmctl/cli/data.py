@@ -10,11 +10,10 @@ import typer
 from rich.table import Table
 
 from cpmctl import CpmctlError
-from cpmctl.cli.common import emit_json, err, out, require_file, show_recipe
+from cpmctl.cli.common import Force, PrintRecipe, emit_json, err, out, require_file, show_recipe
 from cpmctl.data.pack import PackSettings
 from cpmctl.data.store import CACHE_MB, DEFAULT_THRESHOLD
 from cpmctl.model.tokenizer import CPMAntTokenizer
-from cpmctl.outputs import FORCE_HELP
 
 app = typer.Typer(help="Tokenize, filter, deduplicate, build vocabularies and pack training data.", no_args_is_help=True)
 
@@ -105,8 +104,8 @@ def filter_(
     shard_mb: int = typer.Option(512, "--shard-mb", help="Directory outputs: start a new shard after this many MB."),
     chunk_mb: float = typer.Option(4.0, "--chunk-mb", help=CHUNK_HELP),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
-    print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    print_recipe: PrintRecipe = False,
+    force: Force = False,
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ):
     """Drop low-quality documents by rules (length, Chinese share, symbols, repetition, boilerplate, blocked words)
@@ -164,7 +163,7 @@ def dedup(
     chunk_mb: float = typer.Option(4.0, "--chunk-mb", help=CHUNK_HELP),
     cache_mb: int = typer.Option(CACHE_MB, "--cache-mb", help="SQLite page cache: bounds memory whatever the store's size."),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    force: Force = False,
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ):
     """Drop documents whose paragraphs were mostly seen before, in this run or any earlier run on the same store.
@@ -203,7 +202,7 @@ def vocab(
     workers: int = typer.Option(None, "--workers", "-w", help=WORKERS_HELP + " Default: all cores."),
     chunk_mb: float = typer.Option(4.0, "--chunk-mb", help=CHUNK_HELP),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    force: Force = False,
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ):
     """Learn a vocabulary in the original's format: special tokens, every character seen, the most frequent jieba
@@ -247,7 +246,7 @@ def pack(
     workers: int = typer.Option(None, "--workers", "-w", help=WORKERS_HELP + " Default: all cores."),
     chunk_mb: float = typer.Option(1.0, "--chunk-mb", help=CHUNK_HELP),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    force: Force = False,
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ):
     """Tokenize documents and cut them into the original's lm/mlm records, packed into memory-mapped rows."""

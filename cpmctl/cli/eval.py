@@ -11,13 +11,12 @@ from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
 from cpmctl import CpmctlError
-from cpmctl.cli.common import emit_json, err, out, show_recipe
+from cpmctl.cli.common import Force, PrintRecipe, emit_json, err, out, show_recipe
 from cpmctl.progress import count_bar
 from cpmctl.device import resolve_device, resolve_dtype
 from cpmctl.evaluate.compare import compare_models
 from cpmctl.evaluate.recipe import EvalRecipe
 from cpmctl.evaluate.runner import perplexity
-from cpmctl.outputs import FORCE_HELP
 from cpmctl.recipe import default_of
 
 
@@ -96,8 +95,8 @@ def evaluate(
                                f"{default_of(EvalRecipe, 'eval.device')})."),
     dtype: str = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (GPU) (eval.dtype, default "
                               f"{default_of(EvalRecipe, 'eval.dtype')})."),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
-    print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
+    force: Force = False,
+    print_recipe: PrintRecipe = False,
     json_out: bool = typer.Option(False, "--json", help='Print {"task", "n", "metrics": {...}}.'),
 ):
     """Score a model on a task (decode or score options, then the task's metrics), or score a predictions file."""
@@ -210,7 +209,7 @@ def compare(
     limit: int = typer.Option(None, "--limit", help="Score only the first N documents (raw) or rows (packed)."),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    force: Force = False,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per model."),
 ):
     """Loss, perplexity and relative performance (reference loss / loss) of each model, like the CPM-Ant

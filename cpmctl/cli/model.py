@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cpmctl.cli.common import emit_json, err, format_count, out, require_file
+from cpmctl.cli.common import Force, emit_json, err, format_count, out, require_file
 from cpmctl.device import resolve_device, resolve_dtype
 from cpmctl.generate.plan import plan_generation, plan_table
 from cpmctl.model.checkpoint import convert as convert_checkpoint
@@ -15,7 +15,6 @@ from cpmctl.model.checkpoint import detect_format, read_config
 from cpmctl.model.config import resolve_config
 from cpmctl.model.create import describe, init_checkpoint
 from cpmctl.model.generation_config import GenerationConfig
-from cpmctl.outputs import FORCE_HELP
 
 app = typer.Typer(help="Create, inspect and convert CPM-Ant checkpoints.", no_args_is_help=True)
 
@@ -26,7 +25,7 @@ def init(
     vocab: Path = typer.Option(..., "--vocab", help="Vocabulary file (ant.txt or one built by `cpmctl data vocab`)."),
     out_dir: Path = typer.Option(..., "--out", help="Output checkpoint directory (native format)."),
     seed: int = typer.Option(0, "--seed", help="Random seed of the initialisation."),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    force: Force = False,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """A randomly initialised model (the original's init) in the native format."""
@@ -88,7 +87,7 @@ def convert(
     to: str = typer.Option(..., "--to", help="Target format: native, original or hf."),
     out_path: Path = typer.Option(..., "--out", help="Output directory (native, hf) or .pt file (original)."),
     vocab: Path = typer.Option(None, "--vocab", help="Vocab file to store with the output."),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    force: Force = False,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Convert between formats. native <-> original is a lossless re-container (bit-exact in any dtype)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from cpmctl.cli.common import EXIT_INTERRUPTED, emit_json, err, out, show_recipe
+from cpmctl.cli.common import EXIT_INTERRUPTED, PrintRecipe, RunForce, emit_json, err, out, show_recipe
 
 
 def pretrain(
@@ -15,9 +15,8 @@ def pretrain(
     recipe_path: Path = typer.Option(None, "--recipe", help="Recipe YAML (recipes/pretrain/mini.yaml)."),
     resume: Path = typer.Option(None, "--resume", help="Continue the run in DIR (its out_dir or a step checkpoint)."),
     nproc: int = typer.Option(None, "--nproc", help="Run N processes on this machine (launches torchrun)."),
-    force: bool = typer.Option(False, "--force", help="Start a new run even though out_dir holds something else or "
-                               "an earlier run; it replaces out_dir only once complete."),
-    print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
+    force: RunForce = False,
+    print_recipe: PrintRecipe = False,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the result."),
 ):
     """Pretrain or continue training; checkpoints, metrics.jsonl and loss_curve.png go to out_dir, the model to

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cpmctl.cli.common import EXIT_INTERRUPTED, emit_json, err, format_count, out, show_recipe
+from cpmctl.cli.common import EXIT_INTERRUPTED, PrintRecipe, RunForce, emit_json, err, format_count, out, show_recipe
 
 
 def prune(
@@ -21,9 +21,8 @@ def prune(
     out_dir: Path = typer.Option(None, "--out", help="Output directory: one sub-directory per stage."),
     vocab: Path = typer.Option(None, "--vocab", help="Vocab file to store with the outputs (default: beside --model)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages, target shapes and parameter counts."),
-    force: bool = typer.Option(False, "--force", help="Start anew even though --out holds something else or an "
-                               "earlier run; it replaces --out only once complete."),
-    print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
+    force: RunForce = False,
+    print_recipe: PrintRecipe = False,
     json_out: bool = typer.Option(False, "--json", help="One JSON object per stage (with --dry-run: the plan)."),
 ):
     """Prune --model from --from to --to: per stage, masks trained under the LM loss, exact extraction to the target

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cpmctl.cli.common import emit_json, err, out, show_recipe
+from cpmctl.cli.common import PrintRecipe, RunForce, emit_json, err, out, show_recipe
 from cpmctl.lifecycle.recipe import LifecycleRecipe
 from cpmctl.lifecycle.report import write_report
 from cpmctl.lifecycle.runner import run_lifecycle
@@ -19,9 +19,8 @@ def run(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Recipe overrides, e.g. run_dir=runs/x."),
     from_stage: str = typer.Option(None, "--from-stage", help="Rerun from this stage on (earlier ones must be done)."),
     only: str = typer.Option(None, "--only", help="Run only this stage."),
-    force: bool = typer.Option(False, "--force", help="Start anew even though run_dir holds something else or an "
-                               "earlier run; it replaces run_dir only once every stage is done."),
-    print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
+    force: RunForce = False,
+    print_recipe: PrintRecipe = False,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per stage and one for the report."),
 ):
     """Run the recipe's stages in order (finished stages are skipped) and write report.md into the run directory."""

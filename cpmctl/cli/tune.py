@@ -6,8 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cpmctl.cli.common import emit_json, err, format_count, out, show_recipe
-from cpmctl.outputs import FORCE_HELP
+from cpmctl.cli.common import Force, PrintRecipe, RunForce, emit_json, err, format_count, out, show_recipe
 from cpmctl.tune.import_delta import OPENDELTA_DEFAULT_ALPHA
 
 app = typer.Typer(help="LoRA delta tuning: train, merge and import adapters.", no_args_is_help=True)
@@ -26,10 +25,9 @@ def lora(
     out_dir: Path = typer.Option(None, "--out", help="Run directory: checkpoints, metrics.jsonl, best/ adapter."),
     vocab: Path = typer.Option(None, "--vocab", help="Vocab file (default: vocab.txt beside the checkpoint)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
-    force: bool = typer.Option(False, "--force", help="Start anew even though --out holds something else or an "
-                               "earlier run; it replaces --out only once complete."),
+    force: RunForce = False,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print trainable and total parameters; load no weights."),
-    print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
+    print_recipe: PrintRecipe = False,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the result."),
 ):
     """Tune LoRA adapters on a task with the shared training loop; the best adapter on dev is kept in OUT/best."""
@@ -65,7 +63,7 @@ def merge(
     adapter: Path = typer.Option(..., "--adapter", help="Adapter directory (peft format)."),
     out_dir: Path = typer.Option(..., "--out", help="Output checkpoint directory (native format)."),
     vocab: Path = typer.Option(None, "--vocab", help="Vocab file to store (default: the one beside the model)."),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    force: Force = False,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Merge an adapter into the base weights and write a native checkpoint (same outputs, no adapter needed)."""
@@ -86,7 +84,7 @@ def import_delta(
                                    help="Base checkpoint, config JSON or ladder name: checks and records the shape."),
     alpha: float = typer.Option(None, "--alpha", help="LoRA alpha the delta was trained with (default: OpenDelta's "
                                 f"{OPENDELTA_DEFAULT_ALPHA:g})."),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    force: Force = False,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Convert an original OpenDelta LoRA delta (lora_A / lora_B on project_q / project_v) into a peft adapter."""

@@ -26,8 +26,7 @@ class EvalSettings:
     dtype: Dtype = "fp32"
 
     def check(self, at: str) -> None:
-        at_least(self, at, "batch_size", 1)
-        at_least(self, at, "limit", 1)
+        at_least(self, at, ("batch_size", "limit"), 1)
 
 
 @dataclass

@@ -296,8 +296,7 @@ def run_prune(plan: PrunePlan, recipe: PruneRecipe, *, progress: bool = True, lo
                 source = stage_dir / "model"
         except TrainingInterrupted as e:
             if rd.temp:
-                raise CpmctlError(f"interrupted at step {e.step}: the --force run is discarded, {rd.path} is "
-                                  "unchanged", exit_code=130) from None
+                raise rd.discarded(e.step) from None
             raise
         rd.commit()
     return rd.rebase(reports)

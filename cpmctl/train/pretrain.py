@@ -121,8 +121,7 @@ def run_pretrain(recipe: PretrainRecipe, *, progress: bool = True, log=print, fo
             summary = _pretrain(recipe, rd.work, rank, world_size, progress, log)
         except TrainingInterrupted as e:
             if rd.temp:
-                raise CpmctlError(f"interrupted at step {e.step}: the --force run is discarded, {rd.path} is "
-                                  "unchanged", exit_code=130) from None
+                raise rd.discarded(e.step) from None
             raise
         rd.commit()
     return rd.rebase(summary)

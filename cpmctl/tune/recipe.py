@@ -40,8 +40,7 @@ class TuneSettings:
     def check(self, at: str) -> None:
         at_least(self, at, "epochs", 1, "or null to use train.steps")
         non_negative(self, at, "patience")
-        at_least(self, at, "dev_limit", 1)
-        at_least(self, at, "eval_batch_size", 1)
+        at_least(self, at, ("dev_limit", "eval_batch_size"), 1)
 
 
 @dataclass

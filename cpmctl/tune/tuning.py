@@ -276,8 +276,7 @@ def tune_lora(model_path: str | Path | None, data: str | Path | None, out_dir: s
             summary = prepare_run(model_path, data, rd.work, recipe, vocab=vocab, resume=resume, log=log).fit(progress)
         except TrainingInterrupted as e:
             if rd.temp:
-                raise CpmctlError(f"interrupted at step {e.step}: the --force run is discarded, {rd.path} is "
-                                  "unchanged", exit_code=130) from None
+                raise rd.discarded(e.step) from None
             raise
         if rd.temp:
             _write_json(rd.work / RESULT_FILE, rd.rebase(summary))
