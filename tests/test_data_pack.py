@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cpmctl import CpmctlError
-from cpmctl.data.pack import PackSettings, _objective_counts, inspect_splits, make_record, pack
+from cpmctl.data.pack import PackSettings, objective_counts, inspect_splits, make_record, pack
 from cpmctl.model.inputs import LM_TASK as LM
 from cpmctl.model.inputs import MLM_TASK as MLM
 from cpmctl.data.packed_format import PackedDataset, PackedReader
@@ -223,7 +223,7 @@ def test_inspect_and_pack_commands(tiny_vocab, tmp_path, capsys):
             counts["tokens"] += len(ids)
             counts["predicted"] += int((context == 0).sum())
         assert split["objectives"] == want
-        assert _objective_counts(ds)[0] == want
+        assert objective_counts(ds)[0] == want
     code, out, _ = cli("inspect", tmp_path / "p" / "train")
     assert code == 0 and "fill" in out and "row 0" in out
     code, _, err = cli("pack", "-i", src, "--vocab", tmp_path / "nope.txt", "--out", tmp_path / "q")

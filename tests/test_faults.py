@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cpmctl.model.tokenizer import CPMAntTokenizer
-from tests.conftest import REPO, run_cli, tiny_config
+from tests.conftest import REPO, run_cli
 from tests.synthetic import write_synthetic_packed
 from tests.test_outputs import leftovers, one_line_error
 

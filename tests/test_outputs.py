@@ -20,7 +20,7 @@ import pytest
 from cpmctl.data.store import DedupStore
 from cpmctl.model.tokenizer import CPMAntTokenizer
 from cpmctl.outputs import MARKER, lock, sidecar
-from tests.conftest import REPO, run_cli, tiny_config
+from tests.conftest import REPO, run_cli
 from tests.synthetic import write_synthetic_packed
 
 DOCS = ["今天天气不错，我们去公园散步。北京是中国的首都，有很多历史文化。" * 3 + f"第{i}篇。" for i in range(60)]

@@ -29,7 +29,7 @@ import xxhash
 
 from cpmctl import CpmctlError
 from cpmctl.data.parallel import ordered_map
-from cpmctl.data.store import CACHE_MB, DedupSettings, DedupStore, InputRecord
+from cpmctl.data.store import CACHE_MB, DedupStore, InputRecord
 from cpmctl.data.textio import (
     DEFAULT_CHUNK_BYTES,
     DocumentWriter,

@@ -151,13 +151,11 @@ class RowPacker:
         self.quirk_vocab_size = quirk_vocab_size
         self.open: list[list[Record]] = []
         self.used: list[int] = []
-        self.records = {name: 0 for name in TASK_NAMES.values()}
         self.objectives = {name: {"records": 0, "tokens": 0, "predicted": 0} for name in TASK_NAMES.values()}
         self.tokens = 0
 
     def add(self, record: Record) -> None:
         n = len(record)
-        self.records[TASK_NAMES[record.task]] += 1
         counts = self.objectives[TASK_NAMES[record.task]]
         counts["records"] += 1
         counts["tokens"] += n
@@ -260,7 +258,8 @@ def pack(
             packer.finish()
             w = writers[name]
             fill = packer.tokens / (w.rows * settings.max_length) if w.rows else 0.0
-            summary = {"rows": w.rows, "records": sum(packer.records.values()), "records_per_task": packer.records,
+            per_task = {name: c["records"] for name, c in packer.objectives.items()}
+            summary = {"rows": w.rows, "records": sum(per_task.values()), "records_per_task": per_task,
                        "objectives": packer.objectives,
                        "tokens": packer.tokens, "fill": round(fill, 4)}
             w.close(**summary)
@@ -335,7 +334,7 @@ def split_counts(dataset: PackedDataset) -> dict:
     if "objectives" in meta and "tokens" in meta:
         objectives, tokens = {k: dict(v) for k, v in meta["objectives"].items()}, int(meta["tokens"])
     else:
-        objectives, tokens = _objective_counts(dataset)
+        objectives, tokens = objective_counts(dataset)
     per_task = {name: c["records"] for name, c in objectives.items()}
     capacity = len(dataset) * dataset.max_length
     return {"rows": len(dataset), "max_length": dataset.max_length, "records": sum(per_task.values()),
@@ -344,7 +343,8 @@ def split_counts(dataset: PackedDataset) -> dict:
             "vocab_size": dataset.vocab_size, "vocab_md5": meta.get("vocab_md5")}
 
 
-def _objective_counts(dataset: PackedDataset) -> tuple[dict, int]:
+def objective_counts(dataset: PackedDataset) -> tuple[dict, int]:
+    """Records, tokens and predicted tokens per objective, and all tokens, counted from the rows themselves."""
     task, span, context = (dataset.arrays[k] for k in ("task", "span", "context"))
     objectives = {name: {"records": 0, "tokens": 0, "predicted": 0} for name in TASK_NAMES.values()}
     tokens = 0

@@ -23,7 +23,8 @@ from cpmctl.outputs import claim
 from cpmctl.evaluate.predict import predict
 from cpmctl.evaluate.recipe import EvalRecipe
 from cpmctl.recipe import check_recipe
-from cpmctl.tasks import Example, Task, read_jsonl
+from cpmctl.data.textio import read_jsonl
+from cpmctl.tasks import Example, Task
 
 PREDICTIONS_FILE = "predictions.jsonl"
 SCORES_FILE = "scores.json"

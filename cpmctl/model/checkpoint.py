@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from cpmctl import CpmctlError
 from cpmctl.io import atomic_dir, atomic_path
 from cpmctl.model.ant import CPMAnt, build_model
-from cpmctl.model.config import CPMAntConfig, from_hf_config, to_hf_config
+from cpmctl.model.config import CPMAntConfig, to_hf_config
 from cpmctl.outputs import claim
 
 NATIVE_WEIGHTS = "model.safetensors"

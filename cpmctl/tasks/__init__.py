@@ -7,10 +7,10 @@ functions. Predicting with a model is cpmctl/evaluate/predict.py; training on ta
 
 from cpmctl.tasks.kinds import ChoiceTask, GenerationTask, RankingTask, Task, TrainingSequence, single_token
 from cpmctl.tasks.registry import TASKS, get_task, load_custom_task, task_names
-from cpmctl.tasks.schema import KINDS, SPLITS, ChoiceExample, Example, GenerationExample, RankingExample, read_jsonl
+from cpmctl.tasks.schema import KINDS, SPLITS, ChoiceExample, Example, GenerationExample, RankingExample
 
 __all__ = [
     "KINDS", "SPLITS", "TASKS", "ChoiceExample", "ChoiceTask", "Example", "GenerationExample", "GenerationTask",
-    "RankingExample", "RankingTask", "Task", "TrainingSequence", "get_task", "load_custom_task", "read_jsonl",
+    "RankingExample", "RankingTask", "Task", "TrainingSequence", "get_task", "load_custom_task",
     "single_token", "task_names",
 ]

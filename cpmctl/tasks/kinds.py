@@ -20,6 +20,7 @@ import numpy as np
 
 from cpmctl import CpmctlError
 from cpmctl.data.packed_format import PackedReader, RowsInMemory
+from cpmctl.data.textio import read_jsonl
 from cpmctl.model.generation_config import GenerationConfig
 from cpmctl.model.inputs import PROMPT_LENGTH, given_then_predicted, pack_in_order
 from cpmctl.model.tokenizer import BOS, EOS, CPMAntTokenizer
@@ -31,7 +32,6 @@ from cpmctl.tasks.schema import (
     GenerationExample,
     RankingExample,
     optional_id,
-    read_jsonl,
     text_field,
 )
 from cpmctl.tasks.templates import check_template, fill_template

@@ -1,4 +1,5 @@
-"""Task data: the examples of each task kind and how they are read from jsonl (shared/reference/cpm-ant.md
+"""Task data: the examples of each task kind and how they are parsed from jsonl objects (read by
+cpmctl/data/textio.read_jsonl) (shared/reference/cpm-ant.md
 section 10). Generation `{"input", "target"}` (optional `"answer"`), choice `{"input", "options", "label"}`,
 ranking `{"query", "document", "relevance"}` (optional `"qid"` to group pairs); optional `"id"` on every kind.
 A bad line is a one-line error naming file:line and the field."""
@@ -6,10 +7,8 @@ A bad line is a one-line error naming file:line and the field."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from cpmctl import CpmctlError
-from cpmctl.data.textio import read_jsonl  # noqa: F401 - re-exported: tasks read their files with it
 
 SPLITS = ("train", "dev", "test")
 KINDS = ("generation", "choice", "ranking")
