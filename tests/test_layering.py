@@ -21,7 +21,7 @@ FLOORS: list[set[str]] = [
     {"train"},
     {"generate"},
     {"evaluate"},
-    {"prune", "tune"},
+    {"prune", "tune", "serve"},  # serve: the HTTP server and chat, over generate
     {"lifecycle"},
     {"cli"},
     {"__main__"},
