@@ -1,24 +1,33 @@
-"""Decoding speed: cpmctl greedy and beam search against transformers' CpmAntForCausalLM.generate.
+"""Decoding speed against the memory-bandwidth bound and against transformers' CpmAntForCausalLM.generate.
 
-Both run the same random weights (a cpmctl model converted with `checkpoint.convert(..., to="hf")`), the same prompt
-and the same number of new tokens. HF is forced to produce exactly N tokens (min_new_tokens = max_new_tokens = N,
-eos suppressed). cpmctl's beam search, like the original, spends one extra step scoring its last candidates and
-returns up to max_new_tokens + 1 tokens: it is asked for N - 1 so that both return N (docs/generate.md). The
-script checks that both produce the same ids, then prints tokens/s and the ratio (best of --repeats, runs
-interleaved). On the CPU it also prints the ratio of process CPU time, which other load on a shared machine
-disturbs much less than wall time (exact with --threads 1).
+Both run the same random weights (a cpmctl model converted with `checkpoint.convert(..., to="hf")`), the same
+prompts and the same number of new tokens. HF is forced to produce exactly N tokens (min_new_tokens =
+max_new_tokens = N, eos suppressed). cpmctl's beam search, like the original, spends one extra step scoring its last
+candidates and returns up to max_new_tokens + 1 tokens: it is asked for N - 1 so that both return N
+(docs/generate.md). The script checks that both produce the same ids.
 
-Two workloads by default: a short prompt (32 tokens, 64 new) and a summarization-like one (256-token prompt, 64
-new, as LCSTS tuning and evaluation decode).
+The limit, measured in the same run: a decode step at batch 1 reads every weight of the blocks and the tied
+30,720-row head once, so its time is at least (weight bytes per token) / (memory bandwidth). The bandwidth is that of
+a plain matrix-vector product (F.linear) over one matrix of the same number of bytes (fp32), beside the plain read
+(sum) and copy bandwidths of the same matrix. Printed per mode: end-to-end tokens/s (prompt pass included), the
+decode rate per row ((N - 1) / (time of N tokens - time of 1 token), prompt pass excluded), its fraction of the bound,
+HF's figures measured the same way, and the ratios. All timings are the best of --repeats runs, interleaved with
+each other and with the bandwidth probes, so that load from other processes hits all of them alike. On the CPU the
+same figures in process CPU time are printed too (exact with --threads 1): other load disturbs them far less.
 
-    python bench/generate.py                                  # ~100M parameters, CPU fp32
-    python bench/generate.py --threads 1 --workloads 32:128
-    python bench/generate.py --device cuda --dtype bf16 --workloads 32:128,256:128
+Modes: greedy (batch 1), beam (batch 1, --beam-size beams), batch (greedy, --batch prompts of equal length, so that
+HF needs no padding); --quantize int8 adds the same rows for cpmctl's int8 linears (cpmctl/generate/quant.py; HF has
+no int8 peer, so their ratio is to HF fp32) and the int8 / fp32 speed-up.
+
+    python bench/generate.py                                  # ~109M parameters, CPU fp32 + int8
+    python bench/generate.py --threads 1 --workloads 32:32 --modes greedy,batch --repeats 3
+    python bench/generate.py --device cuda --dtype bf16 --workloads 32:128,256:128 --quantize none
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -27,15 +36,17 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cpmctl.generate.decode import beam_search, greedy  # noqa: E402
-from cpmctl.model.generation_config import GenerationConfig  # noqa: E402
-from cpmctl.model.inputs import build_inputs  # noqa: E402
+from cpmctl.generate.quant import quantize_model  # noqa: E402
 from cpmctl.model.ant import build_model, param_counts  # noqa: E402
 from cpmctl.model.checkpoint import convert, save_native  # noqa: E402
 from cpmctl.model.config import CPMAntConfig  # noqa: E402
+from cpmctl.model.generation_config import GenerationConfig  # noqa: E402
+from cpmctl.model.inputs import build_inputs  # noqa: E402
 from cpmctl.model.tokenizer import BOS, EOS  # noqa: E402
 
 
@@ -49,7 +60,9 @@ def parse_args():
     p.add_argument("--vocab-size", type=int, default=30720)
     p.add_argument("--workloads", default="32:64,256:64", help="PROMPT_TOKENS:NEW_TOKENS pairs, comma-separated.")
     p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--modes", default="greedy,beam")
+    p.add_argument("--batch", type=int, default=8, help="Prompts decoded together in the `batch` mode.")
+    p.add_argument("--modes", default="greedy,beam,batch")
+    p.add_argument("--quantize", default="none,int8", help="Comma-separated: none (the model dtype), int8.")
     p.add_argument("--repeats", type=int, default=2, help="Timed runs per contender after one warm-up; best kept.")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -59,6 +72,7 @@ def parse_args():
     return p.parse_args()
 
 
+# ----- timing ---------------------------------------------------------------------------------------------------
 def measure(fn, device):
     """(wall seconds, process CPU seconds, result, peak CUDA bytes or None) of one run."""
     if device.type == "cuda":
@@ -73,28 +87,80 @@ def measure(fn, device):
     return wall, cpu, result, peak
 
 
-def contenders(mode, ours, hf, text, n, beam_size, device):
-    hf_input = torch.tensor([text], device=device)
-    if mode == "greedy":
+class Best:
+    """The best (wall, CPU) seconds of each named run, and its last result."""
+
+    def __init__(self):
+        self.wall, self.cpu, self.result, self.peak = {}, {}, {}, {}
+
+    def run(self, name, fn, device):
+        wall, cpu, self.result[name], self.peak[name] = measure(fn, device)
+        self.wall[name] = min(self.wall.get(name, float("inf")), wall)
+        self.cpu[name] = min(self.cpu.get(name, float("inf")), cpu)
+
+
+# ----- the limit ------------------------------------------------------------------------------------------------
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer of the blocks and the final norm (fp32
+    or int8 + scales), and the tied head (the whole input embedding). The embedding lookups and the position-bias
+    table read a few rows only and are left out."""
+    seen, total = set(), 0
+    for t in list(model.encoder.parameters()) + list(model.encoder.buffers()) + [model.input_embedding.weight]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+class Bandwidth:
+    """Memory bandwidth probes over one matrix of `nbytes` (dim columns, `dtype`): a matrix-vector product, a read
+    (sum) and a copy. Bytes per second, best of the calls so far."""
+
+    def __init__(self, nbytes: int, dim: int, device, dtype):
+        rows = max(1, nbytes // (dim * torch.empty((), dtype=dtype).element_size()))
+        gen = torch.Generator().manual_seed(0)
+        self.matrix = torch.randn(rows, dim, generator=gen).to(device=device, dtype=dtype)
+        self.vector = torch.randn(1, dim, generator=gen).to(device=device, dtype=dtype)
+        self.copy_target = torch.empty_like(self.matrix)
+        self.nbytes = self.matrix.numel() * self.matrix.element_size()
+        self.device = device
+        self.best = Best()
+
+    def probe(self):
+        self.best.run("gemv", lambda: F.linear(self.vector, self.matrix), self.device)
+        self.best.run("read", lambda: self.matrix.sum(), self.device)
+        self.best.run("copy", lambda: self.copy_target.copy_(self.matrix), self.device)
+
+    def rate(self, name: str, clock: str = "wall") -> float:
+        seconds = (self.best.wall if clock == "wall" else self.best.cpu)[name]
+        moved = 2 * self.nbytes if name == "copy" else self.nbytes
+        return moved / seconds
+
+
+# ----- the contenders -------------------------------------------------------------------------------------------
+def decode_fns(mode, ours, hf, texts, n, beam_size, device):
+    """(run cpmctl, run HF) producing the new ids of every prompt, for `n` new tokens."""
+    hf_input = torch.tensor(texts, device=device)
+    if mode in ("greedy", "batch"):
         cfg = GenerationConfig(decode="greedy", max_new_tokens=n)
         hf_kwargs = dict(num_beams=1)
         decode = greedy
     elif mode == "beam":
         # No first-step ban here, so that HF (which has none) can take the same path.
-        cfg = GenerationConfig(decode="beam", beam_size=beam_size, max_new_tokens=n - 1, ban_first_step=False)
+        cfg = GenerationConfig(decode="beam", beam_size=beam_size, max_new_tokens=max(1, n - 1), ban_first_step=False)
         hf_kwargs = dict(num_beams=beam_size, length_penalty=1.0, early_stopping=False)
         decode = beam_search
     else:
         raise SystemExit(f"unknown mode {mode}")
 
     def run_ours():
-        return decode(ours, build_inputs(ours, [text]), cfg)[0]
+        return decode(ours, build_inputs(ours, texts), cfg)
 
     def run_hf():
         with torch.no_grad():
             out = hf.generate(hf_input, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=EOS,
                               pad_token_id=0, **hf_kwargs)
-        return out[0, len(text):].tolist()
+        return out[:, len(texts[0]):].tolist()
 
     return run_ours, run_hf
 
@@ -103,6 +169,7 @@ def main():
     args = parse_args()
     warnings.filterwarnings("ignore")
     from transformers import CpmAntForCausalLM
+    from transformers import GenerationConfig as HFGenerationConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -121,49 +188,126 @@ def main():
         save_native(ours, Path(tmp) / "native")
         convert(Path(tmp) / "native", "hf", Path(tmp) / "hf")
         hf = CpmAntForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=dtype)
+    # The export's generation_config.json holds cpmctl's default decoding; every setting is passed explicitly below.
+    hf.generation_config = HFGenerationConfig()
     ours = ours.to(device=device, dtype=dtype).eval()
     hf = hf.to(device).eval()
+    models = {}
+    for q in args.quantize.split(","):
+        if q == "none":
+            models[args.dtype] = ours
+        elif q == "int8":
+            models["int8"] = quantize_model(copy.deepcopy(ours))
+        else:
+            raise SystemExit(f"unknown --quantize {q}")
+    cpu_clock = device.type == "cpu"
     print(f"model: {counts['total'] / 1e6:.1f}M parameters ({config.num_layers} layers, dim {config.dim_model}, "
           f"vocab {config.vocab_size}); {args.device} {args.dtype}, threads {torch.get_num_threads()}")
+    per_token = {name: weight_bytes_per_token(m) for name, m in models.items()}
+    fp_bytes = weight_bytes_per_token(ours)
+    bandwidth = Bandwidth(fp_bytes, config.dim_model, device, dtype)
+    print("weights read per decode step: " + ", ".join(f"{name} {b / 1e6:.1f} MB" for name, b in per_token.items()))
 
     gen = torch.Generator().manual_seed(args.seed + 1)
     for workload in args.workloads.split(","):
         prompt_tokens, n = (int(x) for x in workload.split(":"))
-        text = [BOS] + torch.randint(10, min(args.vocab_size, 30000), (prompt_tokens,), generator=gen).tolist()
+        prompts = [[BOS] + torch.randint(10, min(args.vocab_size, 30000), (prompt_tokens,), generator=gen).tolist()
+                   for _ in range(args.batch)]
+        done = {}
         for mode in args.modes.split(","):
-            run_ours, run_hf = contenders(mode, ours, hf, text, n, args.beam_size, device)
-            run_hf(), run_ours()  # warm-up
-            best = {"ours": [float("inf")] * 2, "hf": [float("inf")] * 2}
-            results, peaks = {}, {}
-            # Interleaved, so that load from other processes hits both sides alike.
+            texts = prompts if mode == "batch" else prompts[:1]
+            rows = len(texts) * (args.beam_size if mode == "beam" else 1)
+            fns = {}
+            for name, model in models.items():
+                fns[name], fns["hf"] = decode_fns(mode, model, hf, texts, n, args.beam_size, device)
+                fns[name + "@1"], fns["hf@1"] = decode_fns(mode, model, hf, texts, 1, args.beam_size, device)
+            for fn in fns.values():  # warm-up
+                fn()
+            bandwidth.probe()
+            best = Best()
             for _ in range(max(1, args.repeats)):
-                for name, fn in (("hf", run_hf), ("ours", run_ours)):
-                    wall, cpu, results[name], peaks[name] = measure(fn, device)
-                    best[name] = [min(best[name][0], wall), min(best[name][1], cpu)]
-            ids_ours, ids_hf = results["ours"], results["hf"]
-            tps_ours, tps_hf = len(ids_ours) / best["ours"][0], len(ids_hf) / best["hf"][0]
-            row = {
-                "mode": mode, "prompt_tokens": len(text), "new_tokens": n, "device": args.device, "dtype": args.dtype,
-                "threads": torch.get_num_threads(), "params": counts["total"],
-                "new_tokens_cpmctl": len(ids_ours), "new_tokens_hf": len(ids_hf), "same_ids": ids_ours == ids_hf,
-                "cpmctl_tokens_per_s": round(tps_ours, 2), "hf_tokens_per_s": round(tps_hf, 2),
-                "ratio": round(tps_ours / tps_hf, 3),
-            }
-            extra = ""
-            if device.type == "cpu":
-                row["cpu_time_ratio"] = round((best["hf"][1] / len(ids_hf)) / (best["ours"][1] / len(ids_ours)), 3)
-                extra = f", CPU-time ratio {row['cpu_time_ratio']:.2f}x"
-            else:
-                row["cpmctl_peak_mib"] = round(peaks["ours"] / 2**20, 1)
-                row["hf_peak_mib"] = round(peaks["hf"] / 2**20, 1)
-                extra = f", peak memory {row['cpmctl_peak_mib']} MiB vs {row['hf_peak_mib']} MiB"
-            print(f"{mode:6s} prompt {len(text):4d} new {n:4d}: cpmctl {tps_ours:8.2f} tok/s  hf {tps_hf:8.2f} tok/s  "
-                  f"ratio {row['ratio']:.2f}x{extra}  (tokens {len(ids_ours)}/{len(ids_hf)}, "
-                  f"same ids: {'yes' if row['same_ids'] else 'NO'})")
-            if not row["same_ids"] and dtype != torch.float32:
-                print("       half precision: the two round differently, so long paths may part; in fp32 they must not")
-            if args.json:
-                print(json.dumps(row))
+                bandwidth.probe()
+                for name, fn in fns.items():
+                    best.run(name, fn, device)
+            done[mode] = report(args, mode, texts, n, rows, best, bandwidth, per_token, fp_bytes, cpu_clock)
+        if "batch" in done and "greedy" in done:
+            for name in per_token:
+                one, many = done["greedy"][name], done["batch"][name]
+                print(f"batch {many['batch']} / batch 1 greedy, {name}: "
+                      f"{many['batch'] * many['cpmctl_decode_steps_per_s']:.2f} / "
+                      f"{one['cpmctl_decode_steps_per_s']:.2f} decode tok/s = "
+                      f"{many['batch'] * many['cpmctl_decode_steps_per_s'] / one['cpmctl_decode_steps_per_s']:.2f}x "
+                      f"(end to end {many['cpmctl_tokens_per_s'] / one['cpmctl_tokens_per_s']:.2f}x; hf "
+                      f"{many['hf_tokens_per_s'] / one['hf_tokens_per_s']:.2f}x)")
+
+
+def report(args, mode, texts, n, rows, best, bandwidth, per_token, fp_bytes, cpu_clock) -> dict:
+    """Print the figures of one mode (and return them per weight kind)."""
+    hf_ids = best.result["hf"]
+    new_tokens = sum(len(r) for r in hf_ids)
+    gemv = bandwidth.rate("gemv")
+    print(f"\n{mode} (batch {len(texts)}{f', {args.beam_size} beams' if mode == 'beam' else ''}), prompt "
+          f"{len(texts[0])} tokens, {n} new: bandwidth gemv {gemv / 1e9:.2f} GB/s, read "
+          f"{bandwidth.rate('read') / 1e9:.2f} GB/s, copy {bandwidth.rate('copy') / 1e9:.2f} GB/s (wall, best of run)")
+
+    def figures(name, clock):
+        times = best.wall if clock == "wall" else best.cpu
+        ids = best.result[name]
+        produced = sum(len(r) for r in ids)
+        end_to_end = produced / times[name]
+        # Decode steps between the run of n tokens and the run of 1 (one step advances every row by a token). Our
+        # beam search was asked for n - 1 and 1 tokens: n and 2 steps.
+        steps = n - 2 if (mode == "beam" and name != "hf") else n - 1
+        step = (times[name] - times[name + "@1"]) / max(steps, 1)
+        return produced, end_to_end, (1.0 / step if step > 0 else float("nan"))
+
+    clocks = ["wall"] + (["cpu"] if cpu_clock else [])
+    _, hf_e2e, hf_decode = figures("hf", "wall")
+    base, rows_out = None, {}
+    for name, nbytes in per_token.items():
+        produced, e2e, decode_rate = figures(name, "wall")
+        bound = gemv / nbytes  # decode steps per second at the bandwidth limit
+        same = best.result[name] == hf_ids
+        row = {
+            "mode": mode, "weights": name, "batch": len(texts), "rows": rows, "prompt_tokens": len(texts[0]),
+            "new_tokens": n, "device": args.device, "threads": torch.get_num_threads(),
+            "weight_bytes_per_token": nbytes, "gemv_gb_s": round(gemv / 1e9, 3),
+            "read_gb_s": round(bandwidth.rate("read") / 1e9, 3), "copy_gb_s": round(bandwidth.rate("copy") / 1e9, 3),
+            "bound_steps_per_s": round(bound, 2), "cpmctl_tokens_per_s": round(e2e, 2),
+            "cpmctl_decode_steps_per_s": round(decode_rate, 2), "fraction_of_bound": round(decode_rate / bound, 3),
+            "hf_tokens_per_s": round(hf_e2e, 2), "hf_decode_steps_per_s": round(hf_decode, 2),
+            "hf_fraction_of_bound": round(hf_decode / (gemv / fp_bytes), 3),
+            "ratio": round(e2e / hf_e2e, 3), "decode_ratio": round(decode_rate / hf_decode, 3),
+            "new_tokens_cpmctl": produced, "new_tokens_hf": new_tokens, "same_ids": same,
+        }
+        if cpu_clock:
+            _, e2e_c, dec_c = figures(name, "cpu")
+            _, hf_e2e_c, hf_dec_c = figures("hf", "cpu")
+            bound_c = bandwidth.rate("gemv", "cpu") / nbytes
+            row.update(cpu_fraction_of_bound=round(dec_c / bound_c, 3), cpu_time_ratio=round(e2e_c / hf_e2e_c, 3),
+                       cpu_decode_ratio=round(dec_c / hf_dec_c, 3))
+        else:
+            row.update(cpmctl_peak_mib=round(best.peak[name] / 2**20, 1), hf_peak_mib=round(best.peak["hf"] / 2**20, 1))
+        if base is None:
+            base = row
+        else:
+            row["speedup_vs_" + base["weights"]] = round(decode_rate / base["cpmctl_decode_steps_per_s"], 3)
+        hf_part = (f"hf {hf_e2e:7.2f} tok/s (decode {hf_decode:6.2f} steps/s, {row['hf_fraction_of_bound']:.2f} of "
+                   f"the fp32 bound): ratio {row['ratio']:.2f}x, decode {row['decode_ratio']:.2f}x")
+        print(f"  cpmctl {name:5s}: {nbytes / 1e6:6.1f} MB/step, bound {bound:6.2f} steps/s; {e2e:7.2f} tok/s, decode "
+              f"{decode_rate:6.2f} steps/s = {row['fraction_of_bound']:.2f} of the bound; {hf_part}"
+              + (f"; {row['speedup_vs_' + base['weights']]:.2f}x {base['weights']}" if row is not base else ""))
+        if cpu_clock:
+            print(f"    CPU time: {row['cpu_fraction_of_bound']:.2f} of the bound, ratio {row['cpu_time_ratio']:.2f}x, "
+                  f"decode {row['cpu_decode_ratio']:.2f}x")
+        note = "same ids" if same else ("ids differ (int8 rounds the weights)" if name == "int8" else "IDS DIFFER")
+        print(f"    tokens {produced}/{new_tokens}: {note}")
+        if not same and name != "int8" and name != "fp32":
+            print("    half precision: the two round differently, so long paths may part; in fp32 they must not")
+        rows_out[name] = row
+        if args.json:
+            print(json.dumps(row))
+    return rows_out
 
 
 if __name__ == "__main__":

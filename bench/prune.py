@@ -1,169 +1,271 @@
-"""Learned masks against random and magnitude-based structure selection, down the whole mini ladder.
+"""Selection methods of `cpmctl prune` at equal compute, over seeds, on a base model trained near its loss floor.
 
-1. Data: `cpmctl data vocab` and `cpmctl data pack` on the bundled corpus (cpmctl/assets/corpus/batch1.jsonl), with a
-   held-out validation split (--synthetic: a Markov-chain corpus instead).
-2. A pretrained mini model: `cpmctl pretrain` of mini-10b on that data.
-3. Three prune runs mini-10b -> mini-7b -> mini-3b -> mini-2b -> mini-1b -> mini-300m, each arm pruning its own
-   previous stage's output:
-     learned    hard-concrete masks trained with the weights (LM loss + distillation + Lagrangian) for --mask-steps,
-                then --recovery-steps of recovery training;
-     magnitude  weight-norm selection, then recovery training;
-     random     random selection, then recovery training.
-   --budget recovery (default): every arm gets the same --recovery-steps of recovery (the mask phase is the
-   learned arm's selection cost). --budget total: the baselines get --mask-steps + --recovery-steps of recovery,
-   the same number of weight updates as the learned arm. Same data order and validation rows for every arm.
-4. Validation loss after recovery per stage and arm, and relative performance L(mini-10b) / L(stage) next to the
-   original's published 96.3 / 92.4 / 86.0 / 76.2 % (7b / 3b / 1b / 300m; its 2b step was not published).
+1. Data: a synthetic Markov-chain corpus (tests/synthetic.py; --words states, 4 successors each) packed into rows.
+   Its floor is known: on lm-task word -> word targets no model can beat the chain's conditional entropy, estimated
+   here from the training rows' transition counts and evaluated on the validation rows.
+2. A base model (`cpmctl pretrain`), CACHED under --work (default runs/bench-prune/, keyed by every setting that
+   changes it): reruns skip data and pretraining, and finished (arm, seed, stage) runs are skipped too.
+   --ladder micro (default): the mini ladder's layer / head / dim_ff counts at dim_model 64 (dim_ff / 4), sized
+   for a loaded 2-core CPU; --ladder mini: the mini ladder itself.
+3. For every arm and seed, the first --stages stages down the ladder, each arm pruning its own previous stage:
+     learned     hard-concrete masks + weights for --mask-steps (LM + distillation + Lagrangian), then recovery;
+     activation  Minitron activation importance on seeded calibration rows of the training data, then recovery;
+     magnitude   weight-norm selection, then recovery;   random  random selection, then recovery;
+     learned:V   the learned arm with a variant V of its options (VARIANTS below), e.g. learned:init.
+   Equal total compute: every arm makes --mask-steps + --recovery-steps weight updates per stage on batches of the
+   same size (the baselines spend the mask phase's steps on recovery), so they train on the same number of tokens.
+   With --distill > 0 the learned mask phase distils from the stage's unpruned model, and so does every arm's
+   recovery (distill.recovery): equal treatment. Seeds change the data order, the gate noise and init, the random
+   selection and the calibration rows; the base model is the same.
+4. Per stage and arm: validation loss after recovery, mean and 95% confidence interval (Student t over seeds), the
+   relative performance L(base) / L(stage) next to the original's published 96.3 / 92.4 / 86.0 / 76.2 %
+   (7b / 3b / 1b / 300m), and which arm is best outside the intervals.
 
-    python bench/prune.py                                  # defaults: a few minutes of CPU per arm
-    python bench/prune.py --device cuda --pretrain-steps 2000 --mask-steps 300 --recovery-steps 300 --batch-size 16
-
-Intermediate results are kept under --work (default: a temp dir); rerunning with the same --work reuses the data,
-the pretrained model and finished stages.
+    python bench/prune.py --threads 1                                  # micro ladder, 2 stages, 3 seeds
+    python bench/prune.py --arms learned,learned:init,learned:gate-lr --seeds 0,1,2
+    python bench/prune.py --ladder mini --device cuda --pretrain-steps 3000 --stages 5 --batch-size 32
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cpmctl.model.config import MINI_LADDER, resolve_config  # noqa: E402
 from cpmctl.prune.pipeline import prepare, run_prune  # noqa: E402
 from cpmctl.prune.recipe import load_prune_recipe  # noqa: E402
 
-PUBLISHED = {"mini-7b": 96.3, "mini-3b": 92.4, "mini-2b": None, "mini-1b": 86.0, "mini-300m": 76.2}
-ARMS = ("learned", "magnitude", "random")
+PUBLISHED = {"7b": 96.3, "3b": 92.4, "2b": None, "1b": 86.0, "300m": 76.2}
+BASE_ARMS = ("learned", "activation", "magnitude", "random")
+# Options of the learned arm, each measured as its own arm `learned:NAME` (overrides on top of the learned arm's).
+VARIANTS = {
+    "init": ["gates.init=activation"],  # log_alpha from the activation importance's ranks
+    "gate-lr": ["gates.lr=0.2", "gates.lambda_lr=0.2"],  # slower gates (default 0.5)
+    "warmup": ["gates.target_warmup=0.7"],  # the target shrinks over 70% of the phase (default 30%)
+    "kd-t1": ["distill.temperature=1.0"],  # distillation temperature 1 (default 2)
+    "kd-w0.9": ["distill.weight=0.9"],  # distillation weight 0.9 (default --distill)
+    "long-mask": [],  # 3/4 of the budget on the mask phase, 1/4 on recovery (same total); set in run_arm
+}
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, default=None, help="Working directory (kept; default: a new temp dir).")
-    p.add_argument("--to", default="mini-300m", help="Last stage of the mini ladder.")
-    p.add_argument("--vocab-size", type=int, default=3000)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--pretrain-steps", type=int, default=500)
-    p.add_argument("--pretrain-lr", type=float, default=0.02, help="Peak lr (original convention, as recipes/pretrain/mini.yaml).")
-    p.add_argument("--mask-steps", type=int, default=40)
-    p.add_argument("--recovery-steps", type=int, default=40)
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-prune", help="Cache and work directory.")
+    p.add_argument("--ladder", choices=("micro", "mini"), default="micro")
+    p.add_argument("--stages", type=int, default=2, help="How many stages down the ladder (1-5).")
+    p.add_argument("--words", type=int, default=64, help="Markov-chain states of the synthetic corpus.")
+    p.add_argument("--train-rows", type=int, default=3000)
+    p.add_argument("--max-length", type=int, default=64, help="Row length (32 prompt slots included).")
+    p.add_argument("--pretrain-steps", type=int, default=600)
+    p.add_argument("--pretrain-lr", type=float, default=0.02, help="Peak lr (original convention).")
+    p.add_argument("--mask-steps", type=int, default=20)
+    p.add_argument("--recovery-steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--gate-lr", type=float, default=0.5)
-    p.add_argument("--distill", type=float, default=0.5, help="distill.weight of the learned arm.")
+    p.add_argument("--distill", type=float, default=0.5, help="distill.weight (mask phase and every recovery).")
     p.add_argument("--eval-batches", type=int, default=16)
-    p.add_argument("--arms", default=",".join(ARMS))
-    p.add_argument("--budget", choices=("recovery", "total"), default="recovery",
-                   help="recovery: the same recovery steps for every arm; total: the same weight updates.")
+    p.add_argument("--calibration-batches", type=int, default=4)
+    p.add_argument("--arms", default=",".join(BASE_ARMS))
+    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
-    p.add_argument("--synthetic", action="store_true", help="Markov-chain data instead of the bundled corpus.")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
 
-def cpmctl(*args: str, threads: int | None = None) -> None:
+def cpmctl(*args, threads: int | None = None) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     subprocess.run([sys.executable, "-m", "cpmctl", *map(str, args)], check=True, cwd=ROOT, env=env)
 
 
-def prepare_data(args, work: Path) -> tuple[Path, Path, Path]:
-    """(vocab, train, valid) packed with the real pipeline commands."""
-    vocab, packed = work / "vocab.txt", work / "packed"
-    if (packed / "valid" / "meta.json").exists():
-        return vocab, packed / "train", packed / "valid"
-    if args.synthetic:
-        from cpmctl.model.tokenizer import CPMAntTokenizer
-        from tests.synthetic import write_synthetic_packed  # the test suite's Markov-chain data
-        from tests.conftest import write_tiny_vocab
+# ----- data, ladder, base model ------------------------------------------------------------------------------
+def prepare_data(args, cache: Path) -> tuple[Path, Path, Path]:
+    from cpmctl.model.tokenizer import CPMAntTokenizer
+    from tests.conftest import write_tiny_vocab
+    from tests.synthetic import write_synthetic_packed  # the test suite's Markov-chain data
 
+    vocab, packed = cache / "vocab.txt", cache / "packed"
+    if not (packed / "valid" / "meta.json").exists():
         write_tiny_vocab(vocab)
         n = CPMAntTokenizer(vocab).vocab_size
-        write_synthetic_packed(packed / "train", n, 2000, max_length=args.max_length, seed=1)
-        write_synthetic_packed(packed / "valid", n, 200, max_length=args.max_length, seed=2)
-        return vocab, packed / "train", packed / "valid"
-    corpus = ROOT / "cpmctl" / "assets" / "corpus" / "batch1.jsonl"
-    cpmctl("data", "vocab", "--input", corpus, "--size", args.vocab_size, "--out", vocab)
-    cpmctl("data", "pack", "--input", corpus, "--vocab", vocab, "--out", packed, "--max-length", args.max_length,
-           "--valid-fraction", 0.05, "--seed", args.seed)
+        write_synthetic_packed(packed / "train", n, args.train_rows, max_length=args.max_length, seed=1, words=args.words)
+        write_synthetic_packed(packed / "valid", n, 256, max_length=args.max_length, seed=2, words=args.words)
     return vocab, packed / "train", packed / "valid"
 
 
-def pretrain(args, work: Path, vocab: Path, train: Path, valid: Path) -> Path:
-    out = work / "pretrain"
-    if (out / "final" / "config.json").exists():
-        return out / "final"
-    cpmctl("pretrain", "model.init=mini-10b", f"model.vocab={vocab}", f"data.train={train}", f"data.valid={valid}",
-           f"train.steps={args.pretrain_steps}", f"train.batch_size={args.batch_size}", f"train.lr={args.pretrain_lr}",
-           "train.schedule=cosine", f"train.warmup_steps={max(1, args.pretrain_steps // 20)}", "train.min_lr_ratio=0.1",
-           f"train.save_every={args.pretrain_steps}", "train.valid_every=100", "train.valid_batches=8",
-           f"train.device={args.device}", f"out_dir={out}", "resume=true", threads=args.threads)
+def ladder_configs(args, cache: Path, vocab_size: int) -> list[Path]:
+    """Config files of the ladder's first --stages + 1 rungs (micro: the mini counts at a quarter of the width)."""
+    paths = []
+    for name in MINI_LADDER[: args.stages + 1]:
+        config = dataclasses.replace(resolve_config(name), vocab_size=vocab_size, half=False)
+        if args.ladder == "micro":
+            config = dataclasses.replace(config, dim_model=64, dim_head=8, dim_ff=max(1, round(config.dim_ff / 4)))
+        path = cache / "configs" / f"{name.replace('mini', args.ladder)}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        config.save(path)
+        paths.append(path)
+    return paths
+
+
+def pretrain(args, cache: Path, config: Path, vocab: Path, train: Path, valid: Path) -> Path:
+    out = cache / "pretrain"
+    if not (out / "final" / "config.json").exists():
+        cpmctl("pretrain", f"model.init={config}", f"model.vocab={vocab}", f"data.train={train}",
+               f"data.valid={valid}", f"train.steps={args.pretrain_steps}", f"train.batch_size={args.batch_size * 2}",
+               f"train.lr={args.pretrain_lr}", "train.schedule=cosine", f"train.warmup_steps={args.pretrain_steps // 20}",
+               "train.min_lr_ratio=0.1", f"train.save_every={args.pretrain_steps}", "train.valid_every=100",
+               "train.valid_batches=8", f"train.device={args.device}", f"out_dir={out}", "resume=true",
+               threads=args.threads)
     return out / "final"
 
 
-def run_arm(arm: str, args, work: Path, model: Path, vocab: Path, train: Path, valid: Path) -> list[dict]:
-    budget = args.recovery_steps + (args.mask_steps if arm != "learned" and args.budget == "total" else 0)
+@torch.no_grad()
+def floor_report(model_dir: Path, train: Path, valid: Path, device: str) -> dict:
+    """The base model's loss on lm-task word -> word validation targets, next to the chain's conditional entropy
+    on the same targets (transition probabilities counted on the training rows): the floor no model can beat."""
+    from cpmctl.data.packed_format import PackedDataset, PackedReader
+    from cpmctl.model.checkpoint import load_model
+    from cpmctl.model.inputs import LM_TASK
+    from tests.synthetic import FIRST_WORD
+
+    def pairs(arrays):
+        inp, tgt, task = (np.asarray(arrays[k]).astype(np.int64) for k in ("input", "target", "task"))
+        keep = (task == LM_TASK) & (inp >= FIRST_WORD) & (tgt >= FIRST_WORD)
+        return inp, tgt, keep
+
+    inp, tgt, keep = pairs(PackedDataset(train).arrays)
+    size = int(max(inp.max(), tgt.max())) + 1
+    counts = np.zeros((size, size))
+    np.add.at(counts, (inp[keep], tgt[keep]), 1)
+    prob = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    model, _ = load_model(model_dir, device=device)
+    model.eval()
+    data = PackedDataset(valid)
+    reader = PackedReader(data, 16, shuffle=False)
+    nll, floor, count = 0.0, 0.0, 0
+    for _ in range(len(data) // 16):
+        batch = reader.next_batch()
+        i, t, k = pairs({n: batch[n].numpy() for n in ("input", "target", "task")})
+        logits = model(*(batch[n].to(device) for n in ("input", "segment", "context", "span"))).float().cpu()
+        mask = torch.from_numpy(k)
+        nll += float(torch.nn.functional.cross_entropy(logits[mask], batch["target"][mask].long(), reduction="sum"))
+        floor += float(-np.log(np.maximum(prob[i[k], t[k]], 1e-12)).sum())
+        count += int(k.sum())
+    return {"model_lm_word_loss": nll / count, "chain_floor": floor / count, "targets": count}
+
+
+# ----- arms --------------------------------------------------------------------------------------------------
+def run_arm(arm: str, seed: int, args, work: Path, base: Path, configs: list[Path], vocab: Path, train: Path,
+            valid: Path) -> list[dict]:
+    method, _, variant = arm.partition(":")
+    mask_steps, recovery_steps = args.mask_steps, args.recovery_steps
+    if variant == "long-mask":
+        total = args.mask_steps + args.recovery_steps  # three quarters of the same budget on the mask phase
+        mask_steps = total * 3 // 4
+        recovery_steps = total - mask_steps
+    if method != "learned":  # the mask phase's weight updates go to recovery: equal total compute
+        recovery_steps, mask_steps = args.mask_steps + args.recovery_steps, 0
     overrides = [
-        f"method={arm}", f"seed={args.seed}", f"data.train={train}", f"data.valid={valid}",
-        f"data.eval_batches={args.eval_batches}",
-        f"mask.steps={args.mask_steps}", f"mask.batch_size={args.batch_size}", f"mask.device={args.device}",
-        f"mask.save_every={args.mask_steps}",
-        f"recovery.steps={budget}", f"recovery.batch_size={args.batch_size}", f"recovery.device={args.device}",
-        f"recovery.save_every={budget}", f"recovery.warmup_steps={max(1, budget // 10)}", "recovery.valid_batches=0",
+        f"method={method}", f"seed={seed}", f"data.train={train}", f"data.valid={valid}",
+        f"data.eval_batches={args.eval_batches}", f"data.calibration_batches={args.calibration_batches}",
+        f"mask.steps={max(mask_steps, 1)}", f"mask.batch_size={args.batch_size}", f"mask.device={args.device}",
+        f"mask.save_every={max(mask_steps, 1)}", f"mask.seed={seed}",
+        f"recovery.steps={recovery_steps}", f"recovery.batch_size={args.batch_size}", f"recovery.device={args.device}",
+        f"recovery.save_every={recovery_steps}", f"recovery.warmup_steps={max(1, recovery_steps // 10)}",
+        "recovery.valid_batches=0", f"recovery.seed={seed}",
         f"gates.lr={args.gate_lr}", f"gates.lambda_lr={args.gate_lr}", f"distill.weight={args.distill}",
+        f"distill.recovery={'true' if args.distill > 0 else 'false'}", *VARIANTS.get(variant, []),
     ]
     recipe = load_prune_recipe(ROOT / "recipes" / "prune" / "mini.yaml", overrides)
-    plan = prepare("mini-10b", args.to, model, work / f"prune-{arm}-r{budget}", vocab)
+    reports, source = [], base
     started = time.perf_counter()
-    reports = run_prune(plan, recipe, progress=False, log=lambda m: print(f"  [{arm}] {m}", file=sys.stderr))
-    print(f"  [{arm}] {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    for k in range(args.stages):
+        out = work / "runs" / arm.replace(":", "-") / f"seed{seed}" / f"stage{k + 1}"
+        plan = prepare(str(configs[k]), str(configs[k + 1]), source, out, vocab)
+        report = run_prune(plan, recipe, progress=False, log=lambda m: print(f"  [{arm} s{seed}] {m}", file=sys.stderr))[0]
+        reports.append(report)
+        source = out / plan.stages[0].dirname / "model"
+    print(f"  [{arm} s{seed}] {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return reports
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t confidence interval."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    work = args.work or Path(tempfile.mkdtemp(prefix="cpmctl-bench-prune-"))
-    work.mkdir(parents=True, exist_ok=True)
+    key = (f"{args.ladder}-w{args.words}-r{args.train_rows}-l{args.max_length}-p{args.pretrain_steps}"
+           f"-lr{args.pretrain_lr}-b{args.batch_size}")
+    cache = args.work / key
+    cache.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    vocab, train, valid = prepare_data(args, work)
-    model = pretrain(args, work, vocab, train, valid)
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    results = {arm: run_arm(arm, args, work, model, vocab, train, valid) for arm in arms}
+    vocab, train, valid = prepare_data(args, cache)
+    from cpmctl.model.tokenizer import CPMAntTokenizer
 
-    base = results[arms[0]][0]["loss"]["before"]  # the pretrained mini-10b on the validation rows
-    baseline_steps = args.recovery_steps + (args.mask_steps if args.budget == "total" else 0)
-    print(f"\nmini ladder, {args.mask_steps} mask + {args.recovery_steps} recovery steps per stage (baselines: "
-          f"{baseline_steps} recovery steps), batch {args.batch_size} x {args.max_length}, "
-          f"device {args.device}; validation loss of the pretrained mini-10b: {base:.4f}")
-    header = f"{'stage':<22}" + "".join(f"{a + ' loss':>16}" for a in arms)
-    header += "".join(f"{a + ' rel':>14}" for a in arms) + f"{'original rel':>14}  learned best"
-    print(header)
+    configs = ladder_configs(args, cache, CPMAntTokenizer(vocab).vocab_size)
+    base = pretrain(args, cache, configs[0], vocab, train, valid)
+    floor = floor_report(base, train, valid, args.device)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    work = cache / (f"m{args.mask_steps}-r{args.recovery_steps}-b{args.batch_size}-g{args.gate_lr}-d{args.distill}"
+                    f"-c{args.calibration_batches}-e{args.eval_batches}")
+    results = {arm: [run_arm(arm, s, args, work, base, configs, vocab, train, valid) for s in seeds] for arm in arms}
+
+    base_loss = results[arms[0]][0][0]["loss"]["before"]
+    steps = args.mask_steps + args.recovery_steps
+    print(f"\n{args.ladder} ladder, {len(seeds)} seeds, equal compute: {steps} weight updates per stage and arm "
+          f"(learned: {args.mask_steps} mask + {args.recovery_steps} recovery), batch {args.batch_size} x "
+          f"{args.max_length}, distill {args.distill}, device {args.device}")
+    print(f"base: validation loss {base_loss:.4f}; on lm word->word targets {floor['model_lm_word_loss']:.4f} vs the "
+          f"chain's floor {floor['chain_floor']:.4f} ({floor['targets']} targets)")
+    print(f"{'stage':<22}{'arm':<18}{'recovered loss (95% CI)':>26}{'extracted':>11}{'rel.':>8}{'original':>10}")
     rows = []
-    for i, report in enumerate(results[arms[0]]):
-        losses = {a: results[a][i]["loss"]["recovered"] for a in arms}
-        rel = {a: 100 * base / losses[a] for a in arms}
-        published = PUBLISHED.get(report["to"])
-        best = "learned" in losses and all(losses["learned"] < losses[a] for a in arms if a != "learned")
-        line = f"{report['from'] + ' -> ' + report['to']:<22}" + "".join(f"{losses[a]:>16.4f}" for a in arms)
-        line += "".join(f"{rel[a]:>13.1f}%" for a in arms)
-        line += f"{(f'{published:.1f}%' if published else '-'):>14}  {'yes' if best else 'NO'}"
-        print(line)
-        rows.append({"stage": report["to"], "loss": losses, "relative": rel, "published": published,
-                     "learned_best": best, "extracted": {a: results[a][i]["loss"]["extracted"] for a in arms}})
-    print("relative = L(mini-10b) / L(stage) on the same validation rows; the original's figures are its published "
-          "relative performance of 7b / 3b / 1b / 300m.")
+    for k in range(args.stages):
+        stage = {}
+        for arm in arms:
+            rec = [r[k]["loss"]["recovered"] for r in results[arm]]
+            ext = [r[k]["loss"]["extracted"] for r in results[arm]]
+            mean, half = interval(rec)
+            stage[arm] = {"recovered": rec, "mean": mean, "ci95": half, "extracted_mean": statistics.fmean(ext),
+                          "relative": 100 * base_loss / mean}
+        first = results[arms[0]][0][k]
+        name = f"{Path(first['from']).stem} -> {Path(first['to']).stem}"
+        published = PUBLISHED.get(Path(first["to"]).stem.split("-")[-1])
+        for arm in arms:
+            s = stage[arm]
+            print(f"{name:<22}{arm:<18}{s['mean']:>15.4f} +- {s['ci95']:<7.4f}{s['extracted_mean']:>11.4f}"
+                  f"{s['relative']:>7.1f}%{(f'{published:.1f}%' if published else '-'):>10}")
+        best = min(arms, key=lambda a: stage[a]["mean"])
+        clear = all(stage[best]["mean"] + stage[best]["ci95"] < stage[a]["mean"] - stage[a]["ci95"]
+                    for a in arms if a != best)
+        print(f"{'':<22}best: {best}" + (" (outside the intervals)" if clear else " (intervals overlap)"))
+        rows.append({"stage": name, "published": published, "arms": stage, "best": best, "best_clear": clear})
+    print("relative = L(base) / L(stage) on the same validation rows (the original's figures are task-performance "
+          "ratios of a converged 10b after long recovery: a reference, not the same measure).")
     print(f"total {time.perf_counter() - started:.0f} s; work dir {work}")
     (work / "bench.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                 "base_loss": base, "stages": rows}, indent=2) + "\n")
+                                                 "base_loss": base_loss, "floor": floor, "stages": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,9 @@
 """cpmctl: the CPM-Ant lifecycle toolchain (data, pretrain, prune, tune, eval, generate)."""
 
-from pathlib import Path
-
 __version__ = "0.1.0"
 
-# The repository root: configs/ and recipes/ live beside the package (the install is editable).
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The files that ship with cpmctl (configs/, recipes/, assets/) are found by cpmctl/resources.py, in a wheel or a
+# checkout alike.
 
 
 class CpmctlError(Exception):

@@ -18,9 +18,15 @@ built in Python.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
 import os
 import re
+import sys
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -29,6 +35,7 @@ from typing import Any, Literal, NoReturn, TypeVar, get_args, get_origin, get_ty
 import yaml
 
 from cpmctl import CpmctlError
+from cpmctl.resources import builtin_recipes, find_recipe
 
 T = TypeVar("T")
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -245,13 +252,22 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def load_recipe_file(path: str | Path) -> dict:
+    """`--recipe`: a YAML file, or the name of a built-in recipe (`pretrain/mini`; `cpmctl recipes list`)."""
+    found = find_recipe(path)
+    if not found.exists():
+        names = ", ".join(builtin_recipes()) or "none"
+        raise CpmctlError(f"recipe not found: {path} (not a file, nor a built-in recipe: {names})")
+    return load_yaml(found)
+
+
 def load_recipe(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
                 flags: dict[str, Any] | None = None) -> T:
-    """Defaults of `cls`, updated by the YAML file, then `flags` (dotted key -> value as CLI options give them,
+    """Defaults of `cls`, updated by the YAML file (or built-in recipe), then `flags` (dotted key -> value as CLI options give them,
     None = not given), then the `key=value` overrides; then checked (`check_recipe`)."""
     data: dict = {}
     if path is not None:
-        _deep_update(data, load_yaml(path))
+        _deep_update(data, load_recipe_file(path))
     for key, value in (flags or {}).items():
         if value is not None:
             _set(data, key.split("."), value, key)
@@ -302,3 +318,110 @@ def _deep_update(dst: dict, src: dict) -> dict:
 
 def dump_recipe(recipe) -> str:
     return yaml.safe_dump(to_dict(recipe), sort_keys=False, allow_unicode=True)
+
+
+# ----- documentation: `cpmctl recipes show` ---------------------------------------------------------------------
+# A recipe key's meaning is the comment on its field's line in the dataclass (or the comment lines just above it):
+# the code's comments are the one place it is written, and these functions read them back.
+def field_docs(cls) -> dict[str, str]:
+    """Field name -> its comment, read from the dataclass's source. A dataclass built in code (no source) borrows
+    the comments of a dataclass with the same fields (DecodeOverrides from GenerationConfig)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        twin = _twin(cls)
+        return field_docs(twin) if twin is not None else {}
+    lines = source.splitlines()
+    trailing, alone = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            row = tok.start[0]
+            text = tok.string.lstrip("#").strip()
+            (alone if not lines[row - 1][: tok.start[1]].strip() else trailing)[row] = text
+    docs, hints = {}, get_type_hints(cls)
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above, row = [], node.lineno - 1
+        while row in alone:
+            above.insert(0, alone[row])
+            row -= 1
+        doc = (trailing.get(node.lineno) or " ".join(above)).rstrip(".")
+        choices = _alias_doc(cls, node.annotation)  # `precision: Precision`: what the alias's comment says
+        if set(re.split(r"[\s|]+", choices.strip())) <= {str(a) for a in get_args(hints.get(node.target.id))}:
+            choices = ""  # it only lists the choices, which the type shows
+        docs[node.target.id] = f"{doc}; {choices}" if doc and choices else doc or choices
+    return docs
+
+
+def _alias_doc(cls, annotation: ast.expr) -> str:
+    """The trailing comment of a module-level type alias (`Precision = Literal[...]  # fp32 | bf16 ...`)."""
+    if not isinstance(annotation, ast.Name):
+        return ""
+    try:
+        lines = inspect.getsource(sys.modules[cls.__module__]).splitlines()
+    except (OSError, TypeError, KeyError):
+        return ""
+    for line in lines:
+        if line.startswith(f"{annotation.id} = ") and "  # " in line:
+            return line.split("  # ", 1)[1].strip()
+    return ""
+
+
+def _twin(cls):
+    """A dataclass with `cls`'s fields defined in source: in cls's module, else in any loaded cpmctl module
+    (make_dataclass names no module of ours)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    home = [sys.modules[cls.__module__]] if cls.__module__ in sys.modules else []
+    for module in home + [m for n, m in list(sys.modules.items()) if n.startswith("cpmctl.") and m is not None]:
+        for other in vars(module).values():
+            if other is not cls and _is_section(other) and [f.name for f in dataclasses.fields(other)] == names:
+                return other
+    return None
+
+
+def type_label(tp) -> str:
+    """A recipe key's type as `recipes show` prints it: int, float, str, bool, 'a' | 'b', list[str], str | null."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_label(a) for a in get_args(tp))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(type_label(a) for a in get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _flow(value) -> str:
+    """One value as YAML on one line (lists and mappings in flow style)."""
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**9)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def _section_doc(cls) -> str:
+    doc = cls.__doc__ or ""
+    return "" if doc.startswith(f"{cls.__name__}(") else doc.strip().split("\n")[0]  # not the generated signature
+
+
+def describe_recipe(recipe, defaults=None, indent: str = "") -> list[str]:
+    """The recipe as YAML lines, each key with a comment: its type, its default (the dataclass field's, a nested
+    section's as its parent sets it) and what it means. The output loads back as the same recipe."""
+    cls = type(recipe)
+    hints, docs = get_type_hints(cls), field_docs(cls)
+    defaults = cls() if defaults is None else defaults
+    lines = []
+    for f in dataclasses.fields(recipe):
+        value, default, doc = getattr(recipe, f.name), getattr(defaults, f.name), docs.get(f.name, "")
+        if _is_section(hints[f.name]):
+            about = doc or _section_doc(hints[f.name])
+            lines.append(f"{indent}{f.name}:" + (f"  # {about}" if about else ""))
+            lines += describe_recipe(value, default, indent + "  ")
+            continue
+        shown = _flow(default)
+        if value == default and len(shown) > 40:
+            shown = "this value"  # a long list is not printed twice
+        note = f"{type_label(hints[f.name])}; default {shown}" + (f"; {doc}" if doc else "")
+        lines.append(f"{indent}{f.name}: {_flow(value)}  # {note}")
+    return lines

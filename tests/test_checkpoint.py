@@ -83,7 +83,7 @@ def test_original_round_trip_keeps_mask_modules(tmp_path):
         assert torch.allclose(model(ids, seg, ctx), loaded(ids, seg, ctx), atol=1e-5)
 
 
-def test_hf_layout_round_trip_and_mask_modules_refused(tmp_path):
+def test_hf_layout_round_trip_and_pruned_export(tmp_path, tiny_vocab):
     model = build_model(tiny_config(VOCAB), seed=2)
     save_native(model, tmp_path / "native", dtype=torch.float32)
     convert(tmp_path / "native", "hf", tmp_path / "hf")
@@ -97,11 +97,32 @@ def test_hf_layout_round_trip_and_mask_modules_refused(tmp_path):
     for key in a:  # folding and unfolding multiply and divide: equal to rounding, not bit-exact
         assert torch.allclose(a[key], b[key], rtol=1e-6, atol=1e-6), key
 
+    # A pruned model: dropped sub-blocks written as zeros, mask_modules kept, and read back as the pruned model.
     pruned = build_model(tiny_config(VOCAB, num_layers=4, mask_modules=MASK), seed=3)
-    save_native(pruned, tmp_path / "pruned")
-    with pytest.raises(CpmctlError, match="mask_modules"):
-        convert(tmp_path / "pruned", "hf", tmp_path / "pruned-hf")
-    assert not (tmp_path / "pruned-hf").exists()
+    save_native(pruned, tmp_path / "pruned", vocab=tiny_vocab)
+    convert(tmp_path / "pruned", "hf", tmp_path / "pruned-hf")
+    hf_dir = tmp_path / "pruned-hf"
+    assert json.loads((hf_dir / "config.json").read_text())["mask_modules"] == MASK
+    assert {"tokenizer_config.json", "generation_config.json", "vocab.txt"} <= {p.name for p in hf_dir.iterdir()}
+    hf_state = load_file(str(hf_dir / "model.safetensors"))
+    assert not hf_state["cpmant.encoder.layers.1.self_att.self_attention.project_q.weight"].any()
+    assert not hf_state["cpmant.encoder.layers.2.ffn.ffn.w_out.weight"].any()
+    assert hf_state["cpmant.encoder.layers.2.self_att.self_attention.project_q.weight"].any()
+    info, back = read_checkpoint(hf_dir)
+    assert info.config.mask_modules == MASK
+    original = load_file(str(tmp_path / "pruned" / NATIVE_WEIGHTS))
+    assert sorted(back) == sorted(original)
+    for key in original:
+        assert torch.allclose(original[key], back[key], rtol=1e-6, atol=1e-6), key
+
+    # A dropped sub-block whose zeros were trained away cannot be read as dropped: refused, naming the key.
+    hf_state["cpmant.encoder.layers.1.self_att.self_attention.attention_out.weight"][0, 0] = 0.5
+    from safetensors.torch import save_file
+
+    save_file(hf_state, str(hf_dir / "model.safetensors"))
+    with pytest.raises(CpmctlError, match="layers.1.self_att.self_attention.attention_out.weight belongs to a "
+                                          "sub-block that mask_modules drops"):
+        read_checkpoint(hf_dir)
 
 
 def test_load_model_dtypes(tmp_path):

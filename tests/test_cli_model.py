@@ -75,7 +75,8 @@ def test_init_and_info(capsys, checkpoint, tiny_vocab):
 def test_convert_round_trip_is_bit_exact(capsys, tmp_path, tiny_vocab, dtype):
     save_native(build_model(tiny_config(CPMAntTokenizer(tiny_vocab).vocab_size), seed=1), tmp_path / "a", vocab=tiny_vocab, dtype=dtype)
     [to_orig] = run_json(capsys, "model", "convert", tmp_path / "a", "--to", "original", "--out", tmp_path / "o" / "m.pt")
-    assert to_orig == {"source": str(tmp_path / "a"), "source_format": "native", "format": "original", "out": str(tmp_path / "o" / "m.pt")}
+    assert to_orig == {"source": str(tmp_path / "a"), "source_format": "native", "format": "original", "out": str(tmp_path / "o" / "m.pt"),
+                       "output": str(tmp_path / "o" / "m.pt")}
     [info] = run_json(capsys, "model", "info", tmp_path / "o" / "m.pt")
     assert info["format"] == "original"
     [back] = run_json(capsys, "model", "convert", tmp_path / "o" / "m.pt", "--to", "native", "--out", tmp_path / "b")
@@ -99,7 +100,7 @@ def test_tokenize(capsys, tiny_vocab, monkeypatch):
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("中国\n"))
     [piped] = run_json(capsys, "data", "tokenize", "-", "--vocab", tiny_vocab)
-    assert piped["ids"] == tok.encode("中国\n")
+    assert piped["ids"] == tok.encode("中国")  # the line's final newline is not part of the text
     code, out, _ = run(capsys, "data", "tokenize", "中国", "--vocab", tiny_vocab)
     assert code == 0 and out.splitlines()[0] == " ".join(map(str, tok.encode("中国")))
 

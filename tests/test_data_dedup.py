@@ -286,3 +286,121 @@ def test_normalization_option(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", ["今天天气不错，我们去公园。Hello World", "今天天气不错 我们去公园 hello world!"])
     assert run([src], tmp_path / "a.jsonl", tmp_path / "a.sqlite").kept == 2
     assert run([src], tmp_path / "b.jsonl", tmp_path / "b.sqlite", normalize=True).kept == 1
+
+
+# ----- the membership filter in front of the store ----------------------------------------------------------------
+def _batches(tmp_path: Path) -> tuple[Path, Path]:
+    rng = random.Random(3)
+    pool = [para(i) for i in range(600)]
+    a = write_jsonl(tmp_path / "a.jsonl", ["\n".join(rng.choice(pool[:400]) for _ in range(rng.randint(1, 5)))
+                                           for _ in range(500)])
+    b = write_jsonl(tmp_path / "b.jsonl", ["\n".join(rng.choice(pool[200:]) for _ in range(rng.randint(1, 5)))
+                                           for _ in range(500)])
+    return a, b
+
+
+def test_membership_filter_never_misses_a_known_paragraph(tmp_path):
+    import numpy as np
+
+    from cpmctl.data.membership import MembershipFilter
+
+    rng = np.random.default_rng(0)
+    f = MembershipFilter(0)
+    added = rng.integers(-(2**63), 2**63 - 1, 3_000_000, dtype=np.int64)  # three times its capacity: still no miss
+    f.add(added[:1_000_000])
+    assert f.maybe(added[:1_000_000]).all()
+    fresh = rng.integers(-(2**63), 2**63 - 1, 200_000, dtype=np.int64)
+    assert f.maybe(fresh).mean() < 0.015  # near capacity: about 1% of new paragraphs reach SQLite
+    f.add(added[1_000_000:])
+    assert f.full and f.maybe(added).all()
+    # Through the store: every hash in its tables passes the filter, and `known` finds each exactly.
+    a, b = _batches(tmp_path)
+    run([a], tmp_path / "o1.jsonl", tmp_path / "s.sqlite")
+    with DedupStore.open(tmp_path / "s.sqlite") as store:
+        stored = np.array([r[0] for r in store.conn.execute("SELECT hash FROM paragraphs UNION ALL SELECT hash FROM recent")])
+        assert len(stored) == store.paragraph_count > 300 and store.membership.maybe(stored).all()
+        probe = np.concatenate([stored, fresh[:1000]])
+        assert store.known(probe) == set(stored.tolist())
+
+
+def test_filter_rebuilt_while_the_store_grows_gives_the_same_result(tmp_path, monkeypatch):
+    import cpmctl.data.membership
+    import cpmctl.data.store
+
+    a, b = _batches(tmp_path)
+    run([a], tmp_path / "r1.jsonl", tmp_path / "ref.sqlite")
+    run([b], tmp_path / "r2.jsonl", tmp_path / "ref.sqlite")
+    monkeypatch.setattr(cpmctl.data.membership, "MIN_KEYS", 16)  # full after a few chunks: rebuilt, doubled
+    monkeypatch.setattr(cpmctl.data.store, "MERGE_ROWS", 50)  # and `recent` merged often
+    run([a], tmp_path / "o1.jsonl", tmp_path / "s.sqlite", chunk_bytes=2_000)
+    run([b], tmp_path / "o2.jsonl", tmp_path / "s.sqlite", chunk_bytes=2_000)
+    for name in ("1", "2"):
+        assert (tmp_path / f"o{name}.jsonl").read_bytes() == (tmp_path / f"r{name}.jsonl").read_bytes()
+
+
+def test_store_of_an_earlier_cpmctl_still_works(tmp_path):
+    """A store written before the membership filter existed has the same tables and no sidecar or meta row."""
+    from cpmctl.data.store import membership_path
+
+    a, b = _batches(tmp_path)
+    ref, old = tmp_path / "ref.sqlite", tmp_path / "old.sqlite"
+    for store in (ref, old):
+        run([a], tmp_path / f"{store.stem}-1.jsonl", store)
+    membership_path(old).unlink()
+    with sqlite3.connect(old) as db:
+        db.execute("DELETE FROM meta WHERE key = 'membership'")
+    db.close()
+    warnings: list[str] = []
+    r_ref = run([b], tmp_path / "ref-2.jsonl", ref)
+    r_old = run([b], tmp_path / "old-2.jsonl", old, warn=warnings.append)
+    assert (tmp_path / "old-2.jsonl").read_bytes() == (tmp_path / "ref-2.jsonl").read_bytes()
+    assert r_old.duplicates == r_ref.duplicates > 0 and r_old.store_paragraphs == r_ref.store_paragraphs
+    assert len(warnings) == 1 and "not there yet (a store of an earlier cpmctl); rebuilding it" in warnings[0]
+    assert membership_path(old).exists()
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "missing", "foreign", "earlier", "stale"])
+def test_damaged_missing_or_stale_sidecar_is_rebuilt_never_trusted(tmp_path, damage):
+    from cpmctl.data.store import membership_path
+
+    a, b = _batches(tmp_path)
+    store = tmp_path / "s.sqlite"
+    run([a], tmp_path / "o1.jsonl", store)
+    side = membership_path(store)
+    good = side.read_bytes()
+    if damage == "flipped":
+        side.write_bytes(good[:-100] + bytes([good[-100] ^ 0x10]) + good[-99:])
+    elif damage == "truncated":
+        side.write_bytes(good[: len(good) // 2])
+    elif damage == "missing":
+        side.unlink()
+    elif damage == "foreign":
+        run([b], tmp_path / "x.jsonl", tmp_path / "other.sqlite")
+        side.write_bytes(membership_path(tmp_path / "other.sqlite").read_bytes())
+    else:  # the sidecar of before a later run: it lacks that run's paragraphs
+        with sqlite3.connect(store) as db:
+            record = db.execute("SELECT value FROM meta WHERE key = 'membership'").fetchone()[0]
+        db.close()
+        run([b], tmp_path / "o2.jsonl", store)
+        side.write_bytes(good)
+        if damage == "stale":  # as a run killed after its commits leaves it: meta still names the old sidecar
+            with sqlite3.connect(store) as db:
+                db.execute("UPDATE meta SET value = ? WHERE key = 'membership'", (record,))
+            db.close()
+        b = write_jsonl(tmp_path / "b-again.jsonl", kept_texts(tmp_path / "o2.jsonl"))  # all known by now
+    warnings: list[str] = []
+    r = run([b], tmp_path / "out.jsonl", store, warn=warnings.append)
+    expected = {"flipped": "damaged", "truncated": "damaged", "missing": "missing", "foreign": "another store",
+                "earlier": "an earlier state of it", "stale": "stale: saved at"}[damage]
+    assert len(warnings) == 1 and expected in warnings[0] and "rebuilding it" in warnings[0], warnings
+    if damage in ("earlier", "stale"):
+        assert r.kept == 0 and r.duplicates == r.documents > 0  # a trusted stale filter would keep them all
+    else:
+        ref = tmp_path / "ref.sqlite"
+        run([a], tmp_path / "ref1.jsonl", ref)
+        run([b], tmp_path / "ref2.jsonl", ref)
+        assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "ref2.jsonl").read_bytes()
+    # Rebuilt and saved: the next run trusts it without a word.
+    warnings.clear()
+    run([b], tmp_path / "again.jsonl", store, warn=warnings.append)
+    assert warnings == []

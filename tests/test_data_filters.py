@@ -138,6 +138,99 @@ def test_blocklist_with_trie_regex(tmp_path):
     assert trie_regex(["ab", "abc", "b"]).findall("abcab b") == ["abc", "ab", "b"]
 
 
+# ----- the batched counts against the per-document rules ------------------------------------------------------------
+def _varied_texts(n: int, seed: int = 0) -> list[str]:
+    """Documents mixing every kind of character the rules count: CJK (also plane 2), ASCII words, fullwidth and
+    accented letters, digits of other scripts, symbols of planes 0-1, control and zero-width characters, odd
+    whitespace, line breaks, ellipses, private-use stand-ins, repeated phrases and paragraphs, boilerplate."""
+    import random
+
+    rng = random.Random(seed)
+    pieces = [GOOD, "北京时间", "国内生产总值同比增长", "Python", "GPU x86_64", "ＡＢＣ", "Ünïcödé", "٣٤٥", "①②", "𠀀𠀁",
+              "©®™", "€$", "→✓", "🙂", "#*|", "\x07", "\u200b", "\ufeff", "\u3000", "\t", "  ", "\r\n", "\u2028", "\x85",
+              "...", "…", "\n", "\n\n", " \n", "\U000F0001", "\U000F0000", "\ud800", "点击查看更多", "上一篇：某某",
+              "京ICP备123号", "首页 > 新闻", "Copyright 2023", "COOKIES", "哈哈哈哈", "买手机上京东"]
+    texts = []
+    for _ in range(n):
+        parts = [rng.choice(pieces) for _ in range(rng.randint(0, 40))]
+        if rng.random() < 0.3:  # repetition near the limits
+            parts += [rng.choice(pieces)] * rng.randint(2, 30)
+        if rng.random() < 0.2:
+            parts = parts * 2
+        texts.append("".join(parts))
+    return texts
+
+
+def _reference(f: DocumentFilter, text: str):
+    """The rules one by one on one text, counted with regular expressions (the code before batching)."""
+    edits = {"cleaned": False, "boilerplate_removed": 0}
+    cleaned = clean_text(text)
+    edits["cleaned"] = cleaned != text
+    text = cleaned
+    if not text:
+        return text, "min_length", "no text", edits
+    text, reason, removed = f.boilerplate.apply(text)
+    edits["boilerplate_removed"] = removed
+    if reason:
+        return text, "boilerplate", reason, edits
+    if not text:
+        return text, "min_length", "no text left after boilerplate removal", edits
+    r = f.recipe
+    for name, check, rule in (("min_length", check_min_length, r.min_length),
+                              ("chinese_ratio", check_chinese_ratio, r.chinese_ratio),
+                              ("paragraph_length", check_paragraph_length, r.paragraph_length),
+                              ("symbols", check_symbols, r.symbols), ("repetition", check_repetition, r.repetition)):
+        reason = check(text, rule)
+        if reason:
+            return text, name, reason, edits
+    return text, None, None, edits
+
+
+def test_batch_equals_the_rules_one_by_one():
+    texts = _varied_texts(1500)
+    lenient = load_recipe(FilterRecipe, None, ["min_length.min_chars=5", "chinese_ratio.min_ratio=0.05",
+                                               "symbols.max_symbol_ratio=0.5", "paragraph_length.min_avg_chars=2"])
+    for recipe in (FilterRecipe(), lenient):
+        f = DocumentFilter(recipe)
+        got = f.batch(texts)
+        want = [_reference(f, t) for t in texts]
+        assert got == want
+        rules = {w[1] for w in want}
+        assert {"repetition", "boilerplate", "symbols", None} <= rules or recipe is not lenient, rules
+    assert [f(t) for t in texts[:50]] == want[:50]
+
+
+def test_class_counts_match_the_regex_counts():
+    import random
+
+    from cpmctl.data import filter_rules as fr
+    from cpmctl.data.textstats import CJK, DIGIT, SYMBOL, WS, class_counts
+
+    rng = random.Random(1)
+    texts = ["".join(chr(rng.randrange(0x110000)) for _ in range(rng.randint(0, 300))) for _ in range(200)]
+    texts += ["".join(chr(rng.randrange(0x3100)) for _ in range(200)) for _ in range(200)] + _varied_texts(200, 2)
+    c = class_counts(texts)
+    for i, t in enumerate(texts):
+        assert c[WS][i] == sum(map(len, fr._WHITESPACE.findall(t)))
+        assert c[CJK][i] == len(fr._CJK.findall(t))
+        assert c[DIGIT][i] == len(fr._DIGIT.findall(t))
+        assert c[SYMBOL][i] == len(t) - len(t.translate(fr._symbol_table()))
+
+
+def test_repetition_bound_never_clears_a_rejected_text():
+    from cpmctl.data.filter_rules import ngram_repetition_reason
+    from cpmctl.data.textstats import repetition_certain
+
+    rule = RepetitionRule()
+    texts = _varied_texts(1500, 3)
+    top = list(zip(rule.top_ngram_sizes, rule.top_ngram_max_fraction))
+    dup = list(zip(rule.duplicate_ngram_sizes, rule.duplicate_ngram_max_fraction))
+    certain = repetition_certain(texts, top, dup)
+    rejected = [ngram_repetition_reason(t, rule) is not None for t in texts]
+    assert not any(c and r for c, r in zip(certain, rejected))
+    assert sum(rejected) > 100 and sum(certain) > 150  # both kinds occur: the test can fail either way
+
+
 def test_cleanup_and_traditional_to_simplified():
     dirty = "第一段\u200b文字\x07，\u3000\u3000有  多余   空格。\r\n\r\n\ufeff第二段\t文字。  "
     assert clean_text(dirty) == "第一段文字， 有 多余 空格。\n第二段 文字。"

@@ -118,6 +118,63 @@ def test_fsdp_equals_single_process_and_resumes_a_sharded_checkpoint(tmp_path, t
         assert torch.equal(resumed_state[key], value), key
 
 
+@pytest.mark.slow
+def test_plain_torchrun_with_a_single_engine_recipe_trains_one_ddp_run(tmp_path, tiny_vocab):
+    """`torchrun -m cpmctl pretrain` with engine single: switched to ddp (said on stderr), one run, no step twice."""
+    vocab_size = CPMAntTokenizer(tiny_vocab).vocab_size
+    data = write_synthetic_packed(tmp_path / "data", vocab_size, 16, max_length=64, seed=0, words=40)
+    config = tmp_path / "tiny.json"
+    tiny_config(vocab_size, num_layers=1).save(config)
+    run = torchrun("-m", "cpmctl", "pretrain", f"model.init={config}", f"model.vocab={tiny_vocab}",
+                   f"data.train={data}", f"out_dir={tmp_path / 'run'}", "train.device=cpu", "train.steps=3",
+                   "train.batch_size=2", "train.log_every=1", "train.save_every=3", "train.valid_batches=0", "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("train.engine: single with 2 processes (torchrun) -> ddp") == 1
+    summaries = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1 and summaries[0]["world_size"] == 2 and summaries[0]["engine"] == "ddp"
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert steps == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp_equals_single_process_lora(tmp_path, tiny_vocab):
+    """`tune lora` with engine fsdp on 2 ranks (frozen base sharded, adapters trained) == one process on the same
+    global batch; the adapter is written once, in the single-process format."""
+    from safetensors.torch import load_file
+
+    from cpmctl.model.checkpoint import save_native
+    from cpmctl.model.lora import ADAPTER_WEIGHTS
+    from cpmctl.tune.recipe import load_tune_recipe
+    from cpmctl.tune.tuning import tune_lora
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text(tiny_vocab.read_text(encoding="utf-8") + "否\n确\n", encoding="utf-8")
+    base = save_native(build_model(tiny_config(CPMAntTokenizer(vocab).vocab_size), seed=0), tmp_path / "base",
+                       vocab=vocab)
+    data = tmp_path / "task"
+    data.mkdir()
+    for split in ("train", "dev"):
+        shutil.copy(REPO / "tests" / "fixtures" / "tasks" / "lcsts" / "train.jsonl", data / f"{split}.jsonl")
+    settings = ["train.device=cpu", "train.valid_batches=0", "train.log_every=1", "train.warmup_steps=1",
+                "train.schedule=constant", "train.lr=0.02", "train.batch_size=1", "tune.epochs=2", "tune.patience=0",
+                "decode.decode=greedy", "decode.max_new_tokens=8"]
+    run = torchrun("-m", "cpmctl", "tune", "lora", "--task", "lcsts", "--model", str(base), "--data", str(data),
+                   "--out", str(tmp_path / "fsdp"), "--json", *settings, "train.engine=fsdp")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len([line for line in run.stdout.splitlines() if line.startswith("{")]) == 1
+    recipe = load_tune_recipe(None, settings + ["train.grad_accum=2"], task="lcsts")
+    single = tune_lora(base, data, tmp_path / "single", recipe, log=lambda *a: None, progress=False)
+    assert single["steps"] == 4
+    for name in ("step-0000004", "best"):
+        got = load_file(str(tmp_path / "fsdp" / name / ADAPTER_WEIGHTS))
+        want = load_file(str(tmp_path / "single" / name / ADAPTER_WEIGHTS))
+        assert got.keys() == want.keys() and any("lora_A" in k for k in got)
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5)
+        assert sorted(p.name for p in (tmp_path / "fsdp" / name).iterdir() if p.is_file()) == sorted(
+            p.name for p in (tmp_path / "single" / name).iterdir() if p.is_file())
+
+
 def _single_native(data, out, vocab_size) -> Path:
     model = build_model(tiny_config(vocab_size), seed=0)
     result = train(model, PackedReader(PackedDataset(data), 2, seed=0), loop_config(grad_accum=2), out,

@@ -249,6 +249,7 @@ def test_repetition_window_penalises_only_the_last_tokens():
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
     from transformers import CpmAntForCausalLM
+    from transformers import GenerationConfig as HFGenerationConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -260,6 +261,9 @@ def hf_pair(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = CpmAntForCausalLM.from_pretrained(tmp / "hf").eval()
+    # The export's generation_config.json carries cpmctl's default decoding (beam 3, the first-step ban); these
+    # tests ask HF for plain greedy, so its generate() starts from transformers' own defaults.
+    hf.generation_config = HFGenerationConfig()
     return model, hf
 
 
@@ -291,6 +295,50 @@ def test_greedy_equals_transformers(hf_pair, penalty):
             with torch.no_grad():
                 out = hf.generate(torch.tensor([text]), max_new_tokens=12, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
             assert out[0, len(text):].tolist()[: len(ids)] == ids
+
+
+def test_decode_step_shortcuts_compute_the_plain_formulas():
+    """What a decode step does differently from the general forward: the fp32 RMS norm in one call, a (b, 1, H * D)
+    projection read as (b, H, 1, D) without transposes, the head of a few CPU rows as E @ h^T. Each against the
+    plain formula it replaces (from ant.py's history and the CPM-Ant maths, shared/reference/cpm-ant.md)."""
+    torch.manual_seed(0)
+    model = _model(15)
+    norm = model.encoder.layers[0].self_att.layernorm_before_attention
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        for shape in [(3, 5, 64), (2, 1, 64)]:
+            h = torch.randn(shape) * 3
+            plain = (h * torch.rsqrt(h.float().pow(2).mean(dim=-1, keepdim=True) + norm.eps)).to(h.dtype) * norm.weight
+            assert torch.equal(norm(h), plain)  # bit for bit: the same maths
+
+        attention = model.encoder.layers[0].self_att.self_attention
+        b, heads, dim = 3, attention.num_heads, attention.dim_head
+        x, keys = torch.randn(b, 1, 64), torch.randn(b, 6, 64)
+        bias = torch.randn(b, heads, 1, 7)
+        bias[0, :, :, 2] = float("-inf")
+        split = lambda t: t.view(b, -1, heads, dim).transpose(1, 2)  # noqa: E731
+        q = split(attention.project_q(x))
+        k = torch.cat([split(attention.project_k(keys)), split(attention.project_k(x))], 2)
+        v = torch.cat([split(attention.project_v(keys)), split(attention.project_v(x))], 2)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / dim**0.5 + bias, dim=-1)
+        want = attention.attention_out((probs @ v).transpose(1, 2).reshape(b, 1, heads * dim))
+        # The keys through a KV cache as a decode step sees them: 6 cached positions, then this step's.
+        from cpmctl.model.ant import KVCache
+
+        cache = KVCache.allocate(model, b, 8)
+        cache.k[0][:, :, :6], cache.v[0][:, :, :6] = k[:, :, :6], v[:, :, :6]
+        cache.length = 6
+        assert torch.allclose(attention(x, bias, cache, 0), want, atol=1e-5)
+
+        for rows in (1, 2, 5, 16, 17):  # 2..16: E @ h^T on the CPU; 1 and 17: the plain product
+            h = torch.randn(rows, 1, 64)
+            logits = model.logits(h)
+            assert logits.shape == (rows, 1, model.config.vocab_size) and logits.is_contiguous()
+            plain = F.linear(h, model.input_embedding.weight)
+            assert torch.allclose(logits, plain, atol=1e-5, rtol=1e-5)
+            assert torch.equal(logits.argmax(-1), plain.argmax(-1))
+            if rows == 1:
+                assert torch.equal(logits, plain)
 
 
 def test_first_step_bans_eos_and_newline():

@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cpmctl"
 # independent of each other.
 FLOORS: list[set[str]] = [
     {""},  # cpmctl/__init__.py: CpmctlError, the version
+    {"resources"},  # cpmctl/resources.py: where the shipped configs/, recipes/, assets/ are
     {"io", "recipe", "device", "progress"},  # small shared modules: atomic writes, recipes, device policy, progress
     {"outputs"},  # the output policy and locks, over io's atomic writes
     {"model"},

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
+import shutil
 
 import pytest
 import torch
@@ -92,14 +92,12 @@ def test_adapter_roundtrip_merge_and_peft_compatibility(tmp_path, base_dir, caps
     with torch.no_grad():
         assert torch.equal(loaded(*x), ref)
 
-    # peft itself reads the directory: it is peft's format.
-    from peft import PeftModel
+    # The keys are those peft gives the LoRA on transformers' CpmAntForCausalLM (plain PeftModel.from_pretrained on
+    # the HF export applies it: tests/test_hf_interop.py).
+    from safetensors.torch import load_file
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft notes that CPMAnt is not a transformers model
-        peft_model = PeftModel.from_pretrained(load_model(base_dir)[0], str(tmp_path / "adapter"))
-    with torch.no_grad():
-        assert torch.allclose(peft_model(*x), ref, atol=1e-6)
+    keys = list(load_file(str(tmp_path / "adapter" / L.ADAPTER_WEIGHTS)))
+    assert keys and all(k.startswith("base_model.model.cpmant.encoder.layers.") for k in keys)
 
     code, _, err = _run(["tune", "merge", "--model", str(base_dir), "--adapter", str(tmp_path / "adapter"),
                          "--out", str(tmp_path / "merged")], capsys)
@@ -127,6 +125,71 @@ def test_adapter_for_another_shape_is_refused(tmp_path, base_dir, capsys):
         L.load_model_with_adapter(base_dir, tmp_path / "adapter")
 
 
+def _adapted(base_dir, settings=None):
+    model, _ = load_model(base_dir)
+    L.inject_lora(model, settings or L.LoraSettings())
+    _randomise_lora(model)
+    return model
+
+
+def test_adapter_of_an_older_cpmctl_still_loads(tmp_path, base_dir):
+    """Version 1 adapters named the keys without HF's `cpmant.` prefix; they load with the same effect."""
+    model = _adapted(base_dir)
+    L.save_adapter(model, tmp_path / "new", L.LoraSettings())
+    from safetensors.torch import load_file, save_file
+
+    new = load_file(str(tmp_path / "new" / L.ADAPTER_WEIGHTS))
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    save_file({k.replace("base_model.model.cpmant.", "base_model.model."): v for k, v in new.items()},
+              str(tmp_path / "old" / L.ADAPTER_WEIGHTS))
+    meta = json.loads((tmp_path / "old" / L.ADAPTER_META).read_text())
+    (tmp_path / "old" / L.ADAPTER_META).write_text(json.dumps({**meta, "version": 1}))
+    x = _inputs()
+    with torch.no_grad():
+        want = model(*x)
+        assert torch.equal(L.load_model_with_adapter(base_dir, tmp_path / "old")[0](*x), want)
+        assert torch.equal(L.load_model_with_adapter(base_dir, tmp_path / "new")[0](*x), want)
+
+
+def test_adapter_records_its_base_and_refuses_other_weights(tmp_path, base_dir, capsys, monkeypatch):
+    L.save_adapter(_adapted(base_dir), tmp_path / "adapter", L.LoraSettings(), base_model=str(base_dir))
+    base = json.loads((tmp_path / "adapter" / L.ADAPTER_META).read_text())["base_model"]
+    weights = base_dir / "model.safetensors"
+    import hashlib
+
+    assert base["path"] == str(base_dir.resolve()) and base["format"] == "native"
+    assert base["files"] == [{"name": "model.safetensors", "bytes": weights.stat().st_size,
+                              "mtime_ns": weights.stat().st_mtime_ns,
+                              "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}]
+    config = json.loads((tmp_path / "adapter" / L.ADAPTER_CONFIG).read_text())
+    assert config["base_model_name_or_path"] == str(base_dir.resolve()) and config["task_type"] == "CAUSAL_LM"
+
+    # A copy elsewhere (same bytes) is the same base; other weights of the same shape are not.
+    shutil.copytree(base_dir, tmp_path / "copy")
+    L.load_model_with_adapter(tmp_path / "copy", tmp_path / "adapter")
+    other = save_native(build_model(tiny_config(VOCAB), seed=5), tmp_path / "other")
+    with pytest.raises(CpmctlError, match=r"was trained on .*base \(sha256 [0-9a-f]{12}\), but .*other holds other "
+                                          r"weights .*CPMCTL_ADAPTER_BASE_CHECK=warn"):
+        L.load_model_with_adapter(other, tmp_path / "adapter")
+    code, _, err = _run(["generate", "hi", "--model", str(other), "--adapter", str(tmp_path / "adapter"),
+                         "--max-new-tokens", "2", "--device", "cpu"], capsys)
+    assert code == 2 and "holds other weights" in err and "Traceback" not in err
+
+    # The base rewritten in place (same path, new content) is caught too: its size or mtime moved, so it is hashed.
+    shutil.copyfile(other / "model.safetensors", weights)
+    with pytest.raises(CpmctlError, match="holds other weights"):
+        L.load_model_with_adapter(base_dir, tmp_path / "adapter")
+
+    # Forced: loads, with a warning on stderr.
+    monkeypatch.setenv(L.BASE_CHECK_ENV, "warn")
+    capsys.readouterr()
+    L.load_model_with_adapter(other, tmp_path / "adapter")
+    assert "warning:" in capsys.readouterr().err
+    monkeypatch.setenv(L.BASE_CHECK_ENV, "maybe")
+    with pytest.raises(CpmctlError, match="CPMCTL_ADAPTER_BASE_CHECK must be error or warn"):
+        L.load_model_with_adapter(other, tmp_path / "adapter")
+
+
 def test_bad_adapter_directories(tmp_path, base_dir):
     with pytest.raises(CpmctlError, match="adapter not found"):
         L.read_adapter(tmp_path / "nope")
@@ -135,6 +198,17 @@ def test_bad_adapter_directories(tmp_path, base_dir):
         L.read_adapter(tmp_path / "empty")
     model = L.inject_lora(build_model(tiny_config(VOCAB), seed=0), L.LoraSettings())
     L.save_adapter(model, tmp_path / "a", L.LoraSettings())
+    # A config naming targets the weights do not hold is refused (peft would only warn and leave them at zero).
+    cfg_file = tmp_path / "a" / L.ADAPTER_CONFIG
+    good = cfg_file.read_text()
+    cfg_file.write_text(json.dumps({**json.loads(good), "target_modules": ["project_q", "project_v", "w_out"]}))
+    with pytest.raises(CpmctlError, match="target_modules project_q, project_v, w_out but the weights adapt "
+                                          "project_q, project_v"):
+        L.read_adapter(tmp_path / "a")
+    cfg_file.write_text(json.dumps({**json.loads(good), "fan_in_fan_out": True}))
+    with pytest.raises(CpmctlError, match="fan_in_fan_out = True is a peft feature cpmctl's LoRA does not apply"):
+        L.read_adapter(tmp_path / "a")
+    cfg_file.write_text(good)
     (tmp_path / "a" / L.ADAPTER_WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(CpmctlError, match="cannot read safetensors"):
         L.read_adapter(tmp_path / "a")
@@ -214,7 +288,7 @@ def test_import_delta_defaults_and_old_opendelta_keys(tmp_path):
     delta["module.encoder.layers.0.self_att.self_attention.project_q.lora.lin.weight"] = torch.zeros(4, 4)
     state, settings, ignored = convert_delta(delta)
     assert settings.r == 4 and settings.targets == ["project_q", "project_v"] and ignored == 0
-    assert all(k.startswith("base_model.model.encoder.layers.") for k in state)
+    assert all(k.startswith("base_model.model.cpmant.encoder.layers.") for k in state)
     torch.save(delta, tmp_path / "d.pt")
     summary = import_delta(tmp_path / "d.pt", tmp_path / "a")  # no base model: shapes checked at load time
     assert summary["scaling"] == 4.0  # OpenDelta's alpha 16 over r 4

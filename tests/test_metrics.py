@@ -1,4 +1,5 @@
-"""Metrics against rouge-chinese 1.0.3 and hand-computed cases."""
+"""Metrics against the libraries users know (ROUGE: rouge-chinese 1.0.3; BLEU: sacrebleu and NLTK; Distinct:
+NLTK's n-grams) and hand-computed cases."""
 
 from __future__ import annotations
 
@@ -77,13 +78,13 @@ def test_bleu_hand_computed():
 
 
 def test_bleu_smoothing_and_brevity_hand_computed():
-    # pred 猫在 / ref 狗在家: 1-grams 1/2; 2-grams 0/1 -> smoothed 0.1/1; no 3-grams -> 0.1/1;
-    # c = 2 < r = 3 -> BP = exp(1 - 3/2)
+    # pred 猫在 / ref 狗在家: 1-grams 1/2; 2-grams 0/1 -> smoothed 0.1/1; no 3-grams at all -> BLEU-3 and -4 are 0
+    # (sacrebleu's rule; NLTK would count 0 of 1 and smooth it); c = 2 < r = 3 -> BP = exp(1 - 3/2)
     got = M.bleu(["猫在"], ["狗在家"])
     bp = math.exp(-0.5)
     assert got["bleu-1"] == pytest.approx(100 * bp * 0.5)
     assert got["bleu-2"] == pytest.approx(100 * bp * math.sqrt(0.5 * 0.1))
-    assert got["bleu-3"] == pytest.approx(100 * bp * (0.5 * 0.1 * 0.1) ** (1 / 3))
+    assert got["bleu-3"] == got["bleu-4"] == 0.0
 
 
 def test_bleu_is_corpus_level():
@@ -92,6 +93,92 @@ def test_bleu_is_corpus_level():
     assert got["bleu-1"] == pytest.approx(50.0)
     # Multiple references: clip by the best reference; the closest length (5, not 2) sets BP = exp(1 - 5/4).
     assert M.bleu(["春天来了"], [["春天", "春天来了吗"]])["bleu-1"] == pytest.approx(100.0 * math.exp(-0.25))
+
+
+# ----- BLEU against sacrebleu and NLTK: the same pairs, the libraries set to cpmctl's definition -----------------
+def _bleu_pairs() -> list[tuple[str, str]]:
+    # Random pairs with a small alphabet (every order matches somewhere), the hand pairs, and text with spaces,
+    # ASCII and punctuation (characters are the units; whitespace is not one).
+    extra = [("hello 世界 ok", "hello世界, ok"), ("A B C", "ABC"), ("北京　天安门", "北京天安门。")]
+    return _random_pairs(60, seed=3) + HAND_PAIRS + extra
+
+
+def _sacrebleu(preds, refs, n: int) -> float:
+    from sacrebleu.metrics import BLEU
+
+    # tokenize="char": every character a token, whitespace dropped (as cpmctl's units); "floor" with 0.1 is
+    # smoothing method 1 with cpmctl's epsilon; max_ngram_order=n makes BLEU-n.
+    scorer = BLEU(tokenize="char", smooth_method="floor", smooth_value=0.1, max_ngram_order=n)
+    return scorer.corpus_score(preds, [refs]).score
+
+
+def _nltk(preds, refs, n: int) -> float:
+    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
+
+    # Character lists as tokens; uniform weights over 1..n; method 1 with cpmctl's epsilon.
+    references = [[M.chars(r)] if isinstance(r, str) else [M.chars(x) for x in r] for r in refs]
+    score = corpus_bleu(references, [M.chars(p) for p in preds], weights=(1.0 / n,) * n,
+                        smoothing_function=SmoothingFunction(epsilon=0.1).method1)
+    return 100.0 * score
+
+
+@pytest.mark.parametrize("slice_", [slice(None), slice(0, 1), slice(60, 61), slice(63, 64)],
+                         ids=["corpus", "one-random", "one-hand", "no-4gram-match"])
+def test_bleu_equals_sacrebleu_and_nltk(slice_):
+    pytest.importorskip("sacrebleu")
+    pytest.importorskip("nltk")
+    pairs = _bleu_pairs()[slice_]
+    preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    ours = M.bleu(preds, refs)
+    for n in range(1, 5):
+        assert ours[f"bleu-{n}"] == pytest.approx(_sacrebleu(preds, refs, n), rel=1e-9, abs=1e-9), n
+        # NLTK counts a prediction shorter than n characters as one unmatched n-gram (its per-sentence
+        # max(1, count) denominator); on predictions of at least n characters it is the same BLEU.
+        long = [(p, r) for p, r in pairs if len(M.chars(p)) >= n]
+        if long:
+            lp, lr = [p for p, _ in long], [r for _, r in long]
+            assert M.bleu(lp, lr)[f"bleu-{n}"] == pytest.approx(_nltk(lp, lr, n), rel=1e-9, abs=1e-9), n
+
+
+def test_bleu_multiple_references_and_no_match_equal_the_libraries():
+    pytest.importorskip("sacrebleu")
+    pytest.importorskip("nltk")
+    from sacrebleu.metrics import BLEU
+
+    preds = ["春天来了", "山水之间", "我爱北京"]
+    refs = [["春天", "春天来了吗"], ["山水", "山水画之间"], ["我爱天安门", "北京"]]
+    ours = M.bleu(preds, refs)
+    streams = [[r[0] for r in refs], [r[1] for r in refs]]  # sacrebleu takes one stream per reference slot
+    for n in range(1, 5):
+        theirs = BLEU(tokenize="char", smooth_method="floor", smooth_value=0.1, max_ngram_order=n)
+        assert ours[f"bleu-{n}"] == pytest.approx(theirs.corpus_score(preds, streams).score, rel=1e-9)
+        assert ours[f"bleu-{n}"] == pytest.approx(_nltk(preds, refs, n), rel=1e-9)
+    # Not one matching character: 0 in all three, not an epsilon-smoothed positive score.
+    assert M.bleu(["山水"], ["春天"]) == {f"bleu-{n}": 0.0 for n in range(1, 5)}
+    assert _sacrebleu(["山水"], ["春天"], 4) == 0.0 and _nltk(["山水"], ["春天"], 4) == 0.0
+
+
+def test_bleu_of_predictions_shorter_than_n_equals_sacrebleu():
+    """Where the libraries disagree: predictions shorter than n characters. cpmctl counts the n-grams there are
+    (none, for a 1-character prediction and n = 2), as sacrebleu does; NLTK counts one unmatched n-gram each."""
+    pytest.importorskip("sacrebleu")
+    pytest.importorskip("nltk")
+    preds, refs = ["春天", "山"], ["春天来了", "山水"]
+    ours = M.bleu(preds, refs)
+    for n in range(1, 5):
+        assert ours[f"bleu-{n}"] == pytest.approx(_sacrebleu(preds, refs, n), rel=1e-9, abs=1e-9)
+    assert ours["bleu-2"] == pytest.approx(100 * math.exp(1 - 6 / 3))  # 1 of 1 bigrams, brevity exp(1 - 6/3)
+    assert _nltk(preds, refs, 2) == pytest.approx(100 * math.exp(1 - 6 / 3) * math.sqrt(1 / 2))  # 1 of "2"
+    assert ours["bleu-3"] == ours["bleu-4"] == 0.0  # no trigram anywhere
+
+
+# ----- Distinct against NLTK's n-grams -------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_distinct_equals_nltk_ngrams(n):
+    nltk_util = pytest.importorskip("nltk.util")
+    preds = [p for p, _ in _bleu_pairs()]
+    grams = [g for p in preds for g in nltk_util.ngrams(M.chars(p), n)]  # per prediction: none cross a boundary
+    assert M.distinct(preds, n) == pytest.approx(100.0 * len(set(grams)) / len(grams), rel=1e-12)
 
 
 def test_distinct_hand_computed():

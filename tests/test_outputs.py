@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -35,9 +36,13 @@ def tree(path: Path) -> dict:
             for p in sorted(path.rglob("*"))}
 
 
+PROGRESS_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
+
+
 def one_line_error(code: int, err: str, *needles: str) -> str:
     assert code == 2, err
-    lines = err.strip().splitlines()
+    # Progress lines (stderr is not a terminal here: timestamped lines, cpmctl/progress.py) may come first.
+    lines = [line for line in err.strip().splitlines() if not PROGRESS_LINE.match(line)]
     assert len(lines) == 1 and lines[-1].startswith("error: ") and "Traceback" not in err, err
     for needle in needles:
         assert needle in lines[-1], lines[-1]

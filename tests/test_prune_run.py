@@ -19,7 +19,7 @@ from cpmctl.prune.mask_phase import distillation_kl
 from tests.synthetic import write_synthetic_packed
 from tests.conftest import REPO, tiny_config, write_tiny_vocab
 
-FAST = ["mask.batch_size=4", "recovery.batch_size=4", "data.valid_rows=8", "data.eval_batches=1",
+FAST = ["method=learned", "mask.batch_size=4", "recovery.batch_size=4", "data.valid_rows=8", "data.eval_batches=1",
         "recovery.valid_batches=1", "mask.log_every=1", "recovery.log_every=1"]
 
 

@@ -73,3 +73,68 @@ def test_every_shipped_recipe_loads_and_validates(path):
     recipe = load_recipe(_recipe_class(path), path, [])
     check_recipe(recipe)
     assert path.read_text(encoding="utf-8").startswith("#"), "a recipe starts with the command that runs it"
+
+
+# ----- built-in recipes by name, and the documentation read from the dataclasses ------------------------------
+def test_a_built_in_recipe_is_found_by_name_wherever_a_recipe_is_loaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository: the name resolves through cpmctl/resources.py
+    by_name = load_recipe(PretrainRecipe, "pretrain/mini", [])
+    assert by_name == load_recipe(PretrainRecipe, "recipes/pretrain/mini.yaml", []) == load_recipe(
+        PretrainRecipe, SHIPPED[[p.parent.name + "/" + p.stem for p in SHIPPED].index("pretrain/mini")], [])
+    assert by_name.train.steps != TrainConfig().steps  # the file was read, not just the defaults
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "mini").write_text("data: {train: x}\ntrain: {steps: 7}\n", encoding="utf-8")
+    assert load_recipe(PretrainRecipe, "pretrain/mini", []).train.steps == 7  # a file that exists comes first
+    with pytest.raises(CpmctlError, match=r"recipe not found: nope \(not a file, nor a built-in recipe: .*pretrain/mini"):
+        load_recipe(PretrainRecipe, "nope", [])
+
+
+def test_field_docs_are_the_dataclass_comments():
+    from cpmctl.recipe import field_docs
+    from cpmctl.model.generation_config import DecodeOverrides
+
+    docs = field_docs(TrainConfig)
+    assert docs["batch_size"] == "rows per micro-batch per process"  # the comment at the end of the line
+    assert docs["original_lr_scaling"].startswith("AdamW on folded weights")  # the comment lines above it
+    assert "dynamic loss scale" in docs["precision"]  # the comment of its type alias, Precision
+    assert "train/schedule.py" in docs["schedule"]
+    # DecodeOverrides is made in code: it borrows GenerationConfig's comments.
+    assert field_docs(DecodeOverrides)["repetition_window"].startswith("The repetition penalty looks at")
+
+
+def test_describe_recipe_loads_back_as_the_same_recipe():
+    import yaml
+
+    from cpmctl.recipe import describe_recipe, from_dict
+
+    recipe = load_recipe(TuneRecipe, "tune/mini", ["lora.r=4"])
+    lines = describe_recipe(recipe)
+    assert from_dict(TuneRecipe, yaml.safe_load("\n".join(lines))) == recipe
+    line = next(x for x in lines if x.strip().startswith("warmup_steps:"))
+    # tuning's own default for the shared train section, not TrainConfig's
+    assert f"default {TuneRecipe().train.warmup_steps};" in line and line.strip().startswith("warmup_steps: ")
+    assert any(x.strip().startswith("r: 4  # int; default 8") for x in lines)
+
+
+def _keys(cls, at=""):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _keys(hints[f.name], f"{at}{f.name}.")
+        else:
+            yield cls, f"{at}{f.name}"
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "prune", "tune", "eval", "data", "lifecycle"])
+def test_every_key_of_the_stage_recipes_has_a_meaning(kind):
+    """Each key of the recipe dataclasses in */recipe.py has a comment that `cpmctl recipes show` prints
+    (sections borrowed from other modules, lora: and decode:, are documented where they live)."""
+    from cpmctl.recipe import field_docs
+
+    cls = _recipe_class(Path(kind) / "x.yaml")
+    missing = [key for owner, key in _keys(cls) if owner.__module__.endswith(".recipe")
+               and not field_docs(owner).get(key.rsplit(".", 1)[-1])]
+    assert not missing, f"add a comment to these fields: {missing}"

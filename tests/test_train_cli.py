@@ -81,6 +81,18 @@ def test_pretrain_writes_final_metrics_and_curve_then_resumes(capsys, setup):
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [2, 4, 6, 8]
 
 
+def test_pretrain_mirrors_its_metrics_to_tensorboard(capsys, setup):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    tmp_path, overrides = setup
+    code, _, err = cli(capsys, "pretrain", *overrides, "train.logger=tensorboard")
+    assert code == 0, err
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, round(e.value, 5)) for e in acc.Scalars("loss")] == [(r["step"], round(r["loss"], 5)) for r in rows]
+    assert [e.step for e in acc.Scalars("valid_loss")] == [3, 6]
+
+
 def test_continue_training_from_an_original_checkpoint_with_a_new_lr(capsys, setup, tiny_vocab):
     tmp_path, overrides = setup
     start = build_model(tiny_config(CPMAntTokenizer(tiny_vocab).vocab_size), seed=3)

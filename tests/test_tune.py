@@ -206,7 +206,7 @@ def test_bad_task_data(base, tmp_path, capsys, task, edit, drop, message):
     (["lora.targets=[q_proj]"], "lora.targets: unknown module 'q_proj'"),
     (["tune.metric=bleu-4"], "tune.metric: task lcsts reports rouge-l"),
     (["train.batch_size=64"], "fewer than one step"),
-    (["train.engine=fsdp"], "LoRA tuning runs with single or ddp"),
+    (["train.engine=fsdp"], "runs under torchrun"),
 ])
 def test_bad_settings(base, tmp_path, capsys, args, message):
     code, _, err = _run(["tune", "lora", "--task", "lcsts", "--model", str(base), "--data", str(FIXTURES / "lcsts"),

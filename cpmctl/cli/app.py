@@ -1,14 +1,21 @@
 """The `cpmctl` command: one Typer app, one module per command group. Each command parses its arguments, calls
-one function of the core library and renders the result (rich, or one JSON object per result with --json)."""
+one function of the core library and renders the result (rich, or one JSON object per result with --json).
+
+Start-up stays fast: a command's module is imported only when that command runs (or shows its help), so
+`cpmctl --help`, `cpmctl recipes list` and `cpmctl data tokenize` never import torch (tests/test_startup.py).
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
 import warnings
 
 import click
 import typer
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from cpmctl import CpmctlError, __version__
 from cpmctl.cli import common
@@ -18,9 +25,81 @@ try:  # typer >= 0.2x vendors click: its usage errors are not click's classes
 except ImportError:
     _TyperClickException = click.ClickException
 
+# name -> (module, attribute: a Typer group or a command function, the line the top-level listing shows). A
+# command function's module may define its --help epilog as NAME_EXAMPLES (SERVE_EXAMPLES) or EXAMPLES. A module
+# that is not there (yet) is left out.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "data": ("cpmctl.cli.data", "app", "Tokenize, filter, deduplicate, build vocabularies and pack training data."),
+    "pretrain": ("cpmctl.cli.pretrain", "pretrain", "Pretrain a model from scratch or continue a checkpoint."),
+    "prune": ("cpmctl.cli.prune", "prune", "Structured pruning down the size ladder: masks, extraction, recovery."),
+    "tune": ("cpmctl.cli.tune", "app", "LoRA delta tuning: train, merge and import adapters."),
+    "eval": ("cpmctl.cli.eval", "app", "Evaluate models: task metrics, perplexity, and size-ladder comparisons."),
+    "generate": ("cpmctl.cli.generate", "generate", "Generate text from a prompt or a JSONL file of prompts."),
+    "model": ("cpmctl.cli.model", "app", "Create, inspect and convert CPM-Ant checkpoints."),
+    "run": ("cpmctl.cli.run", "run", "Run a lifecycle recipe: data -> pretrain -> prune -> tune -> eval -> generate."),
+    "recipes": ("cpmctl.cli.recipes", "app", "List, show and copy the built-in recipes."),
+    "serve": ("cpmctl.cli.serve", "serve", "Serve a model over OpenAI-compatible HTTP."),
+    "chat": ("cpmctl.cli.serve", "chat", "Chat with a model in the terminal."),
+}
+
+
+def _present(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
+class LazyGroup(TyperGroup):
+    """The root group: lists COMMANDS from their static lines and imports a command's module only to run it (or
+    to show its own help)."""
+
+    listing = False  # True while the root's help is rendered: commands are shown, not loaded
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name, (module, _, _) in COMMANDS.items() if _present(module)]
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name not in COMMANDS or not _present(COMMANDS[name][0]):
+            return None
+        module_name, attr, short = COMMANDS[name]
+        if self.listing:
+            return TyperCommand(name=name, help=short)
+        module = importlib.import_module(module_name)
+        target = getattr(module, attr)
+        if isinstance(target, typer.Typer):
+            command = typer.main.get_group(target)
+        else:
+            single = typer.Typer(add_completion=False)
+            epilog = getattr(module, f"{attr.upper()}_EXAMPLES", None) or getattr(module, "EXAMPLES", None)
+            single.command(name, epilog=epilog)(target)
+            command = typer.main.get_command(single)
+        command.name, command.short_help = name, short
+        return command
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self.listing = False
+
+
+def _display_type(self, ctx):
+    """A flag (`--json`, `--force`, `--help`) takes no value, so its help shows no `<bool>` type (typer 0.2x
+    prints one)."""
+    return None if self.is_flag else _typer_display_type(self, ctx)
+
+
+_typer_display_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = _display_type
+
 app = typer.Typer(
+    cls=LazyGroup,
     name="cpmctl",
     help="Train, compress, tune and serve CPM-Ant-family Chinese language models.",
+    epilog=common.examples("cpmctl recipes list", "cpmctl data tokenize '今天天气很好' --vocab vocab.txt",
+                           "cpmctl run lifecycle/mini", "cpmctl COMMAND --help"),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -37,33 +116,6 @@ def _version(value: bool):
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
     pass
-
-
-def _register() -> None:
-    # Command groups register themselves here as they are built; a group that is not built is simply absent.
-    from cpmctl.cli import data, generate, model
-
-    app.add_typer(model.app, name="model")
-    app.add_typer(data.app, name="data")
-    app.command("generate")(generate.generate)
-    from cpmctl.cli import pretrain
-
-    app.command("pretrain")(pretrain.pretrain)
-    from cpmctl.cli import tune
-
-    app.add_typer(tune.app, name="tune")
-    from cpmctl.cli import eval as eval_cli
-
-    app.add_typer(eval_cli.app, name="eval")
-    from cpmctl.cli import prune
-
-    app.command("prune")(prune.prune)
-    from cpmctl.cli import run
-
-    app.command("run")(run.run)
-
-
-_register()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,6 +160,7 @@ def _fail(message: str, code: int, args: list[str]) -> None:
 
 
 def torch_oom():
-    import torch
-
-    return torch.OutOfMemoryError
+    """torch's out-of-memory error, without importing torch for it: if torch was never imported, no error is
+    torch's (an `except ()` matches nothing)."""
+    torch = sys.modules.get("torch")
+    return torch.OutOfMemoryError if torch is not None else ()

@@ -82,3 +82,43 @@ Force = Annotated[bool, typer.Option("--force", help=FORCE_HELP)]
 RunForce = Annotated[bool, typer.Option("--force", help="Start anew even though the output directory holds something "
                                         "else or an earlier run; it is replaced only once the new run is complete.")]
 PrintRecipe = Annotated[bool, typer.Option("--print-recipe", help="Print the resolved recipe and exit.")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout.")]
+
+def emit_result(obj: dict, output) -> None:
+    """A command's JSON result, naming what it wrote `output`: the one spelling in every command's result
+    (docs/cli.md). The core's older names for it (`out`, `out_dir`) stay beside it as aliases."""
+    emit_json({**obj, "output": str(output)})
+
+
+def examples(*lines: str) -> str:
+    """A command's epilog: an Examples section, one command per line (escaped, so `[a, b]` in a command is not
+    read as rich markup)."""
+    from rich.markup import escape
+
+    return "\n".join(["[bold]Examples[/bold]", *(escape(f"$ {line}") for line in lines)])
+
+
+def DefaultsFrom(spec: str) -> type:
+    """A command class whose option help names defaults as `{field}`, filled in from the dataclass at
+    "module:Class" only when the help is shown: the command's module does not import the core module that holds
+    them (and torch behind it) to start. The dataclass stays the one place the defaults are written."""
+    from typer.core import TyperCommand
+
+    class Command(TyperCommand):
+        def format_help(self, ctx, formatter):
+            import dataclasses
+            import importlib
+
+            module, name = spec.split(":")
+            defaults = dataclasses.asdict(getattr(importlib.import_module(module), name)())
+            for param in self.params:
+                if param.help and "{" in param.help:
+                    param.help = param.help.format_map(defaults)
+            super().format_help(ctx, formatter)
+
+    return Command
+
+
+def recipe_keys(name: str) -> str:
+    """The line naming where a command's recipe keys are listed, for its --help."""
+    return f"Recipe keys, their types, defaults and meaning: cpmctl recipes show {name}"

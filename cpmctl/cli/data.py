@@ -10,10 +10,9 @@ import typer
 from rich.table import Table
 
 from cpmctl import CpmctlError
-from cpmctl.cli.common import Force, PrintRecipe, emit_json, err, out, require_file, show_recipe
-from cpmctl.data.pack import PackSettings
+from cpmctl.cli.common import (DefaultsFrom, Force, JsonFlag, PrintRecipe, emit_json, emit_result, err, examples, out,
+                               recipe_keys, require_file, show_recipe)
 from cpmctl.data.store import CACHE_MB, DEFAULT_THRESHOLD
-from cpmctl.model.tokenizer import CPMAntTokenizer
 
 app = typer.Typer(help="Tokenize, filter, deduplicate, build vocabularies and pack training data.", no_args_is_help=True)
 
@@ -24,15 +23,18 @@ STRICT_HELP = "Stop at the first malformed line instead of skipping and counting
 CHUNK_HELP = "Input is read (and, for dedup, committed) in chunks of about this many MB."
 
 
-@app.command()
+@app.command(epilog=examples("cpmctl data tokenize '今天天气很好' --vocab vocab.txt",
+                             "echo 今天天气很好 | cpmctl data tokenize - --vocab vocab.txt --json"))
 def tokenize(
-    text: str = typer.Argument(..., help="Text to tokenize, or '-' to read stdin."),
+    text: str = typer.Argument(..., help="Text to tokenize, or '-' to read stdin (its final newline is dropped)."),
     vocab: Path = typer.Option(..., "--vocab", help="Vocabulary file."),
     json_out: bool = typer.Option(False, "--json", help='Print {"text", "ids", "pieces"}.'),
 ):
     """Token ids and pieces of a text, exactly as the original tokenizer produces them."""
+    from cpmctl.model.tokenizer import CPMAntTokenizer
+
     if text == "-":
-        text = sys.stdin.read()
+        text = sys.stdin.read().removesuffix("\n")  # `echo TEXT |` adds the newline, the text has none
     if text == "":
         raise CpmctlError("empty text")
     tok = CPMAntTokenizer(require_file(vocab, "vocab file"))
@@ -92,7 +94,9 @@ def _workers(workers: int | None) -> int:
 
 
 # ----- filter ------------------------------------------------------------------------------------------------------
-@app.command("filter")
+@app.command("filter", epilog=recipe_keys("data/filter") + "\n\n" + examples(
+    "cpmctl data filter -i raw/ -o clean/ --recipe data/filter --rejected rejected.jsonl",
+    "cpmctl data filter -i raw.jsonl -o clean.jsonl min_length.min_chars=200 --json"))
 def filter_(
     overrides: list[str] = typer.Argument(None, help="Recipe overrides: section.key=value (min_length.min_chars=50)."),
     inputs: list[str] = typer.Option(None, "--input", "-i", help=INPUT_HELP),
@@ -106,7 +110,7 @@ def filter_(
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
     print_recipe: PrintRecipe = False,
     force: Force = False,
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    json_out: JsonFlag = False,
 ):
     """Drop low-quality documents by rules (length, Chinese share, symbols, repetition, boilerplate, blocked words)
     and optionally by perplexity; clean the text of those kept."""
@@ -128,7 +132,7 @@ def filter_(
         result = run_filter(shards, spec, recipe, rejected, _workers(workers), strict, _chunk_bytes(chunk_mb),
                             shard_mb << 20, advance, _warn, force=force)
     if json_out:
-        emit_json(result.to_dict())
+        emit_result(result.to_dict(), result.output)
         return
     table = Table(title=f"filter: {result.documents:,} documents, {result.mb_per_s:.1f} MB/s", title_justify="left")
     for col in ("rule", "rejected", "share"):
@@ -148,7 +152,8 @@ def filter_(
 
 
 # ----- dedup -------------------------------------------------------------------------------------------------------
-@app.command()
+@app.command(epilog=examples("cpmctl data dedup -i clean/ -o dedup/ --store dedup.sqlite",
+                             "cpmctl data dedup -i batch2.jsonl -o batch2.dedup.jsonl --store dedup.sqlite --json"))
 def dedup(
     inputs: list[str] = typer.Option(..., "--input", "-i", help=INPUT_HELP),
     output: Path = typer.Option(..., "--output", "-o", help="Output file (.jsonl/.txt[.gz|.zst]) or directory of shards."),
@@ -164,7 +169,7 @@ def dedup(
     cache_mb: int = typer.Option(CACHE_MB, "--cache-mb", help="SQLite page cache: bounds memory whatever the store's size."),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
     force: Force = False,
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    json_out: JsonFlag = False,
 ):
     """Drop documents whose paragraphs were mostly seen before, in this run or any earlier run on the same store.
     Rerunning an interrupted command resumes it; its output equals an uninterrupted run."""
@@ -179,7 +184,7 @@ def dedup(
         r = run_dedup(shards, spec, store, threshold, normalize, _workers(workers), strict, _chunk_bytes(chunk_mb),
                       shard_mb << 20, advance, _warn, cache_mb, force=force)
     if json_out:
-        emit_json(r.to_dict())
+        emit_result(r.to_dict(), r.output)
         return
     out.print(_table(f"dedup (threshold {r.threshold}, normalize {str(r.normalize).lower()})", [
         ("documents in", r.documents), ("kept", r.kept), ("duplicates", r.duplicates), ("empty (dropped)", r.empty),
@@ -192,7 +197,7 @@ def dedup(
 
 
 # ----- vocab -------------------------------------------------------------------------------------------------------
-@app.command()
+@app.command(epilog=examples("cpmctl data vocab -i clean/ -o vocab.txt --size 30720"))
 def vocab(
     inputs: list[str] = typer.Option(..., "--input", "-i", help=INPUT_HELP),
     out_path: Path = typer.Option(..., "--out", "-o", help="Vocabulary file to write (one token per line)."),
@@ -203,7 +208,7 @@ def vocab(
     chunk_mb: float = typer.Option(4.0, "--chunk-mb", help=CHUNK_HELP),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
     force: Force = False,
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    json_out: JsonFlag = False,
 ):
     """Learn a vocabulary in the original's format: special tokens, every character seen, the most frequent jieba
     words, and the <s0>.. / ## tail tokens."""
@@ -216,7 +221,7 @@ def vocab(
         r = build_vocab(shards, out_path, size, min_char_count, _workers(workers), strict, _chunk_bytes(chunk_mb),
                         advance, _warn, force=force)
     if json_out:
-        emit_json(r.to_dict())
+        emit_result(r.to_dict(), r.path)
         return
     out.print(_table(f"vocab {r.path}", [
         ("tokens", r.size), ("characters", r.characters), ("words", r.words),
@@ -226,19 +231,20 @@ def vocab(
 
 
 # ----- pack --------------------------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=DefaultsFrom("cpmctl.data.pack:PackSettings"),
+             epilog=examples("cpmctl data pack -i clean/ --vocab vocab.txt -o packed/ --max-length 512 --valid-fraction 0.01"))
 def pack(
     inputs: list[str] = typer.Option(..., "--input", "-i", help=INPUT_HELP),
     vocab_path: Path = typer.Option(..., "--vocab", help="Vocabulary file."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output directory (train/ and valid/ packed datasets)."),
     max_length: int = typer.Option(None, "--max-length", help="Row length; pieces are max_length - 34 tokens "
-                                   f"(default {PackSettings.max_length})."),
+                                   "(default {max_length})."),
     valid_fraction: float = typer.Option(None, "--valid-fraction", help="Share of documents held out in OUT/valid "
-                                         f"(default {PackSettings.valid_fraction})."),
+                                         "(default {valid_fraction})."),
     seed: int = typer.Option(None, "--seed", help="Seed for lm/mlm choice, masks and the validation split "
-                             f"(default {PackSettings.seed})."),
+                             "(default {seed})."),
     mask_ratio: float = typer.Option(None, "--mask-ratio", help="A fixed share of an mlm piece's tokens to predict "
-                                     f"(default {PackSettings.mask_ratio or 'none: the original random count'})."),
+                                     "(default {mask_ratio}; None = the original's random count)."),
     later_prompts: str = typer.Option(None, "--later-prompts", help="Prompt slots of a row's later records: "
                                       "prompt-embedding (each record its own, the default) or input-embedding (the "
                                       "original's quirk: read as vocabulary ids 32..95)."),
@@ -247,20 +253,20 @@ def pack(
     chunk_mb: float = typer.Option(1.0, "--chunk-mb", help=CHUNK_HELP),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
     force: Force = False,
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    json_out: JsonFlag = False,
 ):
     """Tokenize documents and cut them into the original's lm/mlm records, packed into memory-mapped rows."""
-    from cpmctl.data.pack import pack as run_pack
+    from cpmctl.data.pack import PackSettings, pack as run_pack
 
     given = {"max_length": max_length, "seed": seed, "valid_fraction": valid_fraction, "mask_ratio": mask_ratio,
              "later_prompts": later_prompts}
-    settings = PackSettings(**{k: v for k, v in given.items() if v is not None})
+    settings = PackSettings(**{k: v for k, v in given.items() if v is not None})  # its defaults are the only ones
     shards = _inputs(inputs, fmt)
     with byte_progress(shards, "pack") as advance:
         r = run_pack(shards, require_file(vocab_path, "vocab file"), out_dir, settings, _workers(workers), strict,
                      _chunk_bytes(chunk_mb), advance, _warn, force=force)
     if json_out:
-        emit_json(r.to_dict())
+        emit_result(r.to_dict(), r.out)
         return
     rows = [("documents", r.documents), ("documents under 32 tokens", r.short_documents), ("tokens", r.tokens),
             ("malformed lines skipped", r.malformed)]
@@ -271,7 +277,7 @@ def pack(
 
 
 # ----- inspect -----------------------------------------------------------------------------------------------------
-@app.command()
+@app.command(epilog=examples("cpmctl data inspect packed/ --rows 1", "cpmctl data inspect packed/train --json"))
 def inspect(
     path: Path = typer.Argument(..., help="A `data pack` output directory, or one packed dataset in it."),
     vocab_path: Path = typer.Option(None, "--vocab", help="Vocabulary (default: vocab.txt of the pack output)."),

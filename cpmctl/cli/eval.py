@@ -11,7 +11,7 @@ from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
 from cpmctl import CpmctlError
-from cpmctl.cli.common import Force, PrintRecipe, emit_json, err, out, show_recipe
+from cpmctl.cli.common import Force, PrintRecipe, emit_json, err, examples, out, recipe_keys, show_recipe
 from cpmctl.progress import count_bar
 from cpmctl.device import resolve_device, resolve_dtype
 from cpmctl.evaluate.compare import compare_models
@@ -35,7 +35,12 @@ class EvalGroup(TyperGroup):
 
 
 app = typer.Typer(cls=EvalGroup, help="Evaluate models: task metrics, perplexity, and size-ladder comparisons.",
-                  invoke_without_command=True, no_args_is_help=True)
+                  invoke_without_command=True, no_args_is_help=True,
+                  epilog=recipe_keys("eval/default") + "\n\n" + examples(
+                      "cpmctl eval --task lcsts --data cpmctl/assets/tasks/lcsts-mini --model runs/mini/model "
+                      "--recipe eval/lcsts", "cpmctl eval --task lcsts --data test.jsonl --predictions preds.jsonl",
+                      "cpmctl eval ppl --model runs/mini/model --data valid.jsonl",
+                      "cpmctl eval compare --models a/ b/ c/ --data valid.jsonl --out compare/"))
 
 
 # `eval ppl` / `eval compare` take no recipe: an option not given leaves the core function's default (shown in the
@@ -82,7 +87,8 @@ def evaluate(
     predictions: Path = typer.Option(None, "--predictions", help='Score this jsonl of {"prediction": ...} instead.'),
     out_dir: Path = typer.Option(None, "--out", help="Where predictions.jsonl and scores.json go (default eval-TASK)."),
     vocab: Path = typer.Option(None, "--vocab", help="Vocab file (default: vocab.txt beside the checkpoint)."),
-    recipe_path: Path = typer.Option(None, "--recipe", help="Recipe YAML (recipes/eval/*.yaml); KEY=VALUE overrides follow."),
+    recipe_path: Path = typer.Option(None, "--recipe", help="Recipe YAML or a built-in name (eval/lcsts); KEY=VALUE "
+                                     "overrides follow."),
     split: str = typer.Option(None, "--split", help="Split read from a task directory (eval.split, default "
                               f"{default_of(EvalRecipe, 'eval.split')})."),
     batch_size: int = typer.Option(None, "--batch-size", help="Examples (or options) per forward pass (eval.batch_size, "
@@ -144,7 +150,8 @@ def evaluate(
         out.print(f"scores -> {result.scores_path}")
 
 
-@app.command()
+@app.command(epilog=examples("cpmctl eval ppl --model runs/mini/model --data valid.jsonl",
+                             "cpmctl eval ppl --model runs/mini/model --data runs/mini/packed/valid --json"))
 def ppl(
     model_path: Path = typer.Option(..., "--model", help="Checkpoint (any format)."),
     data: Path = typer.Option(..., "--data", help="Raw text (.jsonl with 'text', or .txt) or a packed data directory."),
@@ -195,7 +202,8 @@ class ListOptions(TyperCommand):
         return super().parse_args(ctx, spread)
 
 
-@app.command(cls=ListOptions)
+@app.command(cls=ListOptions, epilog=examples(
+    "cpmctl eval compare --models runs/prune/original runs/prune/model --names 10b 7b --data valid.jsonl"))
 def compare(
     models: list[Path] = typer.Option(..., "--models", help="Checkpoints to compare, reference first: --models A B C."),
     data: Path = typer.Option(..., "--data", help="Raw text or packed data, the same for every model."),

@@ -9,16 +9,19 @@ from pathlib import Path
 
 import typer
 
-from cpmctl.cli.common import emit_json, err, out
+from cpmctl.cli.common import emit_json, err, examples, out
 from cpmctl.generate.batch import DEFAULT_BATCH_SIZE, prepare_generation
 from cpmctl.generate.offload import describe_plan
 from cpmctl.model.generation_config import GenerationConfig
 
 DEFAULTS = GenerationConfig()  # named in the help; the flags override it
+EXAMPLES = examples("cpmctl generate '今天天气很好，' --model runs/mini/model",
+                    "cpmctl generate --input prompts.jsonl --model runs/mini/model --decode greedy --json",
+                    "echo 北京的冬天 | cpmctl generate - --model runs/mini/model --adapter runs/mini/lora/best")
 
 
 def generate(
-    prompt: str = typer.Argument(None, help="Text to continue ('-' reads it from stdin)."),
+    prompt: str = typer.Argument(None, help="Text to continue ('-' reads it from stdin, without its final newline)."),
     model_path: Path = typer.Option(..., "--model", help="Checkpoint: native dir, original .pt (config .json beside) or HF dir."),
     adapter: Path = typer.Option(None, "--adapter", help="LoRA adapter directory (from `cpmctl tune lora`), unmerged."),
     vocab: Path = typer.Option(None, "--vocab", help="Vocab file (default: vocab.txt beside the checkpoint)."),
@@ -32,15 +35,17 @@ def generate(
     repetition_window: int = typer.Option(None, "--repetition-window",
                                           help="Penalise only the last W generated tokens (default: all of them)."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help=f"Tokens to generate (default {DEFAULTS.max_new_tokens})."),
-    seed: int = typer.Option(None, "--seed", help="Sampling seed (default: random)."),
-    input_file: Path = typer.Option(None, "--input", help='JSONL file of {"prompt": ...} lines (batched).'),
+    seed: int = typer.Option(None, "--seed", help="Sampling seed (default 0: the same command gives the same text)."),
+    input_file: Path = typer.Option(None, "--input", help='JSONL file of {"prompt": ...} lines (batched); their other '
+                                    'fields (an "id") are carried into the --json results.'),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="Prompts decoded together from --input."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (GPU)."),
     memory_limit: float = typer.Option(None, "--memory-limit", help="GB (10^9 bytes) of device memory for weights, "
                                        "KV cache and activations; blocks that do not fit stream (docs/memory.md)."),
     quantize: str = typer.Option(None, "--quantize", help="int8: weight-only int8 linears (per-channel scales)."),
-    json_out: bool = typer.Option(False, "--json", help='One {"prompt", "text", "token_ids"} object per prompt.'),
+    json_out: bool = typer.Option(False, "--json", help='One {"prompt", "text", "token_ids"} object per prompt, in input '
+                                  'order, with the input line\'s other fields.'),
 ):
     """Generate text from a prompt or a JSONL file of prompts, as the original CPM-Live code would."""
     cfg = GenerationConfig().updated(dict(
@@ -57,9 +62,9 @@ def generate(
     )
     if run.plan is not None:
         err.print(describe_plan(run.plan))
-    for result in run.results():
-        if json_out:
-            emit_json({"prompt": result.prompt, "text": result.text, "token_ids": result.token_ids})
+    for i, result in enumerate(run.results()):
+        if json_out:  # the input line's other fields (an id) first, then the result's
+            emit_json({**run.fields(i), "prompt": result.prompt, "text": result.text, "token_ids": result.token_ids})
         elif run.streaming:
             out.print()
         else:

@@ -7,19 +7,14 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cpmctl.cli.common import Force, emit_json, err, format_count, out, require_file
-from cpmctl.device import resolve_device, resolve_dtype
-from cpmctl.generate.plan import plan_generation, plan_table
-from cpmctl.model.checkpoint import convert as convert_checkpoint
-from cpmctl.model.checkpoint import detect_format, read_config
-from cpmctl.model.config import resolve_config
-from cpmctl.model.create import describe, init_checkpoint
+from cpmctl.cli.common import Force, emit_json, emit_result, err, examples, format_count, out, require_file
 from cpmctl.model.generation_config import GenerationConfig
 
 app = typer.Typer(help="Create, inspect and convert CPM-Ant checkpoints.", no_args_is_help=True)
 
 
-@app.command()
+@app.command(epilog=examples("cpmctl model init --config mini-10b --vocab vocab.txt --out runs/init",
+                             "cpmctl model init --config my-config.json --vocab vocab.txt --out ckpt/ --seed 1 --json"))
 def init(
     config: str = typer.Option(..., "--config", help="Ladder name (10b, 7b, mini-10b, ...) or a config JSON file."),
     vocab: Path = typer.Option(..., "--vocab", help="Vocabulary file (ant.txt or one built by `cpmctl data vocab`)."),
@@ -29,14 +24,17 @@ def init(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """A randomly initialised model (the original's init) in the native format."""
+    from cpmctl.model.create import init_checkpoint
+
     result = init_checkpoint(config, require_file(vocab, "vocab file"), out_dir, seed, note=err.print, force=force)
     if json_out:
-        emit_json(result)
+        emit_result(result, out_dir)
     else:
         out.print(f"initialised {config} ({format_count(result['params_total'])} parameters, seed {seed}) -> {out_dir}")
 
 
-@app.command()
+@app.command(epilog=examples("cpmctl model info 10b", "cpmctl model info runs/mini/model --json",
+                             "cpmctl model info 10b --memory-limit 16 --device cuda --dtype fp16"))
 def info(
     path: str = typer.Argument(..., help="A checkpoint (any format), a config JSON file, or a ladder name."),
     memory_limit: float = typer.Option(None, "--memory-limit", help="Print the memory plan for this many GB."),
@@ -50,6 +48,8 @@ def info(
 ):
     """Config, kept layers, heads, dim_ff and parameter counts (computed from the config, no weights loaded);
     with --memory-limit, the plan of memory-limited generation: resident vs streamed blocks, expected memory."""
+    from cpmctl.model.create import describe
+
     d = describe(path)
     plan = None
     if memory_limit is not None or quantize is not None:
@@ -65,6 +65,8 @@ def info(
         table.add_row(k, format_count(v) + f" ({v:,})" if k.startswith("params_") else str(v))
     out.print(table)
     if plan is not None:
+        from cpmctl.generate.plan import plan_table
+
         plan_rows = Table(title="memory plan", show_header=False)
         for label, value in plan_table(plan):
             plan_rows.add_row(label, value)
@@ -73,6 +75,11 @@ def info(
 
 def _memory_plan(path, memory_limit, device, dtype, quantize, batch_rows, prompt_tokens, max_new_tokens):
     """The plan `generate` would make for --batch-rows greedy prompts of --prompt-tokens tokens decoded together."""
+    from cpmctl.device import resolve_device, resolve_dtype
+    from cpmctl.generate.plan import plan_generation
+    from cpmctl.model.checkpoint import read_config
+    from cpmctl.model.config import resolve_config
+
     cfg = read_config(path)[0] if Path(path).exists() and Path(path).suffix != ".json" else resolve_config(path)
     dev = resolve_device(device)
     dtype = dtype or ("fp16" if cfg.half and dev.type == "cuda" else "fp32")
@@ -81,7 +88,8 @@ def _memory_plan(path, memory_limit, device, dtype, quantize, batch_rows, prompt
                            device=dev, dtype=resolve_dtype(dtype, dev), memory_limit_gb=memory_limit, quantize=quantize)
 
 
-@app.command()
+@app.command(epilog=examples("cpmctl model convert cpm-ant-10b.pt --to native --out cpm-ant-10b/",
+                             "cpmctl model convert runs/prune/model --to hf --out hf-model/ --json"))
 def convert(
     path: Path = typer.Argument(..., help="Source checkpoint (native dir, original .pt, or HF directory)."),
     to: str = typer.Option(..., "--to", help="Target format: native, original or hf."),
@@ -90,10 +98,19 @@ def convert(
     force: Force = False,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """Convert between formats. native <-> original is a lossless re-container (bit-exact in any dtype)."""
+    """Convert between formats. native <-> original is a lossless re-container (bit-exact in any dtype); --to hf
+    writes a transformers CpmAntForCausalLM directory (pruned models too) with its tokenizer and generation config."""
+    from cpmctl.model.checkpoint import convert as convert_checkpoint
+    from cpmctl.model.checkpoint import detect_format
+
     src_fmt = detect_format(path)
     result = convert_checkpoint(path, to, out_path, vocab=vocab, force=force)
+    summary = {"source": str(path), "source_format": src_fmt, "format": to, "out": str(result)}
+    if to == "hf":  # the HF tokenizer needs the vocabulary: say when there was none to write
+        summary["tokenizer"] = (Path(result) / "tokenizer_config.json").exists()
     if json_out:
-        emit_json({"source": str(path), "source_format": src_fmt, "format": to, "out": str(result)})
+        emit_result(summary, result)
     else:
         out.print(f"{path} ({src_fmt}) -> {result} ({to})")
+        if summary.get("tokenizer") is False:
+            err.print("no vocab.txt beside the source and no --vocab: no tokenizer files written")

@@ -7,14 +7,26 @@ from pathlib import Path
 
 import typer
 
-from cpmctl.cli.common import EXIT_INTERRUPTED, PrintRecipe, RunForce, emit_json, err, out, show_recipe
+from cpmctl.cli.common import (EXIT_INTERRUPTED, PrintRecipe, RunForce, emit_json, emit_result, err, examples, out,
+                               recipe_keys, show_recipe)
+
+EXAMPLES = recipe_keys("pretrain/mini") + "\n\n" + examples(
+    "cpmctl pretrain --recipe pretrain/mini",
+    "cpmctl pretrain --recipe my.yaml train.lr=3e-3 train.logger=tensorboard",
+    "cpmctl pretrain --resume runs/mini/pretrain", "cpmctl pretrain --recipe pretrain/mini --print-recipe")
 
 
 def pretrain(
     overrides: list[str] = typer.Argument(None, help="Recipe overrides: section.key=value (train.lr=1e-3)."),
-    recipe_path: Path = typer.Option(None, "--recipe", help="Recipe YAML (recipes/pretrain/mini.yaml)."),
+    recipe_path: Path = typer.Option(None, "--recipe", help="Recipe YAML, or a built-in name (pretrain/mini; "
+                                     "`cpmctl recipes list`)."),
     resume: Path = typer.Option(None, "--resume", help="Continue the run in DIR (its out_dir or a step checkpoint)."),
-    nproc: int = typer.Option(None, "--nproc", help="Run N processes on this machine (launches torchrun)."),
+    nproc: int = typer.Option(None, "--nproc", help="Run N processes on this machine (launches torchrun). With "
+                              "--dry-run: plan for N ranks."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-rank memory plan (parameters, gradients, "
+                                 "AdamW, activations, start-up); read no weights, train nothing."),
+    device_memory: float = typer.Option(None, "--device-memory", help="With --dry-run: GB per device to check the "
+                                        "plan against (fits / the smallest process count)."),
     force: RunForce = False,
     print_recipe: PrintRecipe = False,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the result."),
@@ -32,6 +44,19 @@ def pretrain(
         recipe.out_dir, recipe.resume = str(resume_run_dir(resume)), str(resume)
     if print_recipe:
         show_recipe(recipe, json_out)
+        return
+    if dry_run:
+        from cpmctl.train.memory_plan import TrainPlan, plan_lines
+        from cpmctl.train.pretrain import plan_memory
+
+        plan = plan_memory(recipe, nproc, device_memory)
+        if json_out:
+            emit_json(plan)
+            return
+        fields = {k: v for k, v in plan["plan"].items() if k not in ("needed_bytes", "fits")}
+        for line in plan_lines([(f"pretrain {plan['model']}", TrainPlan(**fields))], plan["verdict"],
+                               f"rows of {plan['seq_len']} tokens"):
+            out.print(line, highlight=False)
         return
     if nproc is not None:
         preflight(recipe)
@@ -52,12 +77,12 @@ def pretrain(
             err.print(f"interrupted at step {e.step}{where}; continue with --resume {recipe.out_dir}")
             if json_out:
                 emit_json({"interrupted": True, "steps": e.step, "checkpoint": str(e.checkpoint) if e.checkpoint else None,
-                           "out_dir": recipe.out_dir})
+                           "output": recipe.out_dir})
         raise typer.Exit(EXIT_INTERRUPTED) from None
     if rank != 0:
         return
     if json_out:
-        emit_json(result)
+        emit_result(result, result["out_dir"])
     else:
         valid = f", valid loss {result['valid_loss']:.4f}" if result["valid_loss"] is not None else ""
         train_loss = f"train loss {result['train_loss']:.4f}" if result["train_loss"] is not None else "nothing to do"

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
 
-from cpmctl.cli.common import Force, PrintRecipe, RunForce, emit_json, err, format_count, out, show_recipe
+from cpmctl.cli.common import (Force, PrintRecipe, RunForce, emit_json, emit_result, err, examples, format_count, out,
+                               recipe_keys, show_recipe)
 from cpmctl.tune.import_delta import OPENDELTA_DEFAULT_ALPHA
 
 app = typer.Typer(help="LoRA delta tuning: train, merge and import adapters.", no_args_is_help=True)
 
 
-@app.command()
+@app.command(epilog=recipe_keys("tune/mini") + "\n\n" + examples(
+    "cpmctl tune lora --task lcsts --model runs/mini/model --data cpmctl/assets/tasks/lcsts-mini --recipe tune/mini "
+    "--out runs/lora", "cpmctl tune lora --task lcsts --model 10b --recipe tune/lcsts --dry-run",
+    "cpmctl tune lora --task custom --task-def my-task.yaml --model ckpt/ --data my-task/ --out runs/t lora.r=16"))
 def lora(
     overrides: list[str] = typer.Argument(None, help="Recipe overrides: section.key=value (train.lr=1e-3)."),
     task: str = typer.Option(None, "--task", help="ccpm, c3, sogou-log, lcsts, kdconv, math23k, or custom."),
@@ -21,12 +26,16 @@ def lora(
                                  "or cpmctl (task.template; docs/tasks.md)."),
     model_path: str = typer.Option(None, "--model", help="Base checkpoint (any format); a ladder name for --dry-run."),
     data: Path = typer.Option(None, "--data", help="Task data: a directory with train.jsonl, dev.jsonl, test.jsonl."),
-    recipe_path: Path = typer.Option(None, "--recipe", help="Recipe YAML (recipes/tune/lcsts.yaml)."),
+    recipe_path: Path = typer.Option(None, "--recipe", help="Recipe YAML, or a built-in name (tune/lcsts)."),
     out_dir: Path = typer.Option(None, "--out", help="Run directory: checkpoints, metrics.jsonl, best/ adapter."),
     vocab: Path = typer.Option(None, "--vocab", help="Vocab file (default: vocab.txt beside the checkpoint)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     force: RunForce = False,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print trainable and total parameters; load no weights."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print trainable and total parameters and the per-rank "
+                                 "memory plan; load no weights."),
+    nproc: int = typer.Option(None, "--nproc", help="With --dry-run: plan for N ranks (torchrun runs them)."),
+    device_memory: float = typer.Option(None, "--device-memory", help="With --dry-run: GB per device to check the "
+                                        "plan against (fits / the smallest process count)."),
     print_recipe: PrintRecipe = False,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the result."),
 ):
@@ -39,17 +48,26 @@ def lora(
         show_recipe(recipe, json_out)
         return
     if dry_run:
-        counts = tune_dry_run(model_path, recipe)
+        from cpmctl.train.memory_plan import TrainPlan, plan_lines
+
+        counts = tune_dry_run(model_path, recipe, nproc, device_memory)
         if json_out:
             emit_json(counts)
         else:
             out.print(f"LoRA r {recipe.lora.r}, alpha {recipe.lora.alpha:g} on {', '.join(recipe.lora.targets)}: "
                       f"{counts['trainable']:,} trainable of {counts['total']:,} parameters "
                       f"({counts['trainable_percent']:.3f}%) in {counts['lora_modules']} modules")
+            memory = counts["memory"]
+            fields = {k: v for k, v in memory["plan"].items() if k not in ("needed_bytes", "fits")}
+            for line in plan_lines([("tune lora", TrainPlan(**fields))], memory["verdict"],
+                                   f"rows of {counts['seq_len']} tokens"):
+                out.print(line, highlight=False)
         return
     result = tune_lora(model_path, data, out_dir, recipe, vocab=vocab, resume=resume, log=err.print, force=force)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return  # under torchrun rank 0 alone reports
     if json_out:
-        emit_json(result)
+        emit_result(result, result["out"])
     else:
         best = result.get("best") or {}
         out.print(f"tuned {result['task']} for {result['steps']} steps ({result['epochs']} epochs"
@@ -57,7 +75,7 @@ def lora(
                   f"{best.get('score', float('nan')):.3f} at epoch {best.get('epoch')} -> {result['adapter']}")
 
 
-@app.command()
+@app.command(epilog=examples("cpmctl tune merge --model runs/mini/model --adapter runs/lora/best --out runs/merged"))
 def merge(
     model_path: Path = typer.Option(..., "--model", help="Base checkpoint (any format)."),
     adapter: Path = typer.Option(..., "--adapter", help="Adapter directory (peft format)."),
@@ -71,12 +89,12 @@ def merge(
 
     result = merge_adapter(model_path, adapter, out_dir, vocab=vocab, force=force)
     if json_out:
-        emit_json(result)
+        emit_result(result, out_dir)
     else:
         out.print(f"merged {adapter} into {model_path} -> {out_dir}")
 
 
-@app.command("import-delta")
+@app.command("import-delta", epilog=examples("cpmctl tune import-delta lcsts-delta.pt --model 10b --out lcsts-adapter/"))
 def import_delta(
     path: Path = typer.Argument(..., help="OpenDelta / CPM-Live LoRA delta checkpoint (.pt state dict)."),
     out_dir: Path = typer.Option(None, "--out", help="Adapter directory to write (default: FILE's stem + '-adapter')."),
@@ -96,7 +114,7 @@ def import_delta(
     given = {"alpha": alpha} if alpha is not None else {}
     result = run_import(path, out_dir, base_config=config, base_model=model_path, force=force, **given)
     if json_out:
-        emit_json(result)
+        emit_result(result, out_dir)
     else:
         out.print(f"imported {result['modules']} LoRA modules (r {result['r']}, alpha {result['alpha']:g}, "
                   f"{format_count(result['parameters'])} parameters) from {path} -> {out_dir}")

@@ -3,7 +3,9 @@
 A paragraph is a stripped, non-empty line of a document's text; its key is xxh3_64 of its UTF-8 bytes (of its
 normalised form with `normalize`). A document whose share of distinct paragraph hashes already in the store is
 >= threshold is a duplicate; otherwise all its hashes are added. Documents are decided one by one in input order,
-so the result is deterministic whatever `--workers` is: workers only parse and hash, the one writer decides.
+so the result is deterministic whatever `--workers` is: workers only parse and hash (one pool for all inputs,
+blocks of raw bytes in, compact hash arrays out), the one writer decides. Lookups go through the store's
+membership filter first (data/store.py `known`), so most new paragraphs never reach SQLite.
 
 Resumability: every chunk of input lines is committed in one SQLite transaction together with its decisions (one
 byte per line) and a fingerprint of its bytes. A rerun replays the journalled decisions, verifying the
@@ -28,10 +30,13 @@ from typing import Callable
 import xxhash
 
 from cpmctl import CpmctlError
-from cpmctl.data.parallel import ordered_map
+import numpy as np
+
+from cpmctl.data.parallel import InOrder, ordered_map
 from cpmctl.data.store import CACHE_MB, DedupStore, InputRecord
 from cpmctl.data.textio import (
     DEFAULT_CHUNK_BYTES,
+    Block,
     DocumentWriter,
     LineErrors,
     MalformedLine,
@@ -41,6 +46,7 @@ from cpmctl.data.textio import (
     check_readable,
     claim_output,
     parse_line,
+    read_blocks,
     read_chunks,
 )
 
@@ -82,9 +88,9 @@ def _init_worker(fmt: str, normalize: bool) -> None:
     _worker_settings = (fmt, normalize)
 
 
-def hash_lines(item: tuple[int, list[bytes]]) -> HashedChunk:
+def hash_lines(block: Block) -> HashedChunk:
     fmt, normalize = _worker_settings
-    _, lines = item
+    lines = block.split()
     status, counts, unsigned = bytearray(len(lines)), array("I"), array("Q")
     chunk = HashedChunk(status, counts, unsigned)
     h64 = xxhash.xxh3_64_intdigest
@@ -111,7 +117,7 @@ def hash_lines(item: tuple[int, list[bytes]]) -> HashedChunk:
         unsigned.extend(distinct)
     # SQLite integers are signed 64-bit: reinterpret the same bits.
     chunk.hashes = array("q", unsigned.tobytes())
-    chunk.fingerprint = _fingerprint(lines)
+    chunk.fingerprint = xxhash.xxh3_64_intdigest(block.data) - (1 << 63)  # = _fingerprint of its lines
     return chunk
 
 
@@ -161,7 +167,7 @@ class DedupResult:
 def decide(chunk: HashedChunk, store: DedupStore, threshold: float) -> tuple[bytearray, list[int]]:
     """Per-line decisions and the hashes to add, exactly as if documents were checked and added one by one."""
     flat = chunk.hashes.tolist()
-    existing = store.lookup(set(flat))
+    existing = store.known(np.frombuffer(chunk.hashes, dtype=np.int64))
     added: set[int] = set()
     codes = bytearray(chunk.status)
     pos = doc = 0
@@ -270,20 +276,20 @@ def dedup(
     check_readable(shards)
     start = time.perf_counter()
     errors = LineErrors(strict, warn)
-    with DedupStore.open(store_path, threshold, normalize, cache_mb) as store:
+    with DedupStore.open(store_path, threshold, normalize, cache_mb, warn) as store:
         settings = store.settings
         result = DedupResult(files=len(shards), output=str(output.path), threshold=settings.threshold,
                              normalize=settings.normalize)
         with DocumentWriter(output, shard_bytes, claimed) as writer:
             try:
-                for shard in shards:
-                    _dedup_shard(shard, store, writer, result, errors, workers, chunk_bytes, on_progress)
+                _dedup_all(shards, store, writer, result, errors, workers, chunk_bytes, on_progress)
             except sqlite3.OperationalError as e:
                 if "full" not in str(e):
                     raise
                 raise CpmctlError(f"--store {store_path}: disk full while writing it ({e}); every chunk committed "
                                   "before is kept: free some space and rerun to resume") from None
             store.checkpoint()
+            store.save_membership()
             result.store_paragraphs = store.paragraph_count
             result.store_bytes = store.size_bytes()
             result.seconds = time.perf_counter() - start
@@ -291,35 +297,61 @@ def dedup(
     return result
 
 
-def _dedup_shard(shard, store, writer, result, errors, workers, chunk_bytes, on_progress) -> None:
-    record = store.begin_input(shard.path)
-    replay = _Replay(store, record, shard)
-    chunks = _aligned_chunks(shard, chunk_bytes, [first + count for first, count, *_ in replay.batches])
+def _work(shards: list[Shard], store: DedupStore, records: dict, result: DedupResult, chunk_bytes: int, on_progress):
+    """The stream for all inputs: Blocks to hash in the workers, and InOrder items the writer handles itself
+    in their place: ("replay", shard, first, lines, replay), ("end", shard, record). Fills `records`."""
+    for index, shard in enumerate(shards):
+        record = records[index] = store.begin_input(shard.path)
+        replay = _Replay(store, record, shard)
+        cuts = [first + count for first, count, *_ in replay.batches]
+        if cuts:
+            for first, lines, replayed in _aligned_chunks(shard, chunk_bytes, cuts):
+                if replayed:
+                    yield InOrder(("replay", index, first, lines, replay))
+                else:
+                    data = b"".join(lines)
+                    yield _counted(Block(index, first, len(lines), data), result, on_progress)
+        else:
+            for block in read_blocks(shard, index, chunk_bytes):
+                yield _counted(block, result, on_progress)
+        yield InOrder(("end", index, record))
 
-    def fresh_chunks():
-        for first, lines, replayed in chunks:
-            nbytes = sum(map(len, lines))
-            result.bytes += nbytes
-            if replayed:
+
+def _counted(block: Block, result: DedupResult, on_progress) -> Block:
+    result.bytes += len(block.data)
+    if on_progress:
+        on_progress(len(block.data))
+    return block
+
+
+def _dedup_all(shards, store, writer, result, errors, workers, chunk_bytes, on_progress) -> None:
+    records: dict[int, InputRecord] = {}
+    stream = _work(shards, store, records, result, chunk_bytes, on_progress)
+    settings = (shards[0].format, store.settings.normalize)
+    for item, hashed in ordered_map(hash_lines, stream, workers, _init_worker, settings):
+        if isinstance(item, InOrder):
+            kind, index, *rest = item.value
+            if kind == "replay":
+                first, lines, replay = rest
+                nbytes = sum(map(len, lines))
+                result.bytes += nbytes
                 replay.run(first, lines, writer, result)
                 if on_progress:
                     on_progress(nbytes)
-                continue
-            yield first, lines
-
-    fmt, normalize = shard.format, store.settings.normalize
-    for (first, lines), hashed in ordered_map(hash_lines, fresh_chunks(), workers, _init_worker, (fmt, normalize)):
+            else:
+                store.finish_input(rest[0])
+            continue
+        shard = shards[item.shard]
+        record = records[item.shard]
         for offset, reason in hashed.malformed:
-            errors(shard.path, first + offset, reason)
+            errors(shard.path, item.first + offset, reason)
         codes, new_hashes = decide(hashed, store, store.settings.threshold)
-        store.commit_batch(record, first, len(lines), hashed.fingerprint, bytes(codes), new_hashes,
+        store.commit_batch(record, item.first, item.lines, hashed.fingerprint, bytes(codes), new_hashes,
                            hashed.paragraphs)
+        lines = item.split()
         for line, code in zip(lines, codes):
             result.count(code)
             if code == KEPT:
                 writer.write(as_output_line(line))
         result.paragraphs += hashed.paragraphs
         result.new_paragraphs += store.last_inserted
-        if on_progress:
-            on_progress(sum(map(len, lines)))
-    store.finish_input(record)

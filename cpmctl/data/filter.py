@@ -22,9 +22,11 @@ import numpy as np
 from cpmctl import CpmctlError
 from cpmctl.data.filter_rules import RULE_ORDER, DocumentFilter, FilterRecipe, load_blocklist
 from cpmctl.data.parallel import ordered_map
+from cpmctl.data.textstats import char_classes
 from cpmctl.io import make_temp
 from cpmctl.data.textio import (
     DEFAULT_CHUNK_BYTES,
+    Block,
     DocumentWriter,
     LineErrors,
     MalformedLine,
@@ -35,7 +37,7 @@ from cpmctl.data.textio import (
     format_document,
     output_spec,
     parse_line,
-    read_chunks,
+    read_blocks,
 )
 
 
@@ -70,31 +72,42 @@ class FilterResult:
 _state: dict = {}
 
 
-def _init_worker(recipe: FilterRecipe, blocklist_words, fmt: str, want_rejected: bool, source: str) -> None:
-    _state.update(filter=DocumentFilter(recipe, blocklist_words), fmt=fmt, want_rejected=want_rejected, source=source)
+def _init_worker(recipe: FilterRecipe, blocklist_words, fmt: str, want_rejected: bool, sources: list[str],
+                 scored: bool) -> None:
+    _state.update(filter=DocumentFilter(recipe, blocklist_words), fmt=fmt, want_rejected=want_rejected,
+                  sources=sources, scored=scored)
 
 
-def filter_lines(item: tuple[int, list[bytes]]) -> list[tuple]:
-    """Per line: ("k", offset, output line, text, edits) | ("r", offset, rule, reason, rejected line | None)
-    | ("m", offset, reason); blank jsonl lines are skipped."""
-    check, fmt, want_rejected, source = _state["filter"], _state["fmt"], _state["want_rejected"], _state["source"]
-    first, lines = item
-    out = []
-    for i, line in enumerate(lines):
+def filter_block(block: Block) -> dict:
+    """The verdicts of a block of lines, ready to write: {"documents", "kept" (output lines; with the perplexity
+    rule (output line, text, rejected line) triples), "rejected" (rejected lines), "rules" ({rule: count}),
+    "cleaned", "boilerplate_removed", "malformed" [(offset, reason)]}; blank jsonl lines are skipped."""
+    check, fmt, want_rejected = _state["filter"], _state["fmt"], _state["want_rejected"]
+    source, scored = _state["sources"][block.shard], _state["scored"]
+    docs, malformed = [], []
+    for i, line in enumerate(block.split()):
         try:
             parsed = parse_line(line, fmt)
         except MalformedLine as e:
-            out.append(("m", i, str(e)))
+            malformed.append((i, str(e)))
             continue
-        if parsed is None:
-            continue
-        text, record = parsed
-        kept, rule, reason, edits = check(text)
-        if rule is None:
-            out.append(("k", i, format_document(kept, record, fmt), kept, edits))
+        if parsed is not None:
+            docs.append((i, *parsed))
+    out = {"documents": len(docs), "kept": [], "rejected": [], "rules": {}, "cleaned": 0, "boilerplate_removed": 0,
+           "malformed": malformed}
+    for (i, text, record), (kept, rule, reason, edits) in zip(docs, check.batch([d[1] for d in docs])):
+        where = f"{source}:{block.first + i + 1}"
+        if rule is None:  # edits are counted for the documents kept
+            out["cleaned"] += edits["cleaned"]
+            out["boilerplate_removed"] += edits["boilerplate_removed"]
+            line = format_document(kept, record, fmt)
+            if scored:
+                line = (line, kept, rejected_line(text, record, "perplexity", "", where) if want_rejected else b"")
+            out["kept"].append(line)
         else:
-            where = f"{source}:{first + i + 1}"
-            out.append(("r", i, rule, reason, rejected_line(text, record, rule, reason, where) if want_rejected else None))
+            out["rules"][rule] = out["rules"].get(rule, 0) + 1
+            if want_rejected:
+                out["rejected"].append(rejected_line(text, record, rule, reason, where))
     return out
 
 
@@ -244,31 +257,28 @@ def run_filter(
                 writer.write(out_line)
 
         try:
-            for shard in shards:
-                items = _count_bytes(read_chunks(shard, chunk_bytes), result, on_progress)
-                initargs = (recipe, words, fmt, rejected_writer is not None, str(shard.path))
-                for (first, lines), outcome in ordered_map(filter_lines, items, workers, _init_worker, initargs):
-                    for entry in outcome:
-                        kind, offset = entry[0], entry[1]
-                        if kind == "m":
-                            errors(shard.path, first + offset, entry[2])
-                            result.malformed += 1
-                            continue
-                        result.documents += 1
-                        if kind == "r":
-                            reject(entry[2], entry[4])
-                            continue
-                        _, _, out_line, text, edits = entry
-                        result.cleaned += edits["cleaned"]
-                        result.boilerplate_paragraphs_removed += edits["boilerplate_removed"]
-                        if ppl is None:
-                            result.kept += 1
-                            writer.write(out_line)
-                        else:
-                            parsed = parse_line(lines[offset], fmt) if rejected_writer is not None else None
-                            line = rejected_line(parsed[0], parsed[1], "perplexity", "", f"{shard.path}:{first + offset + 1}") \
-                                if parsed else b""
-                            ppl.add(out_line, text, line, emit_scored)
+            blocks = _count_bytes(shards, chunk_bytes, result, on_progress)
+            initargs = (recipe, words, fmt, rejected_writer is not None, [str(s.path) for s in shards], ppl is not None)
+            char_classes()  # built once here: forked workers inherit it
+            for block, out in ordered_map(filter_block, blocks, workers, _init_worker, initargs):
+                for offset, reason in out["malformed"]:
+                    errors(shards[block.shard].path, block.first + offset, reason)
+                    result.malformed += 1
+                result.documents += out["documents"]
+                for rule, n in out["rules"].items():
+                    result.rejected[rule] += n
+                if rejected_writer is not None:
+                    for line in out["rejected"]:
+                        rejected_writer.write(line)
+                result.cleaned += out["cleaned"]
+                result.boilerplate_paragraphs_removed += out["boilerplate_removed"]
+                if ppl is None:
+                    result.kept += len(out["kept"])
+                    for line in out["kept"]:
+                        writer.write(line)
+                else:
+                    for line, text, rejected_template in out["kept"]:
+                        ppl.add(line, text, rejected_template, emit_scored)
             if ppl is not None:
                 result.perplexity = ppl.finish(emit_scored)
         except BaseException:
@@ -282,13 +292,13 @@ def run_filter(
     return result
 
 
-def _count_bytes(chunks, result: FilterResult, on_progress):
-    for first, lines in chunks:
-        n = sum(map(len, lines))
-        result.bytes += n
-        if on_progress:
-            on_progress(n)
-        yield first, lines
+def _count_bytes(shards: list[Shard], chunk_bytes: int, result: FilterResult, on_progress):
+    for index, shard in enumerate(shards):
+        for block in read_blocks(shard, index, chunk_bytes):
+            result.bytes += len(block.data)
+            if on_progress:
+                on_progress(len(block.data))
+            yield block
 
 
 def _with_reason(line: bytes, reason: str) -> bytes:

@@ -6,6 +6,10 @@ of judging it: `cleanup` (control characters, whitespace, optional traditional->
 rule's line removal. Lengths count characters that are not whitespace. Repetition follows Gopher (Rae et al.
 2021, table A1) with one change for Chinese, which has no spaces: the "words" are units, one CJK character or one
 run of ASCII letters/digits (punctuation is not a unit).
+
+Each rule is a `*_reason` function of a document's counts. The `check_*` functions count one text with regular
+expressions; `DocumentFilter.batch` counts a whole batch at once (data/textstats.py) and runs the exact n-gram
+check only where a bound cannot clear the document, with the same reasons.
 """
 
 from __future__ import annotations
@@ -29,6 +33,23 @@ from cpmctl.data.recipe import (
     SymbolRule,
     traditional_converter,
 )
+from cpmctl.data.textstats import (
+    CJK,
+    CJK_CHARS,
+    CLEAN,
+    CONTROL_CHARS,
+    DIGIT,
+    HSPACE_CHARS,
+    LINE_BREAK_CHARS,
+    SYMBOL,
+    SYMBOL_ASCII,
+    UNIT_CHAR,
+    WORD_STAND_INS,
+    WS,
+    WS_OTHER,
+    class_counts,
+    repetition_certain,
+)
 
 # Rule names in the order they run (the summary table lists them in this order).
 RULE_ORDER = ["boilerplate", "min_length", "chinese_ratio", "paragraph_length", "symbols", "repetition",
@@ -36,16 +57,16 @@ RULE_ORDER = ["boilerplate", "min_length", "chinese_ratio", "paragraph_length", 
 
 
 # ----- text helpers ----------------------------------------------------------------------------------------------
-_LINE_BREAKS = re.compile(r"\r\n?|[\u2028\u2029\x0b\x0c\x85]")
-_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff\ufffd]")
-_HSPACE = re.compile(r"[ \t\xa0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]")
-_UNITS = re.compile(r"[A-Za-z0-9]+|[^\W_A-Za-z0-9]")
+_LINE_BREAKS = re.compile(f"\\r\\n?|[{LINE_BREAK_CHARS}]")
+_CONTROL = re.compile(f"[{CONTROL_CHARS}]")
+_HSPACE = re.compile(f"[{HSPACE_CHARS}]+")
+_CJK = re.compile(f"[{CJK_CHARS}]")
+_UNITS = re.compile(f"[A-Za-z0-9]+|{UNIT_CHAR}")
 _NOT_UNIT = re.compile(r"(?:[^\w\U000F0000-\U000FFFFF]|_)+")  # keeps letters, digits and the word stand-ins
+_STAND_IN = re.compile("[\U000F0000-\U000FFFFF]")
 _ASCII_WORD = re.compile(r"[A-Za-z0-9]+")
 _DIGIT = re.compile(r"\d")
 _WHITESPACE = re.compile(r"\s+")
-_SYMBOL_ASCII = set("#*|~^_=<>@[]{}\\`")
 
 
 def clean_text(text: str, converter=None) -> str:
@@ -55,7 +76,24 @@ def clean_text(text: str, converter=None) -> str:
     text = _HSPACE.sub(" ", text)
     if converter is not None:
         text = converter.convert(text)
+    return strip_paragraphs(text)
+
+
+def strip_paragraphs(text: str) -> str:
     return "\n".join(p for p in (q.strip() for q in text.split("\n")) if p)
+
+
+def _already_clean(text: str) -> bool:
+    """For a text whose only whitespace is single spaces and newlines (no CLEAN/WS_OTHER character): True when
+    clean_text and strip_paragraphs leave it as it is."""
+    return not (text[:1] in (" ", "\n") or text[-1:] in (" ", "\n") or "  " in text or " \n" in text
+                or "\n " in text or "\n\n" in text)
+
+
+def _uncased(text: str) -> bool:
+    """No character with a case: a case-insensitive regex matches such a text exactly as the case-sensitive one
+    does (and the latter is several times faster in Python's re)."""
+    return text.lower() == text and text.upper() == text
 
 
 @lru_cache(maxsize=8)  # several rules ask for the same document's count
@@ -103,21 +141,18 @@ def load_blocklist(path: str | Path) -> list[str]:
     return words
 
 
-# ----- rules: each returns None (pass) or a one-line reason ------------------------------------------------------
-def check_min_length(text: str, rule: MinLengthRule) -> str | None:
-    n = visible_chars(text)
-    return f"{n} characters < {rule.min_chars}" if n < rule.min_chars else None
+# ----- rules: each returns None (pass) or a one-line reason, from the document's counts ----------------------------
+def min_length_reason(visible: int, rule: MinLengthRule) -> str | None:
+    return f"{visible} characters < {rule.min_chars}" if visible < rule.min_chars else None
 
 
-def check_chinese_ratio(text: str, rule: ChineseRatioRule) -> str | None:
-    n = visible_chars(text)
-    ratio = len(_CJK.findall(text)) / n if n else 0.0
+def chinese_ratio_reason(cjk: int, visible: int, rule: ChineseRatioRule) -> str | None:
+    ratio = cjk / visible if visible else 0.0
     return f"Chinese characters {ratio:.2f} < {rule.min_ratio}" if ratio < rule.min_ratio else None
 
 
-def check_paragraph_length(text: str, rule: ParagraphLengthRule) -> str | None:
-    paras = text.split("\n")
-    avg = visible_chars(text) / len(paras)
+def paragraph_length_reason(visible: int, paragraphs: int, rule: ParagraphLengthRule) -> str | None:
+    avg = visible / paragraphs
     if avg < rule.min_avg_chars:
         return f"average paragraph {avg:.1f} characters < {rule.min_avg_chars}"
     if avg > rule.max_avg_chars:
@@ -125,19 +160,55 @@ def check_paragraph_length(text: str, rule: ParagraphLengthRule) -> str | None:
     return None
 
 
-def check_symbols(text: str, rule: SymbolRule) -> str | None:
-    n = visible_chars(text) or 1
-    symbols = len(text) - len(text.translate(_symbol_table()))
+def symbols_reason(symbols: int, digits: int, visible: int, paragraphs: int, ellipsis: int,
+                   rule: SymbolRule) -> str | None:
+    n = visible or 1
     if symbols / n > rule.max_symbol_ratio:
         return f"symbol ratio {symbols / n:.2f} > {rule.max_symbol_ratio}"
-    digits = len(_DIGIT.findall(text))
     if digits / n > rule.max_digit_ratio:
         return f"digit ratio {digits / n:.2f} > {rule.max_digit_ratio}"
-    paras = text.split("\n")
-    ellipsis = sum(p.endswith(("...", "…")) for p in paras) / len(paras)
-    if ellipsis > rule.max_ellipsis_paragraph_fraction:
-        return f"paragraphs ending in an ellipsis {ellipsis:.2f} > {rule.max_ellipsis_paragraph_fraction}"
+    share = ellipsis / paragraphs
+    if share > rule.max_ellipsis_paragraph_fraction:
+        return f"paragraphs ending in an ellipsis {share:.2f} > {rule.max_ellipsis_paragraph_fraction}"
     return None
+
+
+def paragraph_repetition_reason(paras: list[str], rule: RepetitionRule) -> str | None:
+    if len(set(paras)) == len(paras):
+        dup_paras = dup_chars = 0
+    else:
+        seen: set[str] = set()
+        dup_paras = dup_chars = 0
+        for p in paras:
+            if p in seen:
+                dup_paras += 1
+                dup_chars += len(p)
+            seen.add(p)
+    if dup_paras / len(paras) > rule.max_duplicate_paragraph_fraction:
+        return f"duplicate paragraphs {dup_paras / len(paras):.2f} > {rule.max_duplicate_paragraph_fraction}"
+    total = sum(len(p) for p in paras) or 1
+    if dup_chars / total > rule.max_duplicate_paragraph_char_fraction:
+        return f"characters in duplicate paragraphs {dup_chars / total:.2f} > {rule.max_duplicate_paragraph_char_fraction}"
+    return None
+
+
+# ----- the same rules on one text, counted with regular expressions -----------------------------------------------
+def check_min_length(text: str, rule: MinLengthRule) -> str | None:
+    return min_length_reason(visible_chars(text), rule)
+
+
+def check_chinese_ratio(text: str, rule: ChineseRatioRule) -> str | None:
+    return chinese_ratio_reason(len(_CJK.findall(text)), visible_chars(text), rule)
+
+
+def check_paragraph_length(text: str, rule: ParagraphLengthRule) -> str | None:
+    return paragraph_length_reason(visible_chars(text), len(text.split("\n")), rule)
+
+
+def check_symbols(text: str, rule: SymbolRule) -> str | None:
+    paras = text.split("\n")
+    return symbols_reason(len(text) - len(text.translate(_symbol_table())), len(_DIGIT.findall(text)),
+                          visible_chars(text), len(paras), sum(p.endswith(("...", "…")) for p in paras), rule)
 
 
 @lru_cache(maxsize=1)
@@ -145,24 +216,35 @@ def _symbol_table() -> dict[int, None]:
     """A str.translate table deleting every Unicode symbol (category S*) of planes 0-1 and some ASCII markup
     characters; built once per process. len(text) - len(text.translate(table)) counts them at C speed."""
     table = {cp: None for cp in range(0x80, 0x20000) if unicodedata.category(chr(cp))[0] == "S"}
-    table.update((ord(c), None) for c in _SYMBOL_ASCII)
+    table.update((ord(c), None) for c in SYMBOL_ASCII)
     return table
+
+
+def _word_base(text: str) -> int:
+    """The first code of the ASCII-word stand-ins: private-use plane 15, or past Unicode when the text itself
+    holds plane-15 characters (they are units of their own then)."""
+    return WORD_STAND_INS[0] if _STAND_IN.search(text) is None else 0x110000
 
 
 def unit_codes(text: str) -> tuple[np.ndarray, np.ndarray]:
     """The units of `text` as one integer code each, and each unit's length in characters."""
     words: dict[str, str] = {}
+    base = _word_base(text)
 
-    def word(m: re.Match) -> str:  # an ASCII word becomes one private-use character
-        return words.setdefault(m.group(), chr(0xF0000 + len(words)))
+    def word(m: re.Match) -> str:  # an ASCII word becomes one stand-in character
+        return words.setdefault(m.group(), chr(base + len(words)))
 
-    s = _NOT_UNIT.sub("", _ASCII_WORD.sub(word, text))
-    codes = np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    if base < 0x110000:
+        s = _NOT_UNIT.sub("", _ASCII_WORD.sub(word, text))
+        codes = np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    else:  # plane-15 characters of the text's own: number the words past Unicode instead
+        codes = np.array([words.setdefault(u, base + len(words)) if _ASCII_WORD.fullmatch(u) else ord(u)
+                          for u in re.findall(f"[A-Za-z0-9]+|{UNIT_CHAR}|{_STAND_IN.pattern}", text)], dtype=np.uint64)
     lengths = np.ones(len(codes), dtype=np.int64)
     if words:
         word_lengths = np.array([len(w) for w in words], dtype=np.int64)
-        is_word = codes >= 0xF0000
-        lengths[is_word] = word_lengths[(codes[is_word] - 0xF0000).astype(np.int64)]
+        is_word = codes >= base
+        lengths[is_word] = word_lengths[(codes[is_word] - base).astype(np.int64)]
     return codes, lengths
 
 
@@ -177,19 +259,11 @@ def _ngram_ids(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_repetition(text: str, rule: RepetitionRule) -> str | None:
-    paras = text.split("\n")
-    seen: set[str] = set()
-    dup_paras = dup_chars = 0
-    for p in paras:
-        if p in seen:
-            dup_paras += 1
-            dup_chars += len(p)
-        seen.add(p)
-    if dup_paras / len(paras) > rule.max_duplicate_paragraph_fraction:
-        return f"duplicate paragraphs {dup_paras / len(paras):.2f} > {rule.max_duplicate_paragraph_fraction}"
-    total = sum(len(p) for p in paras) or 1
-    if dup_chars / total > rule.max_duplicate_paragraph_char_fraction:
-        return f"characters in duplicate paragraphs {dup_chars / total:.2f} > {rule.max_duplicate_paragraph_char_fraction}"
+    return paragraph_repetition_reason(text.split("\n"), rule) or ngram_repetition_reason(text, rule)
+
+
+def ngram_repetition_reason(text: str, rule: RepetitionRule) -> str | None:
+    """The top n-gram and duplicate n-gram rules, counted exactly."""
     codes, lengths = unit_codes(text)
     unit_chars = int(lengths.sum()) or 1
     window = np.concatenate([[0], np.cumsum(lengths)])  # chars of units [i, i+n) = window[i+n] - window[i]
@@ -209,7 +283,8 @@ def check_repetition(text: str, rule: RepetitionRule) -> str | None:
             i = int(np.argmax(inverse == top))
             share = count * int(window[i + n] - window[i]) / unit_chars
             if share > limit:
-                gram = "".join(_decode_units(codes[i : i + n]))
+                base = _word_base(text)
+                gram = "".join(chr(c) if c < base else "\ufffd" for c in codes[i : i + n].tolist())
                 return f"top {n}-gram {gram!r} covers {share:.2f} > {limit} of the text"
     # Duplicate n-grams: characters covered by any n-gram occurring more than once. Coverage only shrinks as n
     # grows, so when the smallest size is under every limit, the larger sizes are too.
@@ -229,29 +304,36 @@ def check_repetition(text: str, rule: RepetitionRule) -> str | None:
     return None
 
 
-def _decode_units(codes: np.ndarray):
-    for c in codes.tolist():
-        yield chr(c) if c < 0xF0000 else "\ufffd"
-
-
 class Boilerplate:
     def __init__(self, rule: BoilerplateRule):
         self.rule = rule
         phrases = [p.lower() for p in rule.phrases if p]
         self.phrases = trie_regex(phrases) if phrases else None
         self.patterns = [re.compile(p, re.IGNORECASE) for p in rule.patterns]
+        # The same expressions without IGNORECASE, for texts without cased characters (see _uncased).
+        self.phrases_cs = re.compile(self.phrases.pattern) if phrases else None
+        self.patterns_cs = [re.compile(p) for p in rule.patterns]
 
-    def is_boilerplate(self, paragraph: str) -> bool:
+    def is_boilerplate(self, paragraph: str, uncased: bool = False, phrases: bool = True) -> bool:
+        """`phrases=False`: the caller knows no phrase occurs in the paragraph."""
         if len(paragraph) > self.rule.max_line_chars:
             return False
-        if self.phrases is not None and self.phrases.search(paragraph):
+        trie, patterns = (self.phrases_cs, self.patterns_cs) if uncased else (self.phrases, self.patterns)
+        if phrases and trie is not None and trie.search(paragraph):
             return True
-        return any(p.search(paragraph) for p in self.patterns)
+        for p in patterns:
+            if p.search(paragraph):
+                return True
+        return False
 
     def apply(self, text: str) -> tuple[str, str | None, int]:
         """(text with boilerplate paragraphs removed if configured, reason or None, paragraphs removed)."""
         paras = text.split("\n")
-        flags = [self.is_boilerplate(p) for p in paras]
+        uncased = _uncased(text)
+        # The phrases are plain strings: none in the whole text means none in any paragraph.
+        trie = self.phrases_cs if uncased else self.phrases
+        phrases = trie is not None and trie.search(text) is not None
+        flags = [self.is_boilerplate(p, uncased, phrases) for p in paras]
         hits = sum(flags)
         if hits and hits / len(paras) >= self.rule.max_line_fraction:
             return text, f"{hits} of {len(paras)} paragraphs are boilerplate", 0
@@ -264,9 +346,10 @@ class Blocklist:
     def __init__(self, rule: BlocklistRule, words: list[str]):
         self.rule = rule
         self.regex = trie_regex([w.lower() for w in words])
+        self.regex_cs = re.compile(self.regex.pattern)
 
     def check(self, text: str) -> str | None:
-        hits = self.regex.findall(text)
+        hits = (self.regex_cs if _uncased(text) else self.regex).findall(text)
         if len(hits) > self.rule.max_hits:
             return f"{len(hits)} blocked words (first: {hits[0]!r}) > {self.rule.max_hits}"
         return None
@@ -281,42 +364,82 @@ class DocumentFilter:
         self.boilerplate = Boilerplate(recipe.boilerplate) if recipe.boilerplate.enabled else None
         self.blocklist = Blocklist(recipe.blocklist, blocklist_words) if recipe.blocklist.enabled else None
         r = recipe
-        self.checks = [
-            (name, fn, rule)
-            for name, fn, rule in (
-                ("min_length", check_min_length, r.min_length),
-                ("chinese_ratio", check_chinese_ratio, r.chinese_ratio),
-                ("paragraph_length", check_paragraph_length, r.paragraph_length),
-                ("symbols", check_symbols, r.symbols),
-                ("repetition", check_repetition, r.repetition),
-            )
-            if rule.enabled
-        ]
+        self.counted = [name for name, rule in (("min_length", r.min_length), ("chinese_ratio", r.chinese_ratio),
+                                                ("paragraph_length", r.paragraph_length), ("symbols", r.symbols))
+                        if rule.enabled]
+        rep = r.repetition
+        self.repetition = rep if rep.enabled else None
+        if self.repetition is not None:
+            self.top = list(zip(rep.top_ngram_sizes, rep.top_ngram_max_fraction))
+            self.duplicate = list(zip(rep.duplicate_ngram_sizes, rep.duplicate_ngram_max_fraction))
 
     def __call__(self, text: str) -> tuple[str, str | None, str | None, dict]:
         """(text to keep, rejecting rule or None, reason, {"cleaned": bool, "boilerplate_removed": n})."""
-        edits = {"cleaned": False, "boilerplate_removed": 0}
-        if self.recipe.cleanup.enabled:
-            cleaned = clean_text(text, self.converter)
-            edits["cleaned"] = cleaned != text
-            text = cleaned
-        else:
-            text = "\n".join(p for p in (q.strip() for q in text.split("\n")) if p)
-        if not text:
-            return text, "min_length", "no text", edits
-        if self.boilerplate is not None:
-            text, reason, removed = self.boilerplate.apply(text)
-            edits["boilerplate_removed"] = removed
-            if reason:
-                return text, "boilerplate", reason, edits
+        return self.batch([text])[0]
+
+    def batch(self, texts: list[str]) -> list[tuple[str, str | None, str | None, dict]]:
+        """__call__ for each of `texts`, with the counting done for all of them at once."""
+        out: list = [None] * len(texts)
+        counts = class_counts(texts)
+        todo: list[tuple[int, str, dict]] = []
+        for i, (text, clean, other) in enumerate(zip(texts, counts[CLEAN], counts[WS_OTHER])):
+            edits = {"cleaned": False, "boilerplate_removed": 0}
+            untouched = clean == 0 and other == 0 and _already_clean(text)
+            if self.recipe.cleanup.enabled:
+                cleaned = text if untouched and self.converter is None else clean_text(text, self.converter)
+                edits["cleaned"] = cleaned != text
+                text = cleaned
+            elif not untouched:
+                text = strip_paragraphs(text)
             if not text:
-                return text, "min_length", "no text left after boilerplate removal", edits
-        for name, check, rule in self.checks:
-            reason = check(text, rule)
+                out[i] = (text, "min_length", "no text", edits)
+                continue
+            if self.boilerplate is not None:
+                text, reason, removed = self.boilerplate.apply(text)
+                edits["boilerplate_removed"] = removed
+                if reason:
+                    out[i] = (text, "boilerplate", reason, edits)
+                    continue
+                if not text:
+                    out[i] = (text, "min_length", "no text left after boilerplate removal", edits)
+                    continue
+            todo.append((i, text, edits))
+        counts = class_counts([t for _, t, _ in todo])
+        repeat = []
+        for j, (i, text, edits) in enumerate(todo):
+            name, reason = self._counted_rules(text, {bit: c[j] for bit, c in counts.items()})
+            if reason is None and self.repetition is not None:
+                reason = paragraph_repetition_reason(text.split("\n"), self.repetition)
+                name = "repetition"
+                if reason is None:
+                    repeat.append(j)
+                    continue
+            out[i] = (text, name, reason, edits) if reason else self._blocklist(text, edits)
+        if repeat:
+            certain = repetition_certain([todo[j][1] for j in repeat], self.top, self.duplicate)
+            for j, sure in zip(repeat, certain):
+                i, text, edits = todo[j]
+                reason = None if sure else ngram_repetition_reason(text, self.repetition)
+                out[i] = (text, "repetition", reason, edits) if reason else self._blocklist(text, edits)
+        return out
+
+    def _counted_rules(self, text: str, c: dict[int, int]) -> tuple[str | None, str | None]:
+        visible, r = len(text) - c[WS], self.recipe
+        paragraphs = text.count("\n") + 1
+        for name in self.counted:
+            if name == "min_length":
+                reason = min_length_reason(visible, r.min_length)
+            elif name == "chinese_ratio":
+                reason = chinese_ratio_reason(c[CJK], visible, r.chinese_ratio)
+            elif name == "paragraph_length":
+                reason = paragraph_length_reason(visible, paragraphs, r.paragraph_length)
+            else:  # an ellipsis paragraph ends in "..." or "…" before a newline or at the end
+                ellipsis = text.count("...\n") + text.count("…\n") + text.endswith(("...", "…"))
+                reason = symbols_reason(c[SYMBOL], c[DIGIT], visible, paragraphs, ellipsis, r.symbols)
             if reason:
-                return text, name, reason, edits
-        if self.blocklist is not None:
-            reason = self.blocklist.check(text)
-            if reason:
-                return text, "blocklist", reason, edits
-        return text, None, None, edits
+                return name, reason
+        return None, None
+
+    def _blocklist(self, text: str, edits: dict) -> tuple:
+        reason = self.blocklist.check(text) if self.blocklist is not None else None
+        return (text, "blocklist" if reason else None, reason, edits)

@@ -29,7 +29,7 @@ import xxhash
 from cpmctl import CpmctlError
 from cpmctl.data.packed_format import PackedDataset, PackedWriter
 from cpmctl.data.parallel import ordered_map
-from cpmctl.data.textio import DEFAULT_CHUNK_BYTES, LineErrors, MalformedLine, Shard, check_readable, parse_line, read_chunks
+from cpmctl.data.textio import DEFAULT_CHUNK_BYTES, Block, LineErrors, MalformedLine, Shard, check_readable, parse_line, read_blocks
 from cpmctl.model import inputs
 from cpmctl.model.inputs import LM_TASK, MLM_SEGMENT, MLM_TASK, PROMPT_LENGTH, TASK_NAMES, TEXT_SEGMENT, Record, pack_row
 from cpmctl.model.tokenizer import BOS, EOS, CPMAntTokenizer
@@ -116,16 +116,16 @@ def document_records(ids: list[int], settings: PackSettings, rng: random.Random,
 _state: dict = {}
 
 
-def _init_worker(vocab: str, settings: PackSettings, fmt: str, shard_index: int) -> None:
-    _state.update(tokenizer=CPMAntTokenizer(vocab), settings=settings, fmt=fmt, shard=shard_index)
+def _init_worker(vocab: str, settings: PackSettings, fmt: str) -> None:
+    _state.update(tokenizer=CPMAntTokenizer(vocab), settings=settings, fmt=fmt)
 
 
-def records_for_chunk(item: tuple[int, list[bytes]]) -> dict:
-    """Records of every document of a chunk: {"docs": [(valid, [records])], "tokens", "malformed"}."""
-    tok, settings, fmt, shard = _state["tokenizer"], _state["settings"], _state["fmt"], _state["shard"]
-    first, lines = item
+def records_for_chunk(block: Block) -> dict:
+    """Records of every document of a block: {"docs": [(valid, [records])], "tokens", "malformed"}."""
+    tok, settings, fmt = _state["tokenizer"], _state["settings"], _state["fmt"]
+    first, shard = block.first, block.shard
     docs, malformed, tokens = [], [], 0
-    for i, line in enumerate(lines):
+    for i, line in enumerate(block.split()):
         try:
             parsed = parse_line(line, fmt, strip=True)
         except MalformedLine as e:
@@ -236,24 +236,22 @@ def pack(
     quirk = tokenizer.vocab_size if settings.later_prompts == "input-embedding" else None
     packers = {name: RowPacker(w, settings.max_length, settings.pack_window, quirk) for name, w in writers.items()}
     try:
-        for index, shard in enumerate(shards):
-            chunks = read_chunks(shard, chunk_bytes)
-            initargs = (str(vocab), settings, shard.format, index)
-            for (first, lines), res in ordered_map(records_for_chunk, chunks, workers, _init_worker, initargs):
-                for offset, reason in res["malformed"]:
-                    errors(shard.path, first + offset, reason)
-                result.malformed += len(res["malformed"])
-                result.tokens += res["tokens"]
-                for valid, records in res["docs"]:
-                    result.documents += 1
-                    result.short_documents += not records
-                    packer = packers["valid" if valid else "train"]
-                    for r in records:
-                        packer.add(r)
-                n = sum(map(len, lines))
-                result.bytes += n
-                if on_progress:
-                    on_progress(n)
+        blocks = (block for index, shard in enumerate(shards) for block in read_blocks(shard, index, chunk_bytes))
+        initargs = (str(vocab), settings, shards[0].format)
+        for block, res in ordered_map(records_for_chunk, blocks, workers, _init_worker, initargs):
+            for offset, reason in res["malformed"]:
+                errors(shards[block.shard].path, block.first + offset, reason)
+            result.malformed += len(res["malformed"])
+            result.tokens += res["tokens"]
+            for valid, records in res["docs"]:
+                result.documents += 1
+                result.short_documents += not records
+                packer = packers["valid" if valid else "train"]
+                for r in records:
+                    packer.add(r)
+            result.bytes += len(block.data)
+            if on_progress:
+                on_progress(len(block.data))
         for name, packer in packers.items():
             packer.finish()
             w = writers[name]

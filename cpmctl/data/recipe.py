@@ -16,7 +16,7 @@ Dtype = Literal[tuple(DTYPES)]  # fp32 | bf16 | fp16 (GPU)
 
 @dataclass
 class CleanupRule:
-    enabled: bool = True
+    enabled: bool = True  # clean kept documents: line breaks unified, control characters dropped, spaces collapsed
     traditional_to_simplified: bool = False  # needs the opencc package
 
     def check(self, at: str) -> None:
@@ -26,7 +26,7 @@ class CleanupRule:
 
 @dataclass
 class BoilerplateRule:
-    enabled: bool = True
+    enabled: bool = True  # find navigation, share and copyright lines
     # A paragraph of at most max_line_chars characters containing a phrase or matching a pattern is boilerplate.
     phrases: list[str] = field(default_factory=lambda: [
         "点击查看更多", "点击查看全文", "点击阅读全文", "阅读全文", "查看更多", "展开全文", "收起全文", "返回首页",
@@ -36,13 +36,13 @@ class BoilerplateRule:
         "cookies", "隐私政策", "用户协议", "登录 注册", "立即登录", "立即注册", "网站地图", "联系我们",
         "首页 >", "当前位置", "all rights reserved", "javascript",
     ])
-    patterns: list[str] = field(default_factory=lambda: [
+    patterns: list[str] = field(default_factory=lambda: [  # regular expressions (Python re) for boilerplate lines
         r"^(首页|主页)\s*[>»/|]",  # breadcrumb navigation
         r"^[\s|·•>»/]*((首页|新闻|体育|娱乐|财经|科技|汽车|房产|教育|旅游|健康|军事)[\s|·•/]+){3,}",  # menu rows
         r"(ICP备|ICP证)\s*\d+",
         r"^(Copyright|©|\(c\))",
     ])
-    max_line_chars: int = 100
+    max_line_chars: int = 100  # longer paragraphs are never boilerplate
     remove_lines: bool = True  # drop boilerplate paragraphs from kept documents
     max_line_fraction: float = 0.5  # reject a document when this share of its paragraphs is boilerplate
 
@@ -56,39 +56,40 @@ class BoilerplateRule:
 
 @dataclass
 class MinLengthRule:
-    enabled: bool = True
-    min_chars: int = 100
+    enabled: bool = True  # reject short documents
+    min_chars: int = 100  # characters that are not whitespace
 
 
 @dataclass
 class ChineseRatioRule:
-    enabled: bool = True
+    enabled: bool = True  # reject documents that are mostly not Chinese
     min_ratio: float = 0.4  # CJK characters / all non-whitespace characters
 
 
 @dataclass
 class ParagraphLengthRule:
-    enabled: bool = True
+    enabled: bool = True  # reject documents by their mean paragraph length
     min_avg_chars: float = 10.0  # short paragraphs on average: lists, menus, tables
     max_avg_chars: float = 5000.0  # one endless paragraph: scraped markup or code
 
 
 @dataclass
 class SymbolRule:
-    enabled: bool = True
+    enabled: bool = True  # reject documents heavy in symbols, digits or cut-off paragraphs
     max_symbol_ratio: float = 0.1  # symbols (Unicode S* and #*|~^_=<>@[]{}\`) / non-whitespace characters
-    max_digit_ratio: float = 0.25
+    max_digit_ratio: float = 0.25  # digits / non-whitespace characters
     max_ellipsis_paragraph_fraction: float = 0.3  # paragraphs ending in ... or …
 
 
 @dataclass
 class RepetitionRule:
-    enabled: bool = True
-    max_duplicate_paragraph_fraction: float = 0.3
-    max_duplicate_paragraph_char_fraction: float = 0.2
-    top_ngram_sizes: list[int] = field(default_factory=lambda: [2, 3, 4])
-    top_ngram_max_fraction: list[float] = field(default_factory=lambda: [0.2, 0.18, 0.16])
-    duplicate_ngram_sizes: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9, 10])
+    enabled: bool = True  # reject repetitive documents (the Gopher repetition rules)
+    max_duplicate_paragraph_fraction: float = 0.3  # paragraphs that repeat an earlier one / paragraphs
+    max_duplicate_paragraph_char_fraction: float = 0.2  # characters in repeated paragraphs / characters
+    top_ngram_sizes: list[int] = field(default_factory=lambda: [2, 3, 4])  # n of the most frequent n-gram checks
+    top_ngram_max_fraction: list[float] = field(default_factory=lambda: [0.2, 0.18, 0.16])  # per n: its share of characters
+    duplicate_ngram_sizes: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9, 10])  # n of the repeated n-gram checks
+    # per n: the share of characters inside n-grams that occur more than once
     duplicate_ngram_max_fraction: list[float] = field(default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10])
 
     def check(self, at: str) -> None:
@@ -103,7 +104,7 @@ class RepetitionRule:
 
 @dataclass
 class BlocklistRule:
-    enabled: bool = False
+    enabled: bool = False  # reject documents with blocked words
     file: str | None = None  # UTF-8, one word or phrase per line, '#' starts a comment line
     max_hits: int = 0  # reject a document with more hits than this
 
@@ -114,14 +115,14 @@ class BlocklistRule:
 
 @dataclass
 class PerplexityRule:
-    enabled: bool = False
+    enabled: bool = False  # score documents with a language model (CCNet-style); needs torch and a checkpoint
     model: str | None = None  # a cpmctl checkpoint (native dir, original .pt, HF dir)
     vocab: str | None = None  # default: vocab.txt beside the checkpoint
     max_perplexity: float | None = None  # drop documents above this
     percentile_low: float | None = None  # keep the band [low, high] of this run's perplexities (CCNet)
-    percentile_high: float | None = None
-    batch_size: int = 8
-    max_length: int = 1024
+    percentile_high: float | None = None  # upper end of that band, in percent
+    batch_size: int = 8  # documents per forward pass
+    max_length: int = 1024  # tokens per scored window (longer documents are scored in windows)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Dtype = "fp32"
 

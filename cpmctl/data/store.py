@@ -10,6 +10,11 @@ Tables
   batches(...)          per committed chunk of an input: its line range, a fingerprint of its bytes, one decision
                         byte per line and its paragraph count, so a rerun reproduces earlier decisions exactly
 
+In front of the tables sits a membership filter (data/membership.py, saved beside the store as STORE.membership,
+rebuilt from the tables when missing, stale or damaged): a paragraph it does not know is new without a query. The
+paragraphs of `recent` are also held in memory (at most MERGE_ROWS of them), so what remains for SQLite is the
+filter's positives that are not recent, looked up in sorted batches.
+
 Each chunk's paragraphs, decisions and progress are committed in one transaction, so a killed run loses at most
 the chunk in flight. WAL journaling with synchronous=NORMAL survives a killed process; the page cache is fixed,
 so memory stays flat however large the store grows. One run at a time holds the store (an exclusive lock file).
@@ -17,14 +22,19 @@ so memory stays flat however large the store grows. One run at a time holds the 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 from cpmctl import CpmctlError
+from cpmctl.data.membership import MembershipFilter
 from cpmctl.outputs import lock
 
 FORMAT = "cpmctl-dedup"
@@ -49,6 +59,11 @@ MERGE_ROWS = 1_000_000
 _PARAMS = ",".join(f"?{i + 1}" for i in range(_IN_BATCH))
 _LOOKUP_SQL = (f"SELECT hash FROM paragraphs WHERE hash IN ({_PARAMS}) "
                f"UNION ALL SELECT hash FROM recent WHERE hash IN ({_PARAMS})")
+_LOOKUP_MAIN_SQL = f"SELECT hash FROM paragraphs WHERE hash IN ({_PARAMS})"
+
+
+def membership_path(store: Path) -> Path:
+    return store.with_name(store.name + ".membership")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS paragraphs (hash INTEGER PRIMARY KEY);
@@ -74,16 +89,20 @@ class InputRecord:
 
 
 class DedupStore:
-    def __init__(self, path: Path, conn: sqlite3.Connection, lock, settings):
+    def __init__(self, path: Path, conn: sqlite3.Connection, lock, settings, warn: Callable[[str], None] | None = None):
         self.path, self.conn, self._lock, self.settings = path, conn, lock, settings
         self.paragraph_count = int(self._meta().get("paragraphs", 0))
         self.last_inserted = 0
         self.recent_rows = conn.execute("SELECT count(*) FROM recent").fetchone()[0]
+        self.warn = warn
+        self._membership: MembershipFilter | None = None  # loaded or built on first use
+        self._recent: set[int] | None = None  # the hashes of `recent`, in memory
+        self._dirty = False  # the filter in memory is newer than its sidecar
 
     # ----- opening -----------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, threshold: float | None = None, normalize: bool | None = None,
-             cache_mb: int = CACHE_MB) -> "DedupStore":
+             cache_mb: int = CACHE_MB, warn: Callable[[str], None] | None = None) -> "DedupStore":
         """Open or create the store. Settings not given are taken from the store (or the defaults for a new one);
         settings given must equal the recorded ones. An existing file is inspected read-only first, so a file that
         is refused (not SQLite, another program's database, other settings) is left exactly as it was; a bad
@@ -113,14 +132,17 @@ class DedupStore:
                 _create(conn, settings)
             else:
                 settings = _check_settings(path, conn, threshold, normalize)
-            return cls(path, conn, lock_fd, settings)
+            return cls(path, conn, lock_fd, settings, warn)
         except BaseException:
             lock_fd.release()
             raise
 
     def close(self) -> None:
-        self.conn.close()
-        self._lock.release()
+        try:
+            self.save_membership()
+        finally:
+            self.conn.close()
+            self._lock.release()
 
     def __enter__(self):
         return self
@@ -147,6 +169,62 @@ class DedupStore:
     def __contains__(self, h: int) -> bool:
         return bool(self.lookup([h]))
 
+    def known(self, hashes: np.ndarray) -> set[int]:
+        """The subset of `hashes` (an int64 array) already in the store, exactly: the membership filter clears most
+        new ones, the in-memory `recent` answers for this run's paragraphs, SQLite (sorted, batched, the main table
+        only) for the rest."""
+        maybe = set(hashes[self.membership.maybe(hashes)].tolist())
+        found = maybe & self.recent
+        rest = sorted(maybe - found)
+        for i in range(0, len(rest), _IN_BATCH):
+            part = rest[i : i + _IN_BATCH]
+            part += part[:1] * (_IN_BATCH - len(part))
+            found.update(row[0] for row in self.conn.execute(_LOOKUP_MAIN_SQL, part))
+        return found
+
+    @property
+    def recent(self) -> set[int]:
+        if self._recent is None:
+            self._recent = {row[0] for row in self.conn.execute("SELECT hash FROM recent")}
+        return self._recent
+
+    # ----- the membership filter -----------------------------------------------------------------------------------
+    @property
+    def membership(self) -> MembershipFilter:
+        if self._membership is None:
+            record = json.loads(self._meta().get("membership", "{}"))
+            sidecar = membership_path(self.path)
+            found, why = MembershipFilter.load(sidecar, record.get("id", ""), self.paragraph_count) \
+                if record else (None, "missing")
+            if found is None:
+                if self.warn is not None and self.paragraph_count:
+                    what = "not there yet (a store of an earlier cpmctl)" if not record else why
+                    self.warn(f"--store {self.path}: membership filter {sidecar.name} {what}; rebuilding it from the "
+                              f"store's {self.paragraph_count:,} paragraphs")
+                found = self.rebuild_membership()
+            self._membership = found
+        return self._membership
+
+    def rebuild_membership(self) -> MembershipFilter:
+        """A filter of every hash in the store, sized for twice as many."""
+        rows = self.conn.execute("SELECT hash FROM paragraphs UNION ALL SELECT hash FROM recent")
+        built = MembershipFilter(2 * self.paragraph_count)
+        while batch := rows.fetchmany(1 << 16):
+            built.add(np.fromiter((r[0] for r in batch), dtype=np.int64, count=len(batch)))
+        self._membership, self._dirty = built, True
+        return built
+
+    def save_membership(self) -> None:
+        """Write the sidecar when it is behind, then record its identity in meta (a crash in between leaves a
+        sidecar that does not match: rebuilt next time, never trusted)."""
+        if self._membership is None or not self._dirty:
+            return
+        identity = os.urandom(8).hex()
+        self._membership.save(membership_path(self.path), identity, self.paragraph_count)
+        record = json.dumps({"id": identity, "paragraphs": self.paragraph_count})
+        self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('membership', ?)", (record,))
+        self._dirty = False
+
     def merge_recent(self) -> None:
         """Move `recent` into `paragraphs` in key order: each B-tree page is rewritten once per merge, not once
         per key. One transaction, so a kill leaves either table state intact."""
@@ -161,6 +239,8 @@ class DedupStore:
                 conn.execute("ROLLBACK")
             raise
         self.recent_rows = 0
+        if self._recent is not None:
+            self._recent.clear()
 
     # ----- inputs and the decision journal ------------------------------------------------------------------
     def begin_input(self, path: Path) -> InputRecord:
@@ -197,10 +277,13 @@ class DedupStore:
             raise CpmctlError(f"{record.path}: chunk at line {first_line + 1} does not follow the {record.lines} "
                               "lines already committed")
         conn = self.conn
+        # Into the filter first: a failed commit leaves it with extra hashes (harmless), never without one.
+        self.membership.add(np.array(new_hashes, dtype=np.int64))
+        self._dirty = True
         conn.execute("BEGIN IMMEDIATE")
         try:
             before = conn.total_changes
-            conn.executemany("INSERT OR IGNORE INTO recent(hash) VALUES (?)", ((h,) for h in new_hashes))
+            _insert_recent(conn, new_hashes)
             self.last_inserted = conn.total_changes - before
             conn.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?)",
                          (record.id, first_line, lines, fingerprint, codes, paragraphs))
@@ -214,9 +297,13 @@ class DedupStore:
             raise
         self.paragraph_count += self.last_inserted
         self.recent_rows += self.last_inserted
+        if self._recent is not None:
+            self._recent.update(new_hashes)
         record.lines = first_line + lines
         if self.recent_rows >= MERGE_ROWS:
             self.merge_recent()
+        if self.membership.full:
+            self.rebuild_membership()
 
     def finish_input(self, record: InputRecord) -> None:
         if not record.complete:
@@ -237,6 +324,18 @@ class DedupStore:
         return {"store": str(self.path), "paragraphs": self.paragraph_count, "bytes": self.size_bytes(),
                 "threshold": self.settings.threshold, "normalize": self.settings.normalize, "hash": meta.get("hash"),
                 "inputs": inputs[0] or 0, "inputs_complete": inputs[1] or 0, "lines": inputs[2] or 0}
+
+
+def _insert_recent(conn: sqlite3.Connection, hashes: list[int]) -> None:
+    """One statement for the whole batch: SQLite reads the integers from one JSON array (json_each, in SQLite
+    since 3.38) at about twice the speed of binding them row by row."""
+    if _JSON_EACH:
+        conn.execute("INSERT OR IGNORE INTO recent(hash) SELECT value FROM json_each(?)", (json.dumps(hashes),))
+    else:
+        conn.executemany("INSERT OR IGNORE INTO recent(hash) VALUES (?)", ((h,) for h in hashes))
+
+
+_JSON_EACH = sqlite3.sqlite_version_info >= (3, 38, 0)
 
 
 def _inspect(path: Path, threshold: float | None, normalize: bool | None) -> None:

@@ -24,7 +24,7 @@ import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from cpmctl import CpmctlError
 from cpmctl.io import commit_dir, disk_full_error, make_temp, remove
@@ -148,23 +148,60 @@ def open_binary(path: Path, compression: str | None):
     return raw
 
 
+@contextlib.contextmanager
+def _reading(shard: Shard, line_no: Callable[[], int]):
+    """A damaged file (bad gzip/zstd stream, I/O error; zstandard's own errors) as a one-line error."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, (OSError, EOFError, zlib.error)) or type(e).__module__.startswith("zstandard"):
+            raise CpmctlError(f"{shard.path}: unreadable after line {line_no()} ({_short(e)})") from None
+        raise
+
+
 def read_chunks(shard: Shard, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[tuple[int, list[bytes]]]:
     """(first line index, raw lines) chunks of about `chunk_bytes`; a damaged file is a one-line error."""
     line_no = 0
     with open_binary(shard.path, shard.compression) as f:
         while True:
-            try:
+            with _reading(shard, lambda: line_no):
                 lines = f.readlines(chunk_bytes)
-            except (OSError, EOFError, zlib.error) as e:
-                raise CpmctlError(f"{shard.path}: unreadable after line {line_no} ({_short(e)})") from None
-            except Exception as e:  # zstandard.ZstdError and friends
-                if type(e).__module__.startswith("zstandard"):
-                    raise CpmctlError(f"{shard.path}: unreadable after line {line_no} ({_short(e)})") from None
-                raise
             if not lines:
                 return
             yield line_no, lines
             line_no += len(lines)
+
+
+@dataclass
+class Block:
+    """Whole lines of one input as one bytes object: what a worker is sent (one string to pickle, not a list)."""
+    shard: int  # index of the input in the run
+    first: int  # index of its first line in the input
+    lines: int
+    data: bytes
+
+    def split(self) -> list[bytes]:
+        """The lines, without their newline (parse_line and as_output_line read them the same either way)."""
+        lines = self.data.split(b"\n")
+        if self.data.endswith(b"\n"):
+            lines.pop()
+        return lines
+
+
+def read_blocks(shard: Shard, index: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Block]:
+    """Blocks of about `chunk_bytes` of whole lines; a damaged file is a one-line error."""
+    line_no = 0
+    with open_binary(shard.path, shard.compression) as f:
+        while True:
+            with _reading(shard, lambda: line_no):
+                data = f.read(chunk_bytes)
+                if data and not data.endswith(b"\n"):
+                    data += f.readline()
+            if not data:
+                return
+            n = data.count(b"\n") + (not data.endswith(b"\n"))
+            yield Block(index, line_no, n, data)
+            line_no += n
 
 
 def check_readable(shards: list[Shard]) -> None:
@@ -193,7 +230,8 @@ def parse_line(line: bytes, fmt: str, strip: bool = False) -> tuple[str, dict | 
         if not line.strip():
             return None
         try:
-            record = json.loads(line)
+            utf8 = line[:1] == b"{" and line[1:2] != b"\0"  # what json.loads(bytes) would guess, decoded at once
+            record = json.loads(line.decode("utf-8", "surrogatepass") if utf8 else line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             reason = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else f"not UTF-8: {e.reason}"
             raise MalformedLine(f"not valid JSON ({reason})") from None

@@ -18,7 +18,7 @@ from typing import Callable
 
 from cpmctl import CpmctlError
 from cpmctl.data.parallel import ordered_map
-from cpmctl.data.textio import DEFAULT_CHUNK_BYTES, LineErrors, MalformedLine, Shard, check_readable, parse_line, read_chunks
+from cpmctl.data.textio import DEFAULT_CHUNK_BYTES, Block, LineErrors, MalformedLine, Shard, check_readable, parse_line, read_blocks
 from cpmctl.outputs import claim
 from cpmctl.model.tokenizer import MAX_PIECE_CHARS, SPECIAL_TOKENS
 
@@ -59,14 +59,14 @@ def _init_worker(fmt: str) -> None:
     _fmt = fmt
 
 
-def count_chunk(item: tuple[int, list[bytes]]) -> tuple[Counter, Counter, int, list]:
-    """(character counts, word counts, documents, malformed (offset, reason)) of a chunk of lines."""
+def count_chunk(block: Block) -> tuple[Counter, Counter, int, list]:
+    """(character counts, word counts, documents, malformed (offset, reason)) of a block of lines."""
     import jieba
 
     chars: Counter = Counter()
     words: Counter = Counter()
     docs, malformed = 0, []
-    for i, line in enumerate(item[1]):
+    for i, line in enumerate(block.split()):
         try:
             parsed = parse_line(line, _fmt)
         except MalformedLine as e:
@@ -114,20 +114,18 @@ def build_vocab(
     chars: Counter = Counter()
     words: Counter = Counter()
     docs = nbytes = 0
-    for shard in shards:
-        for (first, lines), (c, w, d, bad) in ordered_map(count_chunk, read_chunks(shard, chunk_bytes), workers,
-                                                          _init_worker, (shard.format,)):
-            for offset, reason in bad:
-                errors(shard.path, first + offset, reason)
-            chars.update(c)
-            words.update(w)
-            docs += d
-            n = sum(map(len, lines))
-            nbytes += n
-            if on_progress:
-                on_progress(n)
-            if len(words) > PRUNE_AT:
-                words = Counter({k: v for k, v in words.items() if v > 1})
+    blocks = (block for index, shard in enumerate(shards) for block in read_blocks(shard, index, chunk_bytes))
+    for block, (c, w, d, bad) in ordered_map(count_chunk, blocks, workers, _init_worker, (shards[0].format,)):
+        for offset, reason in bad:
+            errors(shards[block.shard].path, block.first + offset, reason)
+        chars.update(c)
+        words.update(w)
+        docs += d
+        nbytes += len(block.data)
+        if on_progress:
+            on_progress(len(block.data))
+        if len(words) > PRUNE_AT:
+            words = Counter({k: v for k, v in words.items() if v > 1})
     if docs == 0:
         raise CpmctlError("no documents in the input: cannot learn a vocabulary")
 

@@ -41,6 +41,9 @@ class EvalResult:
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {"task": self.task, "n": self.n, "metrics": self.metrics}
+        written = self.predictions_path or self.scores_path
+        if written is not None:
+            out["output"] = str(written.parent)  # the output directory: the one spelling of every command's JSON
         if self.predictions_path is not None:
             out["predictions"] = str(self.predictions_path)
         if self.scores_path is not None:
@@ -64,10 +67,21 @@ def reference_of(task: Task, example: Example):
     return example.label if task.kind == "choice" else example.relevance
 
 
-def write_predictions(path: Path, task: Task, examples: list[Example], predictions: list) -> Path:
+def input_fields(task: Task, data: str | Path, split: str, examples: list[Example]) -> list[dict]:
+    """Per example, the fields of its input line that the task does not read (a source, a category; the id is the
+    prediction record's own), carried into predictions.jsonl so a prediction can be joined back to its input."""
+    data = Path(data)
+    lines = dict(read_jsonl(data / f"{split}.jsonl" if data.is_dir() else data))
+    read = {task.key(name) for name in (*task.schema, "answer", "id", "qid")}
+    return [{k: v for k, v in lines.get(ex.line, {}).items() if k not in read} for ex in examples]
+
+
+def write_predictions(path: Path, task: Task, examples: list[Example], predictions: list,
+                      fields: list[dict] | None = None) -> Path:
     with atomic_file(path, encoding="utf-8") as f:
-        for ex, p in zip(examples, predictions):
-            record = {**task.prediction_record(p, ex), "reference": reference_of(task, ex)}
+        for i, (ex, p) in enumerate(zip(examples, predictions)):
+            record = {**(fields[i] if fields else {}), **task.prediction_record(p, ex),
+                      "reference": reference_of(task, ex)}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
 
@@ -120,7 +134,8 @@ def run_model_eval(task: Task, data: str | Path, model_path: str | Path, out_dir
               "adapter": None if adapter is None else str(adapter), "data": str(data), "split": recipe.eval.split,
               "decode": decode}
     with output.directory() as tmp:
-        write_predictions(tmp / PREDICTIONS_FILE, task, examples, predictions)
+        write_predictions(tmp / PREDICTIONS_FILE, task, examples, predictions,
+                          input_fields(task, data, recipe.eval.split, examples))
         write_scores(tmp / SCORES_FILE, scores)
     return EvalResult(task.name, len(examples), metrics, out_dir / PREDICTIONS_FILE, out_dir / SCORES_FILE)
 

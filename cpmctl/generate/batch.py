@@ -33,29 +33,39 @@ DEFAULT_BATCH_SIZE = 8  # prompts of an input file decoded together
 
 
 # ----- prompts -------------------------------------------------------------------------------------------------
-def read_prompts(path: str | Path) -> list[str]:
-    """The `prompt` field of every non-blank line of a JSONL file ('-' = stdin); other fields are ignored."""
-    prompts = []
+def read_records(path: str | Path) -> list[dict]:
+    """Every non-blank line of a JSONL file of prompts ('-' = stdin): objects with a string field `prompt`; their
+    other fields (an `id`) are carried through to the results."""
+    records = []
     for n, obj in read_jsonl(path, "input file"):
         if not isinstance(obj.get("prompt"), str):
             raise CpmctlError(f"{path}:{n}: expected an object with a string field 'prompt'")
-        prompts.append(obj["prompt"])
-    if not prompts:
+        records.append(obj)
+    if not records:
         raise CpmctlError(f"{path}: no prompts")
-    return prompts
+    return records
 
 
-def collect_prompts(prompt: str | None, input_file: str | Path | None) -> list[str]:
-    """One PROMPT ('-' reads it from stdin) or the prompts of an input file, none of them empty."""
+def read_prompts(path: str | Path) -> list[str]:
+    return [r["prompt"] for r in read_records(path)]
+
+
+def collect_records(prompt: str | None, input_file: str | Path | None) -> list[dict]:
+    """One PROMPT ('-' reads it from stdin, without the newline that ends the input) or the lines of an input
+    file, as {"prompt", ...other fields} records; no prompt may be empty."""
     if (prompt is None) == (input_file is None):
         raise CpmctlError("give a PROMPT or --input FILE.jsonl (one of them)")
     if prompt == "-":
-        prompt = sys.stdin.read()
-    prompts = read_prompts(input_file) if input_file is not None else [prompt]
-    for i, p in enumerate(prompts):
-        if not p.strip():
+        prompt = sys.stdin.read().removesuffix("\n")  # `echo TEXT |` adds the newline; the prompt has none
+    records = read_records(input_file) if input_file is not None else [{"prompt": prompt}]
+    for i, r in enumerate(records):
+        if not r["prompt"].strip():
             raise CpmctlError(f"prompt {i + 1} is empty")
-    return prompts
+    return records
+
+
+def collect_prompts(prompt: str | None, input_file: str | Path | None) -> list[str]:
+    return [r["prompt"] for r in collect_records(prompt, input_file)]
 
 
 # ----- loading -------------------------------------------------------------------------------------------------
@@ -116,7 +126,13 @@ class GenerationRun:
     cfg: GenerationConfig
     batch_size: int
     on_text: Callable[[str], None] | None = None
+    # Per prompt, the input line's other fields ({"id": ...}), for the results: `fields(i)`.
+    extras: list[dict] = field(default_factory=list)
     _used: bool = field(default=False, repr=False)
+
+    def fields(self, index: int) -> dict:
+        """The other fields of the input line of prompt `index` (results come in input order)."""
+        return self.extras[index] if index < len(self.extras) else {}
 
     @property
     def plan(self) -> MemoryPlan | None:
@@ -163,10 +179,12 @@ def prepare_generation(
     cfg.validate()
     if batch_size < 1:
         raise CpmctlError(f"--batch-size must be >= 1, got {batch_size}")
-    prompts = collect_prompts(prompt, input_file)
+    records = collect_records(prompt, input_file)
+    prompts = [r["prompt"] for r in records]
     dev = resolve_device(device)
     loaded = load_for_generation(model_path, prompts, cfg, batch_size=batch_size, device=dev,
                                  dtype=resolve_dtype(dtype, dev), adapter=adapter, vocab=vocab,
                                  memory_limit_gb=memory_limit_gb, quantize=quantize)
     streams = on_text is not None and len(prompts) == 1 and cfg.decode != "beam"
-    return GenerationRun(loaded, prompts, cfg, batch_size, on_text if streams else None)
+    extras = [{k: v for k, v in r.items() if k != "prompt"} for r in records]
+    return GenerationRun(loaded, prompts, cfg, batch_size, on_text if streams else None, extras)

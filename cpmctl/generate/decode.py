@@ -20,7 +20,6 @@ from cpmctl.model.inputs import TEXT_SEGMENT, build_inputs
 from cpmctl.model.tokenizer import BOS, EOS, NEWLINE, PAD, CPMAntTokenizer
 
 
-
 @dataclass
 class GenerationResult:
     prompt: str
@@ -77,12 +76,16 @@ def _prefill(model: CPMAnt, inputs: dict, extra: int) -> tuple[torch.Tensor, KVC
     return logits[:, -1].float(), cache
 
 
+def _step_inputs(rows: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """segment, context, span of one generated token per row: the same every step, so built once per loop."""
+    segment = torch.full((rows, 1), TEXT_SEGMENT, dtype=torch.long, device=device)
+    return segment, torch.zeros(rows, 1, dtype=torch.bool, device=device), torch.zeros_like(segment)
+
+
 @torch.no_grad()
-def _step(model: CPMAnt, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
-    rows = tokens.shape[0]
-    segment = torch.full((rows, 1), TEXT_SEGMENT, dtype=torch.long, device=tokens.device)
-    context = torch.zeros(rows, 1, dtype=torch.bool, device=tokens.device)
-    logits = model(tokens[:, None], segment, context, torch.zeros_like(segment), cache=cache)
+def _step(model: CPMAnt, cache: KVCache, tokens: torch.Tensor, step_inputs: tuple | None = None) -> torch.Tensor:
+    segment, context, span = step_inputs or _step_inputs(tokens.shape[0], tokens.device)
+    logits = model(tokens[:, None], segment, context, span, cache=cache)
     return logits[:, -1].float()
 
 
@@ -95,23 +98,27 @@ def greedy(model, inputs, cfg: GenerationConfig, on_token: Callable | None = Non
     b = inputs["input"].shape[0]
     logits, cache = _prefill(model, inputs, cfg.max_new_tokens + 1)
     device = logits.device
-    tokens = torch.empty(b, 0, dtype=torch.long, device=device)
+    # Preallocated like the KV cache: the tokens so far are the first n columns (no concatenation per step).
+    tokens = torch.empty(b, cfg.max_new_tokens, dtype=torch.long, device=device)
+    n = 0
     ended_at = torch.full((b,), -1, dtype=torch.long, device=device)
+    step_inputs = _step_inputs(b, device)
     for i in range(cfg.max_new_tokens):
         if i == 0 and cfg.bans_first_step:
             logits = _ban_first(logits)
-        logits = apply_repetition_penalty(logits, tokens, cfg.repetition_penalty, cfg.repetition_window)
+        logits = apply_repetition_penalty(logits, tokens[:, :n], cfg.repetition_penalty, cfg.repetition_window)
         token = logits.argmax(-1)
         # A row ends at its first </s>; later tokens of an ended row are computed but not returned.
         ended_at = torch.where((ended_at < 0) & (token == EOS), i, ended_at)
         if bool((ended_at >= 0).all()):  # the one host sync of a step
             break
-        tokens = torch.cat([tokens, token[:, None]], 1)
+        tokens[:, n] = token
+        n += 1
         if on_token is not None:
             on_token(token.tolist())
         if i + 1 < cfg.max_new_tokens:
-            logits = _step(model, cache, token)
-    return _finish(tokens, ended_at)
+            logits = _step(model, cache, token, step_inputs)
+    return _finish(tokens[:, :n], ended_at)
 
 
 def sample(model, inputs, cfg: GenerationConfig, on_token: Callable | None = None) -> list[list[int]]:
@@ -123,23 +130,26 @@ def sample(model, inputs, cfg: GenerationConfig, on_token: Callable | None = Non
     steps = cfg.max_new_tokens + 1
     logits, cache = _prefill(model, inputs, steps + 1)
     device = logits.device
-    tokens = torch.empty(b, 0, dtype=torch.long, device=device)
+    tokens = torch.empty(b, steps, dtype=torch.long, device=device)  # the first n columns are the tokens so far
+    n = 0
     ended_at = torch.full((b,), -1, dtype=torch.long, device=device)
+    step_inputs = _step_inputs(b, device)
     for i in range(steps):
         if i == 0 and cfg.bans_first_step:
             logits = _ban_first(logits)
-        logits = apply_repetition_penalty(logits, tokens, cfg.repetition_penalty, cfg.repetition_window)
+        logits = apply_repetition_penalty(logits, tokens[:, :n], cfg.repetition_penalty, cfg.repetition_window)
         logits = top_k_top_p_filter(logits / cfg.temperature, cfg.top_k, cfg.top_p)
         token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)[:, 0]
         ends = (token == EOS) | (i == steps - 1)
         ended_at = torch.where((ended_at < 0) & ends, i, ended_at)
         if bool((ended_at >= 0).all()):
             break
-        tokens = torch.cat([tokens, token[:, None]], 1)
+        tokens[:, n] = token
+        n += 1
         if on_token is not None:
             on_token(token.tolist())
-        logits = _step(model, cache, token)
-    return _finish(tokens, ended_at)
+        logits = _step(model, cache, token, step_inputs)
+    return _finish(tokens[:, :n], ended_at)
 
 
 class _Hypotheses:
@@ -183,13 +193,15 @@ def beam_search(model, inputs, cfg: GenerationConfig) -> list[list[int]]:
     done = [False] * b
     # Generated tokens per row: on the device for the penalty, and as lists for the hypotheses (no per-candidate
     # host copies).
-    out = torch.empty(b * beam, 0, dtype=torch.long, device=device)
+    out = torch.empty(b * beam, limit + 1, dtype=torch.long, device=device)  # the first n columns are in use
+    n = 0
     generated: list[list[int]] = [[] for _ in range(b * beam)]
     identity = list(range(b * beam))
+    step_inputs = _step_inputs(b * beam, device)
     for i in range(limit + 1):
         if i == 0 and cfg.bans_first_step:
             logits = _ban_first(logits)
-        logits = apply_repetition_penalty(logits, out, cfg.repetition_penalty, cfg.repetition_window)
+        logits = apply_repetition_penalty(logits, out[:, :n], cfg.repetition_penalty, cfg.repetition_window)
         scores = F.log_softmax(logits, dim=-1) + beam_scores[:, None]
         top_scores, top_ids = torch.topk(scores.view(b, -1), 2 * beam, dim=1, largest=True, sorted=True)
         top_scores_l, top_ids_l = top_scores.tolist(), top_ids.tolist()
@@ -219,12 +231,13 @@ def beam_search(model, inputs, cfg: GenerationConfig) -> list[list[int]]:
         words, rows = torch.tensor([[x[1] for x in next_beam], row_list], device=device)
         generated = [generated[row] + [word] for _, word, row in next_beam]
         if row_list != identity:  # every beam extending itself needs no copy of the cache
-            out = out.index_select(0, rows)
+            out[:, :n] = out[:, :n].index_select(0, rows)
             # Rows only move among the beams of their own prompt (rows of a finished prompt are never read
             # again), and those share the prompt's positions: gather only the generated ones.
             cache.reorder(rows, start=prompt_length)
-        out = torch.cat([out, words[:, None]], 1)
-        logits = _step(model, cache, words)
+        out[:, n] = words
+        n += 1
+        logits = _step(model, cache, words, step_inputs)
     return [max(h.hyps, key=lambda x: x[0])[1] if h.hyps else [] for h in hyps]
 
 

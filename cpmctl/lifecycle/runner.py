@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from cpmctl import REPO_ROOT, CpmctlError
+from cpmctl import CpmctlError
 from cpmctl.io import atomic_file
 from cpmctl.lifecycle.recipe import LifecycleRecipe
 from cpmctl.outputs import run_dir, stage_preexec
+from cpmctl.resources import import_root
 
 STATE_FILE = "state.json"
 STOP_GRACE_S = float(os.environ.get("CPMCTL_STOP_GRACE_S", "30"))  # SIGTERM -> SIGKILL for a stage's process group
@@ -86,7 +87,7 @@ class Run:
         self._commands.append(shown)
         self.echo(f"  $ {shown}")
         child_env = dict(os.environ, **(env or {}))
-        child_env.setdefault("PYTHONPATH", str(REPO_ROOT))
+        child_env.setdefault("PYTHONPATH", str(import_root()))
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=None, text=True, env=child_env,
                                 preexec_fn=stage_preexec(signal.SIGTERM))
         try:

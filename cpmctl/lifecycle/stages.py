@@ -6,16 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cpmctl import REPO_ROOT, CpmctlError
+from cpmctl import CpmctlError
 from cpmctl.lifecycle.runner import Run
-
-
-def _resolve(path: str) -> str:
-    """Recipe paths are relative to the working directory; the bundled defaults also resolve from the repository."""
-    p = Path(path)
-    if p.exists() or p.is_absolute() or not (REPO_ROOT / p).exists():
-        return str(p)
-    return str(REPO_ROOT / p)
+# Recipe paths are relative to the working directory; the shipped ones (`recipes/...`, `cpmctl/assets/...`) also
+# resolve from the installed package, and recipes may be built-in names (`pretrain/mini`).
+from cpmctl.resources import bundled as _resolve
 
 
 def _resolve_override(text: str) -> str:

@@ -5,7 +5,8 @@
 - native (ours): a directory with `config.json` (original keys), `model.safetensors` (weights in the original
   convention, so original <-> native is a lossless re-container in any dtype) and `vocab.txt`.
 - hf: `CpmAntForCausalLM.save_pretrained` output: config.json (model_type cpmant) + safetensors or .bin, folded
-  weights under the `cpmant.` prefix, prompt rows appended to the input embedding.
+  weights under the `cpmant.` prefix, prompt rows appended to the input embedding, `lm_head.weight` a copy of the
+  vocabulary rows; pruned models with their dropped sub-blocks as zeros (the key mapping: hf_layout.py).
 
 In memory the model holds folded weights (see ant.py); `fold` / `unfold` convert, using the dims of the config in
 hand, so pruned models fold and unfold with their pruned dims.
@@ -28,6 +29,8 @@ from cpmctl import CpmctlError
 from cpmctl.io import atomic_dir, atomic_path
 from cpmctl.model.ant import CPMAnt, build_model
 from cpmctl.model.config import CPMAntConfig, to_hf_config
+from cpmctl.model.hf_layout import (HF_TOKENIZER_CONFIG, from_hf_state_dict, hf_generation_config,
+                                     hf_tokenizer_config, to_hf_state_dict)
 from cpmctl.outputs import claim
 
 NATIVE_WEIGHTS = "model.safetensors"
@@ -249,7 +252,9 @@ def read_checkpoint(path: str | Path) -> tuple[CheckpointInfo, dict]:
             state = _torch_load(path / "pytorch_model.bin")
         else:
             raise CpmctlError(f"{path}: HF checkpoint has no *.safetensors or pytorch_model.bin")
-        state = unfold(from_hf_state_dict(state, config, str(path)), config)
+        folded = from_hf_state_dict(state, config, str(path))
+        check_state_dict(folded, config, str(path))
+        state = unfold(folded, config)
         vocab = _find_vocab(path)
     dtypes = {t.dtype for t in state.values()}
     info = CheckpointInfo(path, fmt, config, dtypes.pop() if len(dtypes) == 1 else None, vocab)
@@ -268,6 +273,18 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = torch
     return model, info
 
 
+def weight_files(path: str | Path) -> list[Path]:
+    """The file(s) holding a checkpoint's weights (what an adapter's base-model hash covers), without reading them."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "original":
+        return [_original_files(path)[0]]
+    if fmt == "native":
+        return [path if path.is_file() else path / NATIVE_WEIGHTS]
+    files = sorted(path.glob("*.safetensors")) or [path / "pytorch_model.bin"]
+    return [f for f in files if f.exists()]
+
+
 def read_config(path: str | Path) -> tuple[CPMAntConfig, str]:
     """The config of a checkpoint without reading its weights."""
     path = Path(path)
@@ -279,39 +296,6 @@ def read_config(path: str | Path) -> tuple[CPMAntConfig, str]:
 
 
 # ----- HF layout -----------------------------------------------------------------------------------------------
-def from_hf_state_dict(state: dict, config: CPMAntConfig, source: str = "hf") -> dict:
-    """HF `CpmAntForCausalLM` keys (folded) -> our keys (folded)."""
-    out = {}
-    for key, t in state.items():
-        if key == "lm_head.weight":
-            continue
-        if not key.startswith("cpmant."):
-            raise CpmctlError(f"{source}: unexpected key {key} in HF checkpoint")
-        out[key[len("cpmant.") :]] = t
-    emb = out.pop("input_embedding.weight", None)
-    if emb is None:
-        raise CpmctlError(f"{source}: missing key cpmant.input_embedding.weight")
-    if emb.shape[0] != config.vocab_size + config.num_prompts:
-        raise CpmctlError(
-            f"{source}: cpmant.input_embedding.weight has {emb.shape[0]} rows, expected "
-            f"{config.vocab_size} + {config.num_prompts}"
-        )
-    out["input_embedding.weight"] = emb[: config.vocab_size].clone()
-    out["prompt_embedding.weight"] = emb[config.vocab_size :].clone()
-    check_state_dict(out, config, source)
-    return out
-
-
-def to_hf_state_dict(folded: dict, config: CPMAntConfig) -> dict:
-    """Our folded keys -> HF `CpmAntForCausalLM` keys."""
-    to_hf_config(config)  # raises for mask_modules
-    out = {f"cpmant.{k}": v for k, v in folded.items() if k not in ("input_embedding.weight", "prompt_embedding.weight")}
-    emb = torch.cat([folded["input_embedding.weight"], folded["prompt_embedding.weight"]])
-    out["cpmant.input_embedding.weight"] = emb
-    out["lm_head.weight"] = folded["input_embedding.weight"].clone()
-    return {k: v.contiguous() for k, v in out.items()}
-
-
 # ----- writing -------------------------------------------------------------------------------------------------
 def model_state(model: CPMAnt, dtype=None) -> dict:
     """The model's weights in the original convention (what both on-disk formats hold)."""
@@ -390,8 +374,10 @@ def convert(src: str | Path, to: str, out: str | Path, vocab: str | Path | None 
         hf = to_hf_state_dict(folded, info.config)
         with output.directory() as tmp:
             (tmp / "config.json").write_text(json.dumps(to_hf_config(info.config), indent=2) + "\n")
+            (tmp / "generation_config.json").write_text(json.dumps(hf_generation_config(), indent=2) + "\n")
             save_file(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            if vocab:
+            if vocab:  # without a vocabulary there is no tokenizer to write (the CLI says so)
                 shutil.copyfile(vocab, tmp / VOCAB_FILE)
+                (tmp / HF_TOKENIZER_CONFIG).write_text(json.dumps(hf_tokenizer_config(), indent=2) + "\n")
         return Path(out)
     raise AssertionError(to)

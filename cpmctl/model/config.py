@@ -8,9 +8,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cpmctl import REPO_ROOT, CpmctlError
+from cpmctl import CpmctlError
+from cpmctl.resources import configs_dir
 
-CONFIG_DIR = REPO_ROOT / "configs"
+CONFIG_DIR = configs_dir()  # the ladder configs that ship with cpmctl (cpmctl/resources.py)
 
 # The published ladder, largest first (shared/reference/cpm-ant.md section 2), and a CPU mini ladder with the
 # same structure: stage by stage, layers dropped, then heads and dim_ff narrowed.
@@ -138,8 +139,10 @@ def from_hf_config(data: dict, source: str = "config.json") -> CPMAntConfig:
 
 
 def to_hf_config(config: CPMAntConfig) -> dict:
-    if config.mask_modules and any(a or f for a, f in config.mask_modules):
-        raise CpmctlError("the HF transformers CPM-Ant layout cannot express mask_modules (dropped sub-blocks)")
+    """transformers' CpmAntConfig keys. `mask_modules` is an extra key transformers keeps but does not read: the
+    HF model runs the dropped sub-blocks as all-zero weights (checkpoint.to_hf_state_dict), and cpmctl reading the
+    export back gets the pruned model again."""
+    extra = {"mask_modules": config.mask_modules} if config.mask_modules else {}
     return {
         "model_type": "cpmant",
         "architectures": ["CpmAntForCausalLM"],
@@ -158,6 +161,7 @@ def to_hf_config(config: CPMAntConfig) -> dict:
         "prompt_length": config.prompt_length,
         "segment_types": config.segment_types,
         "use_cache": True,
+        **extra,
     }
 
 

@@ -18,14 +18,14 @@ DecodeMode = Literal["beam", "sample", "greedy"]
 
 @dataclass
 class GenerationConfig:
-    decode: DecodeMode = "beam"
-    beam_size: int = 3
-    top_k: int = 0
-    top_p: float = 0.9
-    temperature: float = 0.9
-    repetition_penalty: float = 1.0
-    max_new_tokens: int = 100
-    seed: int | None = None
+    decode: DecodeMode = "beam"  # greedy | sample | beam
+    beam_size: int = 3  # beams kept per prompt (beam)
+    top_k: int = 0  # sample only among the k most likely tokens (0: no limit)
+    top_p: float = 0.9  # sample from the smallest set of tokens whose probability exceeds top_p
+    temperature: float = 0.9  # logits divided by this before sampling
+    repetition_penalty: float = 1.0  # CTRL penalty on tokens generated so far (1.0: none)
+    max_new_tokens: int = 100  # tokens generated at most per prompt
+    seed: int | None = 0  # seed of the sampling generator: the same command gives the same text
     # Ban eos and newline at the first step (the original does it for beam and sampling). None = by decode mode.
     ban_first_step: bool | None = None
     # The repetition penalty looks at the last W generated tokens only (the original's repetition_window).

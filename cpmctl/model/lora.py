@@ -4,15 +4,20 @@ The model keeps its class: peft's `inject_adapter_in_model` swaps the target nn.
 place, so decoding, the KV cache and the training loop see the same CPMAnt they always see. Because the model holds
 folded weights (plain nn.Linear), the LoRA delta adds to the same linear the original computes and a merge is exact.
 
-An adapter directory is what `PeftModel.save_pretrained` writes (adapter_config.json + adapter_model.safetensors, keys
-under `base_model.model.`), plus `cpmctl_adapter.json` recording the base model's config, so an adapter trained on
-one model shape is refused by another with a clear error.
+An adapter directory is what `PeftModel.save_pretrained` writes for transformers' `CpmAntForCausalLM`
+(adapter_config.json + adapter_model.safetensors, keys `base_model.model.cpmant.<module>.lora_A.weight`: HF's module
+path, ours under its `cpmant.` attribute), so plain `PeftModel.from_pretrained(hf_model, DIR)` applies it to an
+export of the base model, and adapters trained with peft on the HF model load here. Beside it `cpmctl_adapter.json`
+records the base model's config (an adapter trained on one model shape is refused by another) and the base
+checkpoint's absolute path and sha256 (an adapter is refused on other weights unless CPMCTL_ADAPTER_BASE_CHECK=warn).
+Adapters of cpmctl before version 2 of the file (keys without `cpmant.`) still load.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +29,27 @@ from cpmctl import CpmctlError
 from cpmctl.io import atomic_dir
 from cpmctl.model.ant import CPMAnt, build_model
 from cpmctl.model.config import CPMAntConfig
+from cpmctl.model.fingerprint import base_record, same_base
+from cpmctl.model.hf_layout import HF_PREFIX
 from cpmctl.recipe import at_least, check_recipe, fail, positive, within
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_META = "cpmctl_adapter.json"
 PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained names the keys
+ADAPTER_KEY_PREFIX = PEFT_PREFIX + HF_PREFIX  # ... of a LoRA on CpmAntForCausalLM, whose network is `cpmant`
 ADAPTER_NAME = "default"
+ADAPTER_VERSION = 2  # 2: keys with the `cpmant.` prefix, the base model's path and hash; 1: neither
+BASE_CHECK_ENV = "CPMCTL_ADAPTER_BASE_CHECK"  # error (default) | warn: an adapter on weights other than its base
+_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
+# peft settings that change what the saved weights mean (or which modules hold them) and that cpmctl's LoRA does
+# not apply, with their "off" values: an adapter using one is refused rather than loaded with a different effect.
+_UNSUPPORTED_PEFT = {"fan_in_fan_out": False, "bias": "none", "lora_bias": False, "modules_to_save": None,
+                     "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+                     "exclude_modules": None, "layer_replication": None, "target_parameters": None,
+                     "trainable_token_indices": None, "use_qalora": False, "alora_invocation_tokens": None,
+                     "use_bdlora": None, "velora_config": None, "monteclora_config": None, "kasa_config": None,
+                     "arrow_config": None}
 
 # The nn.Linear modules of a CPM-Ant block that LoRA may adapt.
 LINEAR_TARGETS = ("project_q", "project_k", "project_v", "attention_out", "w_0", "w_1", "w_out")
@@ -42,10 +61,10 @@ SHAPE_KEYS = ("dim_model", "dim_ff", "num_layers", "num_heads", "dim_head", "mas
 class LoraSettings:
     """The recipe section `lora:`. Defaults are the original CPM-Ant delta tuning (r 8, alpha 16, q and v)."""
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["project_q", "project_v"])
+    r: int = 8  # rank of each low-rank update
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the LoRA input
+    targets: list[str] = field(default_factory=lambda: ["project_q", "project_v"])  # linear layers adapted
     rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
     dora: bool = False  # weight-decomposed LoRA (magnitude vector per output channel)
 
@@ -68,11 +87,12 @@ class LoraSettings:
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
-    def peft_config(self, base_model: str | None = None):
+    def peft_config(self, base_model: str | None = None, task_type: str | None = None):
         from peft import LoraConfig
 
         self.validate()
         return LoraConfig(
+            task_type=task_type,
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
@@ -84,9 +104,12 @@ class LoraSettings:
         )
 
     @classmethod
-    def from_peft_config(cls, config) -> "LoraSettings":
-        targets = config.target_modules
-        targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else [targets]
+    def from_peft_config(cls, config, targets: list[str] | None = None) -> "LoraSettings":
+        """`targets`: the module names the weights adapt, when the config's target_modules is not a list of them
+        (a regex, or full module paths)."""
+        if targets is None:
+            targets = config.target_modules
+            targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else [targets]
         return cls(
             r=int(config.r),
             alpha=float(config.lora_alpha),
@@ -150,17 +173,46 @@ def dry_run_counts(config: CPMAntConfig, settings: LoraSettings) -> dict:
 
 # ----- adapter state -------------------------------------------------------------------------------------------
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights with peft's on-disk key names (`base_model.model.<module>.lora_A.weight`)."""
+    """The adapter weights with the key names peft gives them on CpmAntForCausalLM
+    (`base_model.model.cpmant.<module>.lora_A.weight`)."""
     from peft import get_peft_model_state_dict
 
     # save_embedding_layers=False: we never adapt embeddings, and "auto" would look the base model up (even on the
     # Hugging Face hub) to see whether its vocabulary was resized.
     state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
-    return {PEFT_PREFIX + k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+    return {ADAPTER_KEY_PREFIX + k: v.detach().float().contiguous().cpu() for k, v in state.items()}
 
 
-def adapter_meta(config: CPMAntConfig, **extra) -> dict:
-    return {"format": "cpmctl-lora", "version": 1, "base_config": config.to_dict(), **extra}
+def adapter_meta(config: CPMAntConfig | None, **extra) -> dict:
+    """cpmctl_adapter.json. `model` (the base as given), when it is a path, is recorded absolute."""
+    if extra.get("model") is not None and Path(extra["model"]).exists():
+        extra["model"] = str(Path(extra["model"]).resolve())
+    return {"format": "cpmctl-lora", "version": ADAPTER_VERSION,
+            "base_config": config.to_dict() if config is not None else None, **extra}
+
+
+# ----- the base model's identity ------------------------------------------------------------------------------
+def check_adapter_base(adapter: "Adapter", model_path: str | Path, policy: str | None = None) -> None:
+    """Refuse an adapter on weights other than the ones it was trained on (the recorded sha256). `policy` (default:
+    $CPMCTL_ADAPTER_BASE_CHECK, else "error"): "warn" loads it anyway with a warning on stderr."""
+    recorded = (adapter.meta or {}).get("base_model")
+    if not recorded or not recorded.get("files"):
+        return  # an adapter from peft, an older cpmctl or an import without a base checkpoint: nothing to compare
+    policy = policy or os.environ.get(BASE_CHECK_ENV) or "error"
+    if policy not in ("error", "warn"):
+        raise CpmctlError(f"{BASE_CHECK_ENV} must be error or warn, got '{policy}'")
+    same, ours = same_base(recorded, Path(model_path))
+    if same:
+        return
+    short = lambda hashes: ", ".join(h[:12] for h in hashes)  # noqa: E731
+    text = (f"adapter {adapter.path} was trained on {recorded.get('path')} (sha256 "
+            f"{short([f['sha256'] for f in recorded['files']])}), but {model_path} holds other weights (sha256 "
+            f"{short(ours)})")
+    if policy == "error":
+        raise CpmctlError(text + f"; to load it anyway set {BASE_CHECK_ENV}=warn")
+    from cpmctl.progress import stderr
+
+    stderr.print(f"[bold yellow]warning:[/] {text}; loading it anyway ({BASE_CHECK_ENV}=warn)")
 
 
 def save_adapter(model: CPMAnt, out: str | Path, settings: LoraSettings, meta: dict | None = None,
@@ -179,10 +231,15 @@ def write_adapter(out: str | Path, state: dict[str, torch.Tensor], settings: Lor
 
 def write_adapter_files(directory: Path, state: dict[str, torch.Tensor], settings: LoraSettings, meta: dict,
                         base_model: str | None = None) -> None:
-    """The three adapter files into an existing directory (a training checkpoint's, which is itself atomic)."""
+    """The three adapter files into an existing directory (a training checkpoint's, which is itself atomic).
+    `base_model`, a checkpoint on disk, is recorded by absolute path and sha256 (`base_record`)."""
     from safetensors.torch import save_file
 
-    settings.peft_config(base_model).save_pretrained(str(directory))
+    base = base_record(base_model)
+    if base is not None:
+        meta = {**meta, "base_model": base}
+    # task_type CAUSAL_LM: PeftModel.from_pretrained then gives a PeftModelForCausalLM, which has `generate`.
+    settings.peft_config(base["path"] if base else base_model, task_type="CAUSAL_LM").save_pretrained(str(directory))
     save_file(state, str(Path(directory) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (Path(directory) / ADAPTER_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -217,17 +274,22 @@ def read_adapter(path: str | Path) -> Adapter:
         raise CpmctlError(f"{cfg_file}: not valid JSON ({e})") from None
     if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
         raise CpmctlError(f"{cfg_file}: not a LoRA adapter config (peft_type is {raw.get('peft_type')!r})")
-    known = set(LoraConfig.__dataclass_fields__)
+    for key, off in _UNSUPPORTED_PEFT.items():
+        if raw.get(key) not in (off, None, {}, [], False, "none"):
+            raise CpmctlError(f"{cfg_file}: {key} = {raw[key]!r} is a peft feature cpmctl's LoRA does not apply; "
+                              "refusing the adapter rather than loading it with another effect")
     try:
-        settings = LoraSettings.from_peft_config(LoraConfig(**{k: v for k, v in raw.items() if k in known}))
-    except (TypeError, ValueError) as e:
-        raise CpmctlError(f"{cfg_file}: invalid LoRA config ({e})") from None
-    settings.validate()
-    try:
-        state = load_file(str(weights))
+        stored = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise CpmctlError(f"{weights}: cannot read safetensors file ({str(e).splitlines()[0][:160]})") from None
-    state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
+    state = _cpmctl_keys(stored, weights)
+    known = set(LoraConfig.__dataclass_fields__)
+    try:
+        peft_config = LoraConfig(**{k: v for k, v in raw.items() if k in known})
+    except (TypeError, ValueError) as e:
+        raise CpmctlError(f"{cfg_file}: invalid LoRA config ({e})") from None
+    settings = LoraSettings.from_peft_config(peft_config, _adapted_targets(state, peft_config, path))
+    settings.validate()
     meta = {}
     if (path / ADAPTER_META).exists():
         try:
@@ -235,6 +297,42 @@ def read_adapter(path: str | Path) -> Adapter:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CpmctlError(f"{path / ADAPTER_META}: not valid JSON ({e})") from None
     return Adapter(path, settings, state, meta)
+
+
+def _cpmctl_keys(stored: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """Saved keys -> our module names: peft's `base_model.model.` and HF's `cpmant.` prefixes off (an adapter of
+    cpmctl before version 2 has no `cpmant.`)."""
+    state = {}
+    for key, t in stored.items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        name = name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name
+        if name in state:
+            raise CpmctlError(f"{source}: {key} is there twice, with and without the {HF_PREFIX} prefix")
+        state[name] = t
+    return state
+
+
+def _adapted_targets(state: dict[str, torch.Tensor], config, path: Path) -> list[str]:
+    """The linear names the weights adapt (project_q, ...), checked against the config's target_modules when those
+    are a list (a regex names no module: the weights decide)."""
+    adapted = set()
+    for key in state:
+        suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
+        if suffix is not None:
+            adapted.add(key[: -len(suffix)].rpartition(".")[2])
+    if not adapted:
+        raise CpmctlError(f"{path / ADAPTER_WEIGHTS}: holds no LoRA weights (no *.lora_A.weight keys)")
+    unknown = sorted(adapted - set(LINEAR_TARGETS))
+    if unknown:
+        raise CpmctlError(f"{path}: adapts {unknown[0]}, which cpmctl's LoRA cannot adapt (it adapts "
+                          f"{', '.join(LINEAR_TARGETS)})")
+    listed = config.target_modules
+    if isinstance(listed, (list, set, tuple)):
+        named = {t.rpartition(".")[2] for t in listed}
+        if named != adapted:
+            raise CpmctlError(f"{path / ADAPTER_CONFIG}: target_modules {', '.join(sorted(named))} but the weights "
+                              f"adapt {', '.join(sorted(adapted))}")
+    return sorted(adapted)
 
 
 def check_adapter_fits(adapter: Adapter, config: CPMAntConfig, model_name: str = "the model") -> None:
@@ -264,7 +362,7 @@ def load_adapter(model: CPMAnt, adapter: str | Path | Adapter, model_name: str =
     check_adapter_fits(adapter, model.config, model_name)
     inject_lora(model, adapter.settings)
     expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
-    expected = {k[len(PEFT_PREFIX):]: s for k, s in expected.items()}
+    expected = {k[len(ADAPTER_KEY_PREFIX):]: s for k, s in expected.items()}
     missing = sorted(set(expected) - set(adapter.state))
     unexpected = sorted(set(adapter.state) - set(expected))
     misshaped = sorted(k for k in set(expected) & set(adapter.state) if tuple(adapter.state[k].shape) != expected[k])
@@ -285,8 +383,9 @@ def load_adapter(model: CPMAnt, adapter: str | Path | Adapter, model_name: str =
 
 
 def load_model_with_adapter(path: str | Path, adapter: str | Path | None = None, device="cpu",
-                            dtype: torch.dtype | None = torch.float32):
-    """`load_model` plus, when `adapter` is given, its LoRA layers (unmerged). Returns (model, info)."""
+                            dtype: torch.dtype | None = torch.float32, base_check: str | None = None):
+    """`load_model` plus, when `adapter` is given, its LoRA layers (unmerged). Returns (model, info).
+    `base_check`: see check_adapter_base."""
     from cpmctl.model.checkpoint import load_model
 
     adapter_obj = read_adapter(adapter) if adapter is not None else None
@@ -294,6 +393,7 @@ def load_model_with_adapter(path: str | Path, adapter: str | Path | None = None,
         from cpmctl.model.checkpoint import read_config
 
         check_adapter_fits(adapter_obj, read_config(path)[0], str(path))  # before reading any weights
+        check_adapter_base(adapter_obj, path, base_check)
     model, info = load_model(path, device=device, dtype=dtype)
     if adapter_obj is not None:
         load_adapter(model, adapter_obj, str(path))

@@ -1,11 +1,13 @@
 """Structure selections that need no mask training: the peers the learned masks are measured against (bench/prune.py)
-and usable on their own (`method: random | magnitude` in a prune recipe).
+and usable on their own (`method: random | magnitude | activation` in a prune recipe).
 
 - random: uniformly random kept layers / heads / channels, with the target counts.
 - magnitude: keep the structures whose weights have the largest norm. A sub-block is scored by the Frobenius norm
   of its output projection (what it writes into the residual stream), a head by the norm of its q, k, v rows and
   attention_out columns summed over all layers (the head mask is shared), a channel by
   |w_0 row| * |w_1 row| * |w_out column| (the gated unit's output scales with all three).
+- activation: keep the structures with the largest mean activation norms on calibration rows (Minitron;
+  importance.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from cpmctl.model.ant import CPMAnt
 from cpmctl.prune.gates import Selection, top_k_mask
+from cpmctl.prune.importance import activation_scores
 
 
 def _layers(model: CPMAnt, kind: str) -> list[int]:
@@ -82,3 +85,8 @@ def magnitude_scores(model: CPMAnt, kinds: list[str]) -> dict[str, torch.Tensor]
 
 def magnitude_selection(model: CPMAnt, kinds: list[str], targets: dict[str, int]) -> Selection:
     return _select(model, targets, magnitude_scores(model, kinds))
+
+
+def activation_selection(model: CPMAnt, kinds: list[str], targets: dict[str, int],
+                         batches: list[dict[str, torch.Tensor]]) -> Selection:
+    return _select(model, targets, activation_scores(model, kinds, batches))

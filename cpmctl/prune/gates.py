@@ -152,6 +152,18 @@ class StageMasks(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         self.gates = nn.ModuleDict({k: HardConcrete(sizes[k], init_mean, init_std, generator) for k in self.kinds})
 
+    @torch.no_grad()
+    def init_from_scores(self, scores: dict[str, torch.Tensor], mean: float, spread: float) -> None:
+        """log_alpha = mean + spread * r, r the importance's centred rank in [-1, 1] (per layer for channels):
+        the gates start in the importance order, at a scale that does not depend on the scores' units."""
+        for kind, gate in self.gates.items():
+            score = scores[kind].detach().float().cpu().reshape(gate.log_alpha.shape)
+            n = score.shape[-1]
+            order = torch.sort(score, dim=-1, stable=True).indices  # ascending: rank 0 = least important
+            ranks = torch.empty_like(score).scatter_(-1, order, torch.arange(n, dtype=torch.float32).expand_as(score))
+            centred = ranks / max(n - 1, 1) * 2 - 1
+            gate.log_alpha.copy_((mean + spread * centred).to(gate.log_alpha.device))
+
     def resample(self, generator: torch.Generator) -> None:
         for gate in self.gates.values():
             gate.resample(generator)

@@ -11,7 +11,9 @@ from cpmctl.model.ant import CPMAnt
 from cpmctl.prune.gates import Lagrangian, StageMasks
 from cpmctl.prune.recipe import PruneRecipe
 from cpmctl.prune.targets import Stage
+from cpmctl.train.engine import unwrap
 from cpmctl.train.loop import default_param_groups
+
 
 def _ce_and_metrics(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     mask = batch["target"] != IGNORE
@@ -86,7 +88,7 @@ class MaskPhase:
         self.masks.resample(torch.Generator().manual_seed(self.seed * 1_000_003 + step))
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        self.masks.apply(model)
+        self.masks.apply(unwrap(model))  # the gates go into the user's module (inside a DDP wrapper)
         logits = model(batch["input"], batch["segment"], batch["context"], batch["span"])
         ce, mask, metrics = _ce_and_metrics(logits, batch)
         task_loss = ce
@@ -107,3 +109,20 @@ class MaskPhase:
         self.masks.load_state_dict(state["masks"])
         self.lagrangian.load_state_dict(state["lagrangian"])
         self.step = int(state["step"])
+
+
+def distilled_objective(teacher: CPMAnt, distill):
+    """Recovery with distillation (`distill.recovery`): the mask phase's task loss, (1 - w) CE + w T^2 KL, without
+    gates or penalty; the same for every selection method, so the methods are compared under equal treatment."""
+
+    def loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        args = (batch["input"], batch["segment"], batch["context"], batch["span"])
+        logits = model(*args)
+        ce, mask, metrics = _ce_and_metrics(logits, batch)
+        with torch.no_grad():
+            teacher_logits = teacher(*args)
+        kd = distillation_kl(logits[mask], teacher_logits[mask], distill.temperature)
+        metrics["kd"] = float(kd.detach())
+        return (1 - distill.weight) * ce + distill.weight * kd, metrics
+
+    return loss

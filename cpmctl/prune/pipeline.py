@@ -35,17 +35,20 @@ from cpmctl.io import atomic_file
 from cpmctl.model.ant import CPMAnt
 from cpmctl.model.checkpoint import VOCAB_FILE, find_vocab, load_model, read_config, save_native, save_original, vocab_beside
 from cpmctl.model.config import CPMAntConfig
-from cpmctl.prune.baselines import magnitude_selection, random_selection
+from cpmctl.prune.baselines import activation_selection, magnitude_selection, random_selection
 from cpmctl.prune.extract import extract
 from cpmctl.prune.gates import Selection, clear_gates
-from cpmctl.prune.mask_phase import MaskPhase, lm_objective
+from cpmctl.prune.importance import activation_scores, calibration_batches
+from cpmctl.prune.mask_phase import MaskPhase, distilled_objective, lm_objective
 from cpmctl.prune.recipe import PruneData, PruneRecipe
 from cpmctl.prune.report import kept_summary, plot_survivors
 from cpmctl.prune.targets import Shape, Stage, check_checkpoint_shape, plan_stages, plan_summary
 from cpmctl.device import resolve_device
-from cpmctl.train.engine import Engine
+from cpmctl.train.checkpointing import full_copy
+from cpmctl.train.engine import Engine, engine_for_world, setup_engine, shard_frozen
 from cpmctl.outputs import run_dir
 from cpmctl.train.loop import TrainConfig, TrainingInterrupted, evaluate, train
+from cpmctl.train.objectives import lm_loss
 
 
 # ----- data ----------------------------------------------------------------------------------------------------
@@ -98,6 +101,26 @@ class StageContext:
     progress: bool = True
     log: Callable[[str], None] = print
     rebase: Callable = lambda value: value  # paths in the work directory -> paths in --out (a --force run)
+    engine: Engine | None = None  # the process group of a distributed run (ddp / fsdp); None: one process
+
+    @property
+    def is_main(self) -> bool:
+        return self.engine is None or self.engine.is_main
+
+    def barrier(self) -> None:
+        if self.engine is not None:
+            self.engine.barrier()
+
+    def device(self, cfg: TrainConfig, at: str):
+        return self.engine.device if self.engine is not None else resolve_device(cfg.device, what=f"{at}.device")
+
+    def phase_engine(self, cfg: TrainConfig) -> Engine | None:
+        """The process group with the phase's engine kind (ddp or fsdp); None in one process."""
+        return None if self.engine is None else dataclasses.replace(self.engine, kind=cfg.engine, owns_process_group=False)
+
+    def log_main(self, message: str) -> None:
+        if self.is_main:
+            self.log(message)
 
 
 def _save_model_fn(vocab: Path | None):
@@ -107,35 +130,49 @@ def _save_model_fn(vocab: Path | None):
     return save
 
 
-def _reader(rows, cfg: TrainConfig) -> PackedReader:
-    return PackedReader(rows, cfg.batch_size, seed=cfg.seed)
+def _reader(rows, cfg: TrainConfig, engine: Engine | None) -> PackedReader:
+    """This rank's share of each global batch (the whole batch in one process)."""
+    rank, world = (engine.rank, engine.world_size) if engine is not None else (0, 1)
+    return PackedReader(rows, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
 
 
-def _valid_reader(rows, cfg: TrainConfig):
+def _valid_reader(rows, cfg: TrainConfig, engine: Engine | None):
     if cfg.valid_batches <= 0:
         return None
-    return PackedReader(rows, min(cfg.batch_size, len(rows)), shuffle=False)
+    rank, world = (engine.rank, engine.world_size) if engine is not None else (0, 1)
+    return PackedReader(rows, min(cfg.batch_size, len(rows) // world), shuffle=False, rank=rank, world_size=world)
 
 
 def learn_selection(stage: Stage, model: CPMAnt, source_path: Path, stage_dir: Path, ctx: StageContext) -> dict:
     """The mask phase: train gates and weights jointly; returns the selection and what it learned."""
     recipe = ctx.recipe
-    device = resolve_device(recipe.mask.device, what="mask.device")
+    device = ctx.device(recipe.mask, "mask")
+    engine = ctx.phase_engine(recipe.mask)
     teacher = None
     if recipe.distill.weight > 0:
         teacher, _ = load_model(source_path, device=device)
         teacher.requires_grad_(False)
+        if engine is not None:
+            teacher = shard_frozen(teacher, engine)  # fsdp: sharded like the student
+    # Gates and multipliers are replicated: the same seeded start and noise on every rank, gradients averaged.
     phase = MaskPhase(stage, model.config, recipe, teacher).to(device)
+    if recipe.gates.init == "activation":  # start the gates in the order of the activation importance
+        phase.masks.init_from_scores(activation_scores(model, stage.kinds, _calibration(stage, ctx)),
+                                     recipe.gates.init_mean, recipe.gates.init_spread)
     model.to(device)
-    ctx.log(f"stage {stage.index}: mask phase ({recipe.mask.steps} steps; gates on {', '.join(stage.kinds)})")
-    result = train(model, _reader(ctx.data.train, recipe.mask), recipe.mask, stage_dir / "mask",
-                   loss_fn=phase.loss, param_groups=phase.param_groups(model, recipe), on_step=phase.on_step,
+    ctx.log_main(f"stage {stage.index}: mask phase ({recipe.mask.steps} steps; gates on {', '.join(stage.kinds)}; "
+                 f"engine {recipe.mask.engine}" + (f" x {engine.world_size})" if engine is not None else ")"))
+    result = train(model, _reader(ctx.data.train, recipe.mask, engine), recipe.mask, stage_dir / "mask",
+                   loss_fn=phase.loss, param_groups=lambda m: phase.param_groups(m, recipe), on_step=phase.on_step,
                    save_model=_save_model_fn(ctx.vocab), extra_state=phase, resume=True, progress=ctx.progress)
     clear_gates(model)
+    if engine is not None:
+        model = full_copy(model, engine)  # rank 0: the trained weights gathered from the shards; others: None
+        del teacher
     expected = {k: float(v.detach().mean()) * phase.masks.totals()[k]
                 for k, v in phase.masks.expected_fractions().items()}
     return {"selection": phase.masks.select(phase.targets), "mask_steps": result.steps, "expected_kept": expected,
-            "lambdas": phase.lagrangian.lambdas.detach().cpu().tolist()}
+            "lambdas": phase.lagrangian.lambdas.detach().cpu().tolist(), "model": model}
 
 
 def choose_selection(stage: Stage, model: CPMAnt, source_path: Path, stage_dir: Path, ctx: StageContext) -> dict:
@@ -144,7 +181,16 @@ def choose_selection(stage: Stage, model: CPMAnt, source_path: Path, stage_dir: 
         return learn_selection(stage, model, source_path, stage_dir, ctx)
     if recipe.method == "random":
         return {"selection": random_selection(model, stage.kinds, stage.target_counts(), seed=recipe.seed + stage.index)}
+    if recipe.method == "activation":
+        return {"selection": activation_selection(model, stage.kinds, stage.target_counts(), _calibration(stage, ctx))}
     return {"selection": magnitude_selection(model, stage.kinds, stage.target_counts())}
+
+
+def _calibration(stage: Stage, ctx: StageContext) -> list[dict]:
+    """The activation importance's calibration batches: training rows in an order seeded by (seed, stage)."""
+    recipe = ctx.recipe
+    return calibration_batches(ctx.data.train, recipe.recovery.batch_size, recipe.data.calibration_batches,
+                               seed=recipe.seed * 1_000_003 + stage.index)
 
 
 @torch.no_grad()
@@ -160,51 +206,90 @@ def extraction_gap(model: CPMAnt, pruned: CPMAnt, selection: Selection, batch: d
 
 
 def run_stage(stage: Stage, source_path: Path, stage_dir: Path, ctx: StageContext) -> dict:
-    """Run (or finish) one stage; returns its report."""
+    """Run (or finish) one stage; returns its report. In a distributed run every rank trains its share; rank 0
+    alone extracts, evaluates and writes (the others wait at a barrier and read what it wrote)."""
     report_path = stage_dir / "report.json"
     if report_path.exists():
         report = json.loads(report_path.read_text(encoding="utf-8"))
         report["status"] = "skipped (finished earlier)"
         return report
-    recipe, started = ctx.recipe, time.perf_counter()
-    eval_batch, eval_n = recipe.recovery.batch_size, recipe.data.eval_batches
-    device = resolve_device(recipe.recovery.device, what="recovery.device")
+    started = time.perf_counter()
     extracted_dir = stage_dir / "extracted"
-
     if not (extracted_dir / "selection.pt").exists():
-        model, _ = load_model(source_path, device=device)
-        loss_before = validation_loss(model, ctx.data.valid, eval_batch, eval_n)
-        learned = choose_selection(stage, model, source_path, stage_dir, ctx)
-        selection = learned.pop("selection")
-        model.to(device)
-        pruned = extract(model, selection)
-        probe = PackedReader(ctx.data.valid, 1, shuffle=False).next_batch()
-        gap = extraction_gap(model, pruned, selection, probe)
-        check = Shape.of(pruned.config)
-        if check != stage.target_shape:
-            raise CpmctlError(f"internal: extracted shape ({check.describe()}) != target "
-                              f"({stage.target_shape.describe()})", exit_code=1)
-        loss_extracted = validation_loss(pruned, ctx.data.valid, eval_batch, eval_n)
-        info = {"loss_before": loss_before, "loss_extracted": loss_extracted, "extraction_max_abs_diff": gap,
-                "kept": kept_summary(model.config, selection), "source_config": model.config.to_dict(), **learned}
-        # selection.pt inside the atomically written directory marks the mask phase + extraction as done.
-        save_native(pruned, extracted_dir, vocab=ctx.vocab, replace=True,
-                    extra={"extraction.json": json.dumps(info, indent=2) + "\n"})
-        torch.save(selection.state_dict(), extracted_dir / "selection.pt")
-        del model
+        select_and_extract(stage, source_path, extracted_dir, stage_dir, ctx)
+    ctx.barrier()
     info = json.loads((extracted_dir / "extraction.json").read_text(encoding="utf-8"))
     selection = Selection.from_state_dict(torch.load(extracted_dir / "selection.pt", weights_only=True))
+    recovered, steps = recover(stage, extracted_dir, stage_dir, ctx, source_path)
+    if ctx.is_main:
+        write_stage_outputs(stage, recovered, selection, info, steps, stage_dir, ctx, time.perf_counter() - started)
+    ctx.barrier()
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    report["status"] = "done"
+    return report
 
-    pruned, _ = load_model(extracted_dir, device=device)
-    ctx.log(f"stage {stage.index}: recovery ({recipe.recovery.steps} steps)")
-    cfg = recipe.recovery
-    valid = _valid_reader(ctx.data.valid, cfg)
+
+def select_and_extract(stage: Stage, source_path: Path, extracted_dir: Path, stage_dir: Path, ctx: StageContext) -> None:
+    """The mask phase (or a baseline's selection), then the exact cut to the target shape, saved with
+    selection.pt: that file inside the atomically written directory marks the two as done."""
+    recipe = ctx.recipe
+    eval_batch, eval_n = recipe.recovery.batch_size, recipe.data.eval_batches
+    device = ctx.device(recipe.recovery, "recovery")
+    model, _ = load_model(source_path, device=device)
+    loss_before = validation_loss(model, ctx.data.valid, eval_batch, eval_n) if ctx.is_main else None
+    learned = choose_selection(stage, model, source_path, stage_dir, ctx)
+    selection = learned.pop("selection")
+    model = learned.pop("model", model)  # a distributed mask phase: the gathered weights on rank 0, else None
+    if not ctx.is_main:
+        return
+    model.to(device)
+    pruned = extract(model, selection)
+    probe = PackedReader(ctx.data.valid, 1, shuffle=False).next_batch()
+    gap = extraction_gap(model, pruned, selection, probe)
+    check = Shape.of(pruned.config)
+    if check != stage.target_shape:
+        raise CpmctlError(f"internal: extracted shape ({check.describe()}) != target "
+                          f"({stage.target_shape.describe()})", exit_code=1)
+    loss_extracted = validation_loss(pruned, ctx.data.valid, eval_batch, eval_n)
+    info = {"loss_before": loss_before, "loss_extracted": loss_extracted, "extraction_max_abs_diff": gap,
+            "kept": kept_summary(model.config, selection), "source_config": model.config.to_dict(), **learned}
+    save_native(pruned, extracted_dir, vocab=ctx.vocab, replace=True,
+                extra={"extraction.json": json.dumps(info, indent=2) + "\n"})
+    torch.save(selection.state_dict(), extracted_dir / "selection.pt")
+
+
+def recover(stage: Stage, extracted_dir: Path, stage_dir: Path, ctx: StageContext,
+            source_path: Path | None = None) -> tuple[CPMAnt | None, int]:
+    """Recovery training of the extracted model; (the trained model on rank 0, None elsewhere; its steps)."""
+    cfg = ctx.recipe.recovery
+    engine = ctx.phase_engine(cfg)
+    pruned, _ = load_model(extracted_dir, device=ctx.device(cfg, "recovery"))
+    ctx.log_main(f"stage {stage.index}: recovery ({cfg.steps} steps; engine {cfg.engine})")
+    valid = _valid_reader(ctx.data.valid, cfg, engine)
     if valid is not None:  # a validation pass reads each held-out row at most once
-        cfg = dataclasses.replace(cfg, valid_batches=min(cfg.valid_batches, len(ctx.data.valid) // valid.batch_size))
-    result = train(pruned, _reader(ctx.data.train, cfg), cfg, stage_dir / "recovery",
+        world = engine.world_size if engine is not None else 1
+        cfg = dataclasses.replace(cfg, valid_batches=min(cfg.valid_batches,
+                                                         len(ctx.data.valid) // (valid.batch_size * world)))
+    loss_fn = lm_loss  # the loop's default
+    distill = ctx.recipe.distill
+    if distill.recovery and source_path is not None:  # distil from the stage's unpruned model (distill.recovery)
+        teacher, _ = load_model(source_path, device=ctx.device(cfg, "recovery"))
+        teacher.requires_grad_(False)
+        loss_fn = distilled_objective(shard_frozen(teacher, engine) if engine is not None else teacher, distill)
+    result = train(pruned, _reader(ctx.data.train, cfg, engine), cfg, stage_dir / "recovery", loss_fn=loss_fn,
                    valid=valid, save_model=_save_model_fn(ctx.vocab), resume=True, progress=ctx.progress)
-    loss_after = validation_loss(pruned, ctx.data.valid, eval_batch, eval_n)
+    if engine is not None:
+        pruned = full_copy(pruned, engine)
+    return pruned, result.steps
 
+
+def write_stage_outputs(stage: Stage, pruned: CPMAnt, selection: Selection, info: dict, recovery_steps: int,
+                        stage_dir: Path, ctx: StageContext, seconds: float) -> None:
+    """model/, original/, survivors.png, and report.json last (a stage with a report is finished)."""
+    recipe = ctx.recipe
+    device = ctx.device(recipe.recovery, "recovery")
+    pruned = pruned.to(device)
+    loss_after = validation_loss(pruned, ctx.data.valid, recipe.recovery.batch_size, recipe.data.eval_batches)
     native = save_native(pruned, stage_dir / "model", vocab=ctx.vocab, replace=True)
     pt, _ = save_original(pruned, stage_dir / "original" / "model")
     if ctx.vocab is not None:
@@ -222,15 +307,13 @@ def run_stage(stage: Stage, source_path: Path, stage_dir: Path, ctx: StageContex
         "loss": {"before": info["loss_before"], "extracted": info["loss_extracted"], "recovered": loss_after},
         "extraction_max_abs_diff": info["extraction_max_abs_diff"],
         "mask_phase": {k: info[k] for k in ("mask_steps", "expected_kept", "lambdas") if k in info},
-        "recovery_steps": result.steps,
+        "recovery_steps": recovery_steps,
         "params": sum(p.numel() for p in pruned.parameters()),
         "model": str(native), "original": str(pt), "plot": str(png),
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(seconds, 1),
     }
-    with atomic_file(report_path) as f:
+    with atomic_file(stage_dir / "report.json") as f:
         f.write(json.dumps(ctx.rebase(report), indent=2) + "\n")
-    report["status"] = "done"
-    return report
 
 
 # ----- the whole run -------------------------------------------------------------------------------------------
@@ -255,6 +338,13 @@ class PrunePlan:
         return {"dry_run": True, "from": self.source, "to": self.target,
                 "model": str(self.model) if self.model else None, "stages": plan_summary(self.stages, vocab_size)}
 
+    def memory(self, recipe: PruneRecipe, nproc: int | None, device_memory_gb: float | None) -> dict:
+        """`--dry-run --nproc N --device-memory GB`: per-rank bytes of each stage's mask phase and recovery, and
+        whether the run fits (train/memory_plan.py plan_prune)."""
+        from cpmctl.train.memory_plan import plan_prune
+
+        return plan_prune(self.stages, self.config, self.model, recipe, nproc, device_memory_gb)
+
 
 def prepare(source: str, target: str, model: str | Path | None = None, out_dir: str | Path | None = None,
             vocab: str | Path | None = None) -> PrunePlan:
@@ -278,28 +368,55 @@ def run_prune(plan: PrunePlan, recipe: PruneRecipe, *, progress: bool = True, lo
     policy (cpmctl/outputs.py): locked for the run, an own directory resumed, `force` runs anew beside it."""
     plan.check_runnable()
     config = plan.config
+    engine = _process_group(recipe)
+    if engine is not None and force:
+        engine.close()
+        raise CpmctlError("--force with several processes: remove --out first, or choose a new one")
     inputs = [plan.model, plan.vocab, recipe.data.train, recipe.data.valid]
-    with run_dir(plan.out_dir, "prune", force=force, inputs=inputs, accept=lambda p: (p / "prune.json").exists()) as rd:
-        batch_sizes = [recipe.recovery.batch_size] + ([recipe.mask.batch_size] if recipe.method == "learned" else [])
-        data = open_data(recipe.data, config.vocab_size, batch_sizes)
-        ctx = StageContext(recipe, data, plan.vocab, progress, log, rd.rebase)
-        work = dataclasses.replace(plan, out_dir=rd.work)
-        _write_run_info(work, recipe)
-        reports, source = [], plan.model
-        try:
-            for stage in plan.stages:
-                stage_dir = work.out_dir / stage.dirname
-                report = run_stage(stage, source, stage_dir, ctx)
-                reports.append(report)
-                if on_stage is not None:
-                    on_stage(rd.rebase(report))
-                source = stage_dir / "model"
-        except TrainingInterrupted as e:
-            if rd.temp:
-                raise rd.discarded(e.step) from None
-            raise
-        rd.commit()
+    try:
+        is_main = engine is None or engine.is_main
+        with run_dir(plan.out_dir, "prune", force=force, inputs=inputs, accept=lambda p: (p / "prune.json").exists(),
+                     writer=is_main) as rd:
+            batch_sizes = [recipe.recovery.batch_size] + ([recipe.mask.batch_size] if recipe.method == "learned" else [])
+            data = open_data(recipe.data, config.vocab_size, batch_sizes)
+            ctx = StageContext(recipe, data, plan.vocab, progress, log, rd.rebase, engine)
+            work = dataclasses.replace(plan, out_dir=rd.work)
+            if is_main:
+                _write_run_info(work, recipe)
+            ctx.barrier()
+            reports, source = [], plan.model
+            try:
+                for stage in plan.stages:
+                    stage_dir = work.out_dir / stage.dirname
+                    report = run_stage(stage, source, stage_dir, ctx)
+                    reports.append(report)
+                    if on_stage is not None and is_main:
+                        on_stage(rd.rebase(report))
+                    source = stage_dir / "model"
+            except TrainingInterrupted as e:
+                if rd.temp:
+                    raise rd.discarded(e.step) from None
+                raise
+            rd.commit()
+    finally:
+        if engine is not None:
+            engine.close()
     return rd.rebase(reports)
+
+
+def _process_group(recipe: PruneRecipe) -> Engine | None:
+    """Under torchrun: `single` phases become ddp (one run, not a copy per process), and the process group is set
+    up once for the whole run (the mask phase, extraction on rank 0, recovery). None in one process."""
+    phases = [recipe.recovery] + ([recipe.mask] if recipe.method == "learned" else [])
+    for cfg, at in ((recipe.mask, "mask.engine"), (recipe.recovery, "recovery.engine")):
+        cfg.engine = engine_for_world(cfg.engine, at)
+    kinds = {cfg.engine for cfg in phases}
+    if kinds == {"single"}:
+        return None
+    if "single" in kinds:
+        raise CpmctlError("mask.engine and recovery.engine: one is single, the other distributed; "
+                          "run both under torchrun (ddp or fsdp) or both in one process")
+    return setup_engine(recipe.recovery.engine, recipe.recovery.device)
 
 
 def _write_run_info(plan: PrunePlan, recipe: PruneRecipe) -> None:

@@ -10,13 +10,16 @@ from typing import Literal
 from cpmctl.recipe import fail, load_recipe, non_negative, positive, within
 from cpmctl.train.recipe import TrainConfig
 
-Method = Literal["learned", "random", "magnitude"]  # hard-concrete masks | the baselines (no mask phase)
+Method = Literal["learned", "activation", "magnitude", "random"]  # hard-concrete masks | the baselines (no mask phase)
+GateInit = Literal["constant", "activation"]  # log_alpha start: N(init_mean, init_std) | ranked activation importance
 
 
 @dataclass
 class GateConfig:
     init_mean: float = 3.0  # log_alpha ~ N(init_mean, init_std); the original's 10 saturates z at 1 (no gradient)
-    init_std: float = 0.01
+    init_std: float = 0.01  # spread of the initial log_alpha
+    init: GateInit = "constant"  # activation: init_mean + init_spread * (centred rank of the importance, in [-1, 1])
+    init_spread: float = 2.0  # half-width of the importance-ranked start (init: activation)
     lr: float = 0.1  # log_alpha learning rate (constant; the original 0.1, Sheared-LLaMA 1.0)
     lambda_lr: float = 0.1  # Lagrange multipliers, gradient ascent
     target_warmup: float = 0.2  # fraction of the mask phase over which the target goes from 1 to the final size
@@ -26,27 +29,32 @@ class GateConfig:
     def check(self, at: str) -> None:
         within(self, at, "target_warmup", 0.0, 1.0)
         positive(self, at, "log_alpha_limit", "lr", "lambda_lr")
+        non_negative(self, at, "init_spread")
 
 
 @dataclass
 class DistillConfig:
     weight: float = 0.0  # 0 = off; loss = (1 - weight) * CE + weight * T^2 * KL(teacher || student)
-    temperature: float = 2.0
+    temperature: float = 2.0  # T of the distillation softmax
+    recovery: bool = False  # also distil recovery from the stage's unpruned model (every method alike)
 
     def check(self, at: str) -> None:
         within(self, at, "weight", 0.0, 1.0)
         positive(self, at, "temperature")
+        if self.recovery and self.weight == 0:  # would distil nothing: say so instead of a silent no-op
+            fail(at, "recovery", "needs distill.weight > 0")
 
 
 @dataclass
 class PruneData:
     train: str = ""  # packed training data (`cpmctl data pack`); --data sets it
     valid: str | None = None  # packed validation data; default: the last valid_rows rows of train, held out
-    valid_rows: int = 64
+    valid_rows: int = 64  # rows of train held out when data.valid is null
     eval_batches: int = 8  # validation batches behind each loss in the report
+    calibration_batches: int = 8  # activation importance: seeded batches of training rows (recovery.batch_size)
 
     def check(self, at: str) -> None:
-        positive(self, at, "eval_batches")
+        positive(self, at, "eval_batches", "calibration_batches")
         non_negative(self, at, "valid_rows")
 
 
@@ -60,19 +68,14 @@ def _recovery_defaults() -> TrainConfig:
 
 @dataclass
 class PruneRecipe:
-    method: Method = "learned"
+    method: Method = "activation"
     mask: TrainConfig = field(default_factory=_mask_defaults)  # the mask phase
     gates: GateConfig = field(default_factory=GateConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     recovery: TrainConfig = field(default_factory=_recovery_defaults)  # recovery training after extraction
     data: PruneData = field(default_factory=PruneData)
     seed: int = 0  # gate noise and random selection
-
-    def check(self, at: str) -> None:
-        for name in ("mask", "recovery"):
-            engine = getattr(self, name).engine
-            if engine != "single":
-                fail(at, f"{name}.engine", f"pruning runs in one process (engine single), got {engine!r}")
+    # mask.engine / recovery.engine: single, or ddp / fsdp under torchrun (`cpmctl prune --nproc N`; docs/distributed.md)
 
 
 def load_prune_recipe(path: str | Path | None, overrides: list[str] | None = None) -> PruneRecipe:

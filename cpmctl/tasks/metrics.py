@@ -6,11 +6,16 @@ score is reported x100, averaged the way the CUGE benchmark does.
   definition, = rouge-chinese with `exclusive=False`); rouge-chinese's default counts each distinct n-gram once.
   Whitespace is not a character here (rouge-chinese drops it too). Google's rouge-score drops every non-ASCII
   character and scores Chinese 0: do not use it.
-- BLEU-1..4: corpus level (clipped matches and lengths summed over the corpus, one brevity penalty), uniform
-  weights over orders 1..n. Smoothing: an order with zero matches gets precision epsilon / max(candidates, 1)
-  (epsilon 0.1: Chen & Cherry 2014 method 1, as NLTK's SmoothingFunction().method1), so one order without matches
-  does not zero the score. An empty candidate corpus scores 0.
-- Distinct-n: distinct n-grams / all n-grams over all predictions.
+- BLEU-1..4: corpus level (clipped matches and lengths summed over the corpus, the closest reference length with
+  ties to the shorter, one brevity penalty), uniform weights over orders 1..n. Smoothing: an order with zero
+  matches gets precision epsilon / candidates (epsilon 0.1: Chen & Cherry 2014 method 1), so one order without
+  matches does not zero the score. Scored 0: a corpus without a single matching character, an empty one, and
+  BLEU-n of a corpus with no n-gram of order n at all (every prediction shorter than n characters). This is
+  sacrebleu's `BLEU(tokenize="char", smooth_method="floor", smooth_value=0.1, max_ngram_order=n)` exactly, and
+  NLTK's `corpus_bleu` with `SmoothingFunction(epsilon=0.1).method1` on character lists whenever every prediction
+  has at least n characters (NLTK counts a shorter one as 1 n-gram of order n, matching nothing);
+  tests/test_metrics.py checks both.
+- Distinct-n: distinct n-grams / all n-grams over all predictions (n-grams do not cross predictions).
 - MRR and nDCG@k per query (exponential gain 2^rel - 1, log2 discount), averaged over queries that have at least
   one relevant document. Ties in the predicted scores keep the input order.
 - Math23K: a prediction matches when it evaluates to the reference number (equations `x=...`, fractions, mixed
@@ -115,15 +120,18 @@ def bleu(
                 best |= ngrams(r, n)
             matches[n - 1] += sum((counts & best).values())
             totals[n - 1] += sum(counts.values())
-    if pred_len == 0:
+    if pred_len == 0 or matches[0] == 0:  # nothing matches at all: 0, not epsilon-smoothed (NLTK and sacrebleu)
         return {f"bleu-{n}": 0.0 for n in range(1, max_n + 1)}
     brevity = 1.0 if pred_len > ref_len else math.exp(1.0 - ref_len / pred_len)
     log_precisions = []
     out = {}
     for n in range(1, max_n + 1):
         m, t = matches[n - 1], totals[n - 1]
-        # method 1: a zero count becomes epsilon; no n-grams at all counts as 0 of 1 (NLTK's convention)
-        log_precisions.append(math.log((m if m > 0 else epsilon) / max(t, 1)))
+        if t == 0:  # no n-gram of this order anywhere: this BLEU-n and the higher ones are 0 (sacrebleu's rule)
+            out.update({f"bleu-{k}": 0.0 for k in range(n, max_n + 1)})
+            break
+        # method 1: a zero count becomes epsilon
+        log_precisions.append(math.log((m if m > 0 else epsilon) / t))
         out[f"bleu-{n}"] = 100.0 * brevity * math.exp(sum(log_precisions) / n)
     return out
 

@@ -17,6 +17,7 @@ checkpoints untouched. state.pt holds only tensors and plain containers: it is r
 
 from __future__ import annotations
 
+import copy
 import random
 import re
 import shutil
@@ -103,6 +104,50 @@ def _full_model_state(model) -> dict:
     return get_model_state_dict(model, options=_full_options())
 
 
+# ----- a full copy of a sharded model --------------------------------------------------------------------------
+_SKELETON = "_cpmctl_skeleton"
+
+
+def keep_skeleton(module: torch.nn.Module) -> None:
+    """Remember the module's structure on the meta device (no weights) before FSDP shards it in place, so a full
+    copy can be rebuilt later whatever the module holds (CPM-Ant, CPM-Ant with LoRA layers)."""
+    memo = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
+    module.__dict__[_SKELETON] = copy.deepcopy(module, memo)  # __dict__: not registered as a submodule
+
+
+def full_copy(model, engine: Engine) -> torch.nn.Module | None:
+    """The whole model as one plain module on rank 0's CPU (None on the other ranks). Under fsdp the shards are
+    gathered (a collective: every rank calls it); otherwise it is the unwrapped module itself."""
+    module = unwrap(model)
+    if engine.kind != "fsdp":
+        return module if engine.is_main else None
+    full = _full_model_state(model)
+    if not engine.is_main:
+        return None
+    skeleton = module.__dict__.get(_SKELETON)
+    twin = copy.deepcopy(skeleton) if skeleton is not None else build_model(module.config, device="meta")
+    twin.load_state_dict(full, assign=True)
+    return twin
+
+
+class _WithReplicated(torch.nn.Module):
+    """The wrapped model plus the optimized tensors outside it (pruning's gates and multipliers, the same on every
+    rank), so torch.distributed.checkpoint's state dicts can name every tensor the optimizer holds."""
+
+    def __init__(self, model, tensors: list[torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.replicated = torch.nn.ParameterList(tensors)
+
+
+def _state_owner(model, optimizer):
+    outside = outside_params(unwrap(model), optimizer)
+    return _WithReplicated(model, outside) if outside else model
+
+
 def _full_optimizer_state(model, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -140,15 +185,11 @@ def save_checkpoint(
     try:
         # 1. The model part, in the format its writer chooses (save_model may replace the directory: it goes first).
         if include_model:
-            full = _full_model_state(model) if engine.kind == "fsdp" else None
+            # FSDP: a CPU twin of the model holding the gathered weights, for the format writer.
+            whole = full_copy(model, engine)
             if engine.is_main:
-                if full is not None:
-                    # FSDP: a CPU twin of the model holding the gathered weights, for the format writer.
-                    twin = build_model(module.config, device="meta")
-                    twin.load_state_dict(full, assign=True)
-                    save_model(twin, tmp)
-                else:
-                    save_model(module, tmp)
+                save_model(whole, tmp)
+            del whole
             engine.barrier()
         # 2. The exact training state.
         optimizer_state, params = None, None
@@ -156,15 +197,17 @@ def save_checkpoint(
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict
 
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            model_sd, optim_sd = get_state_dict(_state_owner(model, optimizer), optimizer)
             dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / SHARDED_DIR))
         elif engine.kind == "fsdp":
-            params, optimizer_state = _full_model_state(model), _full_optimizer_state(model, optimizer)
+            params = _full_model_state(model)
+            optimizer_state = _full_optimizer_state(_state_owner(model, optimizer), optimizer)
+            state = {**state, "outside_params": [p.detach().cpu().clone() for p in outside_params(module, optimizer)]}
         else:
             optimizer_state = optimizer.state_dict()
             trainable = _trainable_names(module)
             params = {k: v for k, v in module.state_dict().items() if k in trainable}
-            state = {**state, "outside_params": [p.detach().cpu().clone() for p in _outside_params(module, optimizer)]}
+            state = {**state, "outside_params": [p.detach().cpu().clone() for p in outside_params(module, optimizer)]}
         if engine.is_main:
             (tmp / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
             if params is not None:
@@ -189,7 +232,7 @@ def save_checkpoint(
     return final
 
 
-def _outside_params(module, optimizer) -> list[torch.Tensor]:
+def outside_params(module, optimizer) -> list[torch.Tensor]:
     """Optimized tensors that are not parameters of the model (pruning's gates and multipliers), in group order."""
     own = {id(p) for p in module.parameters()}
     return [p for g in optimizer.param_groups for p in g["params"] if id(p) not in own]
@@ -237,26 +280,34 @@ def restore_optimizer_and_shards(model, optimizer, engine: Engine, path: Path, s
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        owner = _state_owner(model, optimizer)
+        model_sd, optim_sd = get_state_dict(owner, optimizer)
         both = {"model": model_sd, "optimizer": optim_sd}
         dcp.load(both, checkpoint_id=str(path / SHARDED_DIR))
-        set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
+        set_state_dict(owner, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
     elif engine.kind == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(_state_owner(model, optimizer), optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        _restore_outside(model, optimizer, path, state)
     else:
         try:
             optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise CpmctlError(f"{path}: optimizer state does not match this run's parameters ({e})") from None
-        outside, saved = _outside_params(unwrap(model), optimizer), state.get("outside_params", [])
-        if len(outside) != len(saved):
-            raise CpmctlError(f"{path}: {len(saved)} optimized tensors outside the model were saved, this run has "
-                              f"{len(outside)}")
-        with torch.no_grad():
-            for p, value in zip(outside, saved):
-                p.copy_(value)
+        _restore_outside(model, optimizer, path, state)
+
+
+def _restore_outside(model, optimizer, path: Path, state: dict) -> None:
+    """The optimized tensors outside the model (saved by value in full checkpoints)."""
+    outside, saved = outside_params(unwrap(model), optimizer), state.get("outside_params", [])
+    if len(outside) != len(saved):
+        raise CpmctlError(f"{path}: {len(saved)} optimized tensors outside the model were saved, this run has "
+                          f"{len(outside)}")
+    with torch.no_grad():
+        for p, value in zip(outside, saved):
+            p.copy_(value)
 
 
 def check_compatible(path: Path, state: dict, engine: Engine) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -32,6 +33,17 @@ def dist_env() -> tuple[int, int, int]:
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def engine_for_world(kind: str, at: str = "train.engine") -> str:
+    """The engine to run: under torchrun with several processes `single` would train one copy per process into
+    the same out_dir, so it becomes ddp (as `--nproc` does), said once on stderr."""
+    rank, _, world_size = dist_env()
+    if kind != "single" or not launched_by_torchrun() or world_size <= 1:
+        return kind
+    if rank == 0:
+        print(f"{at}: single with {world_size} processes (torchrun) -> ddp", file=sys.stderr, flush=True)
+    return "ddp"
 
 
 @dataclass
@@ -75,6 +87,20 @@ class Engine:
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def average_gradients(self, tensors: list[torch.Tensor]) -> None:
+        """Mean of each tensor's gradient over the ranks, in place: for replicated tensors the wrapper does not
+        reduce (pruning's gates and multipliers live outside the model), so every rank applies the same update."""
+        grads = [t.grad for t in tensors if t.grad is not None]
+        if not self.distributed or not grads:
+            return
+        flat = torch.cat([g.reshape(-1).to(self.comm_device, torch.float64) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g).to(g.device, g.dtype))
+            offset += g.numel()
 
     @property
     def comm_device(self) -> torch.device:
@@ -177,6 +203,15 @@ def wrap_model(model: nn.Module, engine: Engine) -> nn.Module:
         # point into the root module, which must gather the root's parameters like forward does.
         register_fsdp_forward_method(model, "logits")
     return model
+
+
+def shard_frozen(model: nn.Module, engine: Engine) -> nn.Module:
+    """A frozen helper model (pruning's distillation teacher) placed like the trained one: under fsdp sharded
+    block by block (gathered one block at a time in its forward), otherwise whole on the device."""
+    if engine.kind != "fsdp":
+        return model.to(engine.device)
+    model.requires_grad_(False)
+    return wrap_model(model, engine)
 
 
 @contextlib.contextmanager

@@ -199,6 +199,8 @@ def _run(model, data, cfg, out_dir, engine, *, valid, loss_fn, param_groups, on_
         _seed_everything(cfg.seed + engine.rank)
 
     # ----- model, optimizer, precision ---------------------------------------------------------------------------
+    if engine.kind == "fsdp":
+        ckpt.keep_skeleton(model)  # the model's structure, to rebuild a full copy of the shards for saving
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     if cfg.compile:
@@ -207,6 +209,7 @@ def _run(model, data, cfg, out_dir, engine, *, valid, loss_fn, param_groups, on_
     model.train()
     optimizer = build_optimizer(model, cfg, param_groups, engine)
     clipped = [p for g in optimizer.param_groups if g["clip"] for p in g["params"]]
+    replicated = ckpt.outside_params(unwrap(model), optimizer)
     scaler = grad_scaler(cfg.precision, engine.device)
     amp = lambda: autocast(cfg.precision, engine.device)  # noqa: E731
     window = MetricWindow()
@@ -223,7 +226,8 @@ def _run(model, data, cfg, out_dir, engine, *, valid, loss_fn, param_groups, on_
             scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
         ckpt.restore_rng(mine["rng"], engine.device)
-    log = MetricsLog(out_dir / "metrics.jsonl", write=engine.is_main, resume_step=step if state else None)
+    log = MetricsLog(out_dir / "metrics.jsonl", write=engine.is_main, resume_step=step if state else None,
+                     logger=cfg.logger)
     valid_start = copy.deepcopy(valid.state_dict()) if valid is not None else None
     last_saved = resume_from if state is not None else None
     last_train, last_valid = None, None
@@ -246,9 +250,10 @@ def _run(model, data, cfg, out_dir, engine, *, valid, loss_fn, param_groups, on_
         return path
 
     if step >= cfg.steps:  # resumed a finished run
+        log.close()
         return TrainResult(step, None, None, log.rows, resume_from)
 
-    bar = StepProgress(cfg.steps, step, enabled=progress and engine.is_main)
+    bar = StepProgress(cfg.steps, step, enabled=progress and engine.is_main, log_every=cfg.log_every)
     phase = "idle"  # idle | step (forward/backward: nothing applied yet) | update | save
     snapshot = None
     try:
@@ -267,6 +272,7 @@ def _run(model, data, cfg, out_dir, engine, *, valid, loss_fn, param_groups, on_
                 if on_step is not None:
                     on_step(step + 1, unwrap(model))
                 step_loss, tokens = _forward_backward(model, data, cfg, engine, loss_fn, scaler, amp, window)
+                engine.average_gradients(replicated)  # tensors outside the wrapped model: gates, multipliers
                 if not np.isfinite(step_loss) and scaler is None:
                     raise CpmctlError(f"loss is {step_loss} at step {step + 1}: training diverged; lower train.lr "
                                       "or resume from an earlier checkpoint", exit_code=1)
@@ -287,7 +293,7 @@ def _run(model, data, cfg, out_dir, engine, *, valid, loss_fn, param_groups, on_
                 window_seconds += seconds
                 run_seconds += seconds
                 run_tokens += tokens * engine.world_size
-                bar.advance(step_loss, tokens * engine.world_size / max(seconds, 1e-9))
+                bar.advance(step_loss, tokens * engine.world_size / max(seconds, 1e-9), lr)
 
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     means, window_tokens = window.summarize(engine)
@@ -326,6 +332,8 @@ def _run(model, data, cfg, out_dir, engine, *, valid, loss_fn, param_groups, on_
         if "can't allocate memory" in str(e) or "out of memory" in str(e).lower():
             raise CpmctlError(_oom_message(cfg, engine), exit_code=1) from None
         raise
+    finally:
+        log.close()  # the tracker flushes its events
 
     return TrainResult(step, last_train, last_valid, log.rows, last_saved, int(run_tokens), run_seconds)
 

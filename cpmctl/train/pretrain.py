@@ -21,7 +21,7 @@ from cpmctl.model.config import resolve_config
 from cpmctl.model.tokenizer import CPMAntTokenizer
 from cpmctl.recipe import check_recipe
 from cpmctl.train.checkpointing import STATE_FILE
-from cpmctl.train.engine import dist_env
+from cpmctl.train.engine import dist_env, engine_for_world
 from cpmctl.outputs import run_dir
 from cpmctl.train.loop import TrainingInterrupted, TrainResult, train
 from cpmctl.train.recipe import PretrainModel, PretrainRecipe
@@ -97,6 +97,30 @@ def preflight(recipe: PretrainRecipe) -> None:
         check_vocab_matches(PackedDataset(recipe.data.valid), vocab, config.vocab_size, "data.valid")
 
 
+def plan_memory(recipe: PretrainRecipe, nproc: int | None, device_memory_gb: float | None) -> dict:
+    """`--dry-run`: the per-rank memory plan of this recipe (train/memory_plan.py), no weights read. The row length
+    is the packed data's when data.train exists, else DEFAULT_SEQ_LEN; vocab_size is the vocabulary's when the
+    file exists."""
+    from cpmctl.model.ant import param_counts
+    from cpmctl.model.checkpoint import weight_files
+    from cpmctl.train.memory_plan import DEFAULT_SEQ_LEN, checkpoint_bytes_per_param, plan_recipe_phase, verdict
+
+    section, on_disk = recipe.model, 0
+    if _is_checkpoint(section.init):
+        config, _ = read_config(section.init)
+        on_disk = checkpoint_bytes_per_param(weight_files(section.init), param_counts(config)["total"])
+    else:
+        config = resolve_config(section.init)
+        if section.vocab and Path(section.vocab).exists():
+            config.vocab_size = CPMAntTokenizer(section.vocab).vocab_size
+    train_path = Path(recipe.data.train) if recipe.data.train else None
+    seq_len = PackedDataset(train_path).max_length if train_path and train_path.is_dir() else DEFAULT_SEQ_LEN
+    plan, smallest = plan_recipe_phase(config, recipe.train, seq_len=seq_len, nproc=nproc,
+                                       device_memory_gb=device_memory_gb, checkpoint_bytes=on_disk)
+    return {"dry_run": True, "model": section.init, "seq_len": seq_len, "plan": plan.to_dict(),
+            "verdict": verdict([plan], smallest, plan.engine)}
+
+
 # ----- run -----------------------------------------------------------------------------------------------------
 def _earlier_run(path: Path) -> bool:
     """An out_dir of a cpmctl older than the output markers."""
@@ -108,6 +132,7 @@ def run_pretrain(recipe: PretrainRecipe, *, progress: bool = True, log=print, fo
     out_dir follows the output policy (cpmctl/outputs.py): locked for the run, refused when it holds something
     else; `force` trains a new run beside it and swaps it in when complete."""
     check_recipe(recipe)
+    recipe.train.engine = engine_for_world(recipe.train.engine)
     rank, _, world_size = dist_env() if recipe.train.engine != "single" else (0, 0, 1)
     if force and recipe.resume:
         raise CpmctlError("--force starts a new run (it replaces out_dir once complete); it does not go with --resume")

@@ -13,6 +13,7 @@ from typing import Literal
 
 from cpmctl.recipe import fail, load_recipe, non_negative, positive, within
 from cpmctl.train.engine import ENGINES, PRECISIONS
+from cpmctl.train.metrics import LOGGERS
 from cpmctl.train.schedule import SCHEDULES
 
 Schedule = Literal[SCHEDULES]  # noam | cosine | linear | constant (train/schedule.py)
@@ -20,36 +21,39 @@ EngineKind = Literal[ENGINES]  # single | ddp | fsdp (torch.distributed, launche
 Precision = Literal[PRECISIONS]  # fp32 | bf16 (autocast, CPU and GPU) | fp16 (GPU, dynamic loss scale from 2**20)
 CheckpointFormat = Literal["full", "sharded"]  # sharded: fsdp's torch.distributed.checkpoint shards, no gathering
 DecayOn = Literal["matrices", "all"]  # matrices: 2-D weights only; all: every parameter, as the original's one group
+Logger = Literal[LOGGERS]  # jsonl | tensorboard (OUT/tensorboard/) | wandb (offline unless WANDB_MODE says otherwise)
 
 
 @dataclass
 class TrainConfig:
     """Flat training settings; a recipe section `train:` maps onto it. `lr` is the peak learning rate."""
 
-    steps: int = 1000
+    steps: int = 1000  # optimizer updates in the run
     batch_size: int = 8  # rows per micro-batch per process
-    grad_accum: int = 1
-    lr: float = 1e-3
+    grad_accum: int = 1  # micro-batches per optimizer update (rows per update = batch_size x grad_accum x processes)
+    lr: float = 1e-3  # the peak learning rate (the schedule scales it)
     schedule: Schedule = "noam"
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.01
+    warmup_steps: int = 100  # linear warmup from 0 to lr over this many steps
+    min_lr_ratio: float = 0.0  # cosine / linear: the lr they decay to, as a share of lr
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
     weight_decay_on: DecayOn = "matrices"  # docs/pretrain.md: why not the original's "all", and the measured effect
     grad_clip: float = 1.0  # 0 = no clipping (the norm is still logged)
     precision: Precision = "fp32"
-    activation_checkpointing: bool = False
-    compile: bool = False
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, slower
+    compile: bool = False  # torch.compile the model's blocks
     engine: EngineKind = "single"
-    log_every: int = 10
-    valid_every: int = 100
-    valid_batches: int = 20
-    save_every: int = 500
+    log_every: int = 10  # steps per metrics.jsonl row (the means over those steps)
+    valid_every: int = 100  # steps between validation passes (needs validation data)
+    valid_batches: int = 20  # batches per validation pass; 0 = no validation
+    save_every: int = 500  # steps between checkpoints (one is also written at the end)
     keep_last: int = 2  # 0 = keep every checkpoint
-    seed: int = 0
+    seed: int = 0  # data order, dropout and every other random draw of the run
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     checkpoint_format: CheckpointFormat = "full"
     # AdamW on folded weights with the steps AdamW takes on the original-convention weights (docs/pretrain.md).
     original_lr_scaling: bool = True
+    # Where every metrics.jsonl row also goes; tensorboard and wandb need their pip extra (cpmctl[tensorboard]).
+    logger: Logger = "jsonl"
 
     def check(self, at: str) -> None:
         positive(self, at, "steps", "batch_size", "grad_accum", "log_every", "valid_every", "save_every")
@@ -82,7 +86,7 @@ class PretrainRecipe:
     model: PretrainModel = field(default_factory=PretrainModel)
     data: PretrainData = field(default_factory=PretrainData)
     train: TrainConfig = field(default_factory=TrainConfig)
-    out_dir: str = "runs/pretrain"
+    out_dir: str = "runs/pretrain"  # the run directory: checkpoints, metrics.jsonl, final/
     resume: bool | str = False  # true: continue out_dir's latest checkpoint; a path: that run or checkpoint
 
 

@@ -20,7 +20,7 @@ import torch
 
 from cpmctl import CpmctlError
 from cpmctl.model.config import CPMAntConfig
-from cpmctl.model.lora import LoraSettings, adapter_meta, write_adapter, PEFT_PREFIX
+from cpmctl.model.lora import ADAPTER_KEY_PREFIX, LoraSettings, adapter_meta, write_adapter
 
 OPENDELTA_DEFAULT_ALPHA = 16.0
 _DELTA_KEY = re.compile(
@@ -50,8 +50,8 @@ def read_delta(path: str | Path) -> dict[str, torch.Tensor]:
 
 def convert_delta(state: dict[str, torch.Tensor],
                   source: str = "delta") -> tuple[dict[str, torch.Tensor], LoraSettings, int]:
-    """OpenDelta keys -> peft keys (with the `base_model.model.` prefix). Returns (state, settings-without-alpha,
-    number of ignored non-LoRA keys)."""
+    """OpenDelta keys -> adapter keys (`base_model.model.cpmant.<module>.lora_A.weight`, as peft names them on
+    CpmAntForCausalLM). Returns (state, settings-without-alpha, number of ignored non-LoRA keys)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     targets: set[str] = set()
     ignored = 0
@@ -81,8 +81,8 @@ def convert_delta(state: dict[str, torch.Tensor],
                 f"{source}: {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} disagree on the rank"
             )
         ranks.add(a.shape[0])
-        out[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.float().contiguous()
-        out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.float().contiguous()
+        out[f"{ADAPTER_KEY_PREFIX}{module}.lora_A.weight"] = a.float().contiguous()
+        out[f"{ADAPTER_KEY_PREFIX}{module}.lora_B.weight"] = b.float().contiguous()
     if len(ranks) != 1:
         raise CpmctlError(f"{source}: LoRA ranks differ between modules ({sorted(ranks)}); one rank is supported")
     settings = LoraSettings(r=ranks.pop(), targets=sorted(targets))
@@ -95,7 +95,7 @@ def check_delta_fits(state: dict[str, torch.Tensor], config: CPMAntConfig, sourc
 
     model = build_model(config, device="meta")
     for key, t in state.items():
-        module_name = key[len(PEFT_PREFIX):].rsplit(".", 2)[0]
+        module_name = key[len(ADAPTER_KEY_PREFIX):].rsplit(".", 2)[0]
         try:
             linear = model.get_submodule(module_name)
         except AttributeError:
@@ -116,10 +116,7 @@ def import_delta(path: str | Path, out: str | Path, alpha: float = OPENDELTA_DEF
     settings.validate()
     if base_config is not None:
         check_delta_fits(state, base_config, str(path))
-        meta = adapter_meta(base_config, source=str(path), imported_from="opendelta")
-    else:
-        meta = {"format": "cpmctl-lora", "version": 1, "base_config": None, "source": str(path),
-                "imported_from": "opendelta"}
+    meta = adapter_meta(base_config, source=str(path), imported_from="opendelta")
     write_adapter(out, state, settings, meta, base_model, output=output)
     return {
         "out": str(out),

@@ -9,7 +9,7 @@ from typing import Literal
 
 from cpmctl.model.generation_config import DecodeOverrides
 from cpmctl.model.lora import LoraSettings
-from cpmctl.recipe import at_least, fail, load_recipe, non_negative
+from cpmctl.recipe import at_least, load_recipe, non_negative
 from cpmctl.tasks.registry import DEFAULT_TEMPLATE, TaskTemplate
 from cpmctl.train.recipe import TrainConfig
 
@@ -34,7 +34,7 @@ class TuneSettings:
     patience: int = 3  # epochs without a better dev score before stopping; 0 = never stop early
     metric: str | None = None  # dev metric that picks the best adapter; null = the task's primary metric
     dev_limit: int | None = None  # score only the first N dev examples each epoch
-    eval_batch_size: int = 8
+    eval_batch_size: int = 8  # dev examples per forward pass when scoring an epoch
     base_dtype: BaseDtype = "fp32"
 
     def check(self, at: str) -> None:
@@ -50,10 +50,7 @@ class TuneRecipe:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(warmup_steps=50, save_every=200))
     tune: TuneSettings = field(default_factory=TuneSettings)
     decode: DecodeOverrides = field(default_factory=DecodeOverrides)  # dev decoding overrides (generation tasks)
-
-    def check(self, at: str) -> None:
-        if self.train.engine == "fsdp":
-            fail(at, "train.engine", "LoRA tuning runs with single or ddp (fsdp shards whole models)")
+    # train.engine: single, ddp, or fsdp (the frozen base sharded with the adapters; docs/distributed.md)
 
 
 def load_tune_recipe(path: str | Path | None, overrides: list[str], task: str | None = None,

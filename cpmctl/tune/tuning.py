@@ -121,16 +121,31 @@ class EpochTracker:
 
 
 # ----- dry run -------------------------------------------------------------------------------------------------
-def tune_dry_run(model: str | None, recipe: TuneRecipe) -> dict:
-    """Trainable and total parameters from the model's config alone (no weights are read)."""
+def tune_dry_run(model: str | None, recipe: TuneRecipe, nproc: int | None = None,
+                 device_memory_gb: float | None = None) -> dict:
+    """Trainable and total parameters from the model's config alone (no weights are read), and the per-rank memory
+    plan (train/memory_plan.py) at the task's row length (DEFAULT_SEQ_LEN without a task)."""
+    from cpmctl.model.checkpoint import weight_files
     from cpmctl.model.lora import base_config, dry_run_counts
+    from cpmctl.train.memory_plan import (DEFAULT_SEQ_LEN, PRECISION_BYTES, checkpoint_bytes_per_param,
+                                          plan_recipe_phase, verdict)
 
     if model is None:
         raise CpmctlError("--model is required: a checkpoint, a config JSON or a ladder name (10b)")
-    counts = dry_run_counts(base_config(model), recipe.lora)
+    config = base_config(model)
+    counts = dry_run_counts(config, recipe.lora)
+    seq_len = (recipe.task.max_length or _resolve_task(recipe).max_length) if recipe.task.name else DEFAULT_SEQ_LEN
+    base = counts["total"] - counts["trainable"]
+    is_file = Path(model).exists() and not str(model).endswith(".json")
+    on_disk = checkpoint_bytes_per_param(weight_files(model), base) if is_file else (2 if config.half else 4)
+    plan, smallest = plan_recipe_phase(
+        config, recipe.train, seq_len=seq_len, nproc=nproc, device_memory_gb=device_memory_gb,
+        checkpoint_bytes=on_disk, trained="lora", base_dtype_bytes=PRECISION_BYTES[recipe.tune.base_dtype],
+        lora_r=recipe.lora.r, lora_targets=tuple(recipe.lora.targets), lora_trainable=counts["trainable"])
     return {"model": str(model), "r": recipe.lora.r, "alpha": recipe.lora.alpha, "scaling": recipe.lora.scaling,
             "targets": list(recipe.lora.targets), "rslora": recipe.lora.rslora, "dora": recipe.lora.dora,
-            "frozen": counts["total"] - counts["trainable"], **counts}
+            "frozen": base, **counts, "seq_len": seq_len,
+            "memory": {"plan": plan.to_dict(), "verdict": verdict([plan], smallest, plan.engine)}}
 
 
 # ----- the run -------------------------------------------------------------------------------------------------
@@ -217,7 +232,7 @@ class LoraRun:
         stopped_early, result = False, None
         try:
             result = train(self.model, self.reader, self.cfg, self.out_dir, valid=self.valid,
-                           param_groups=_lora_param_groups(self.model, self.cfg), on_step=self.on_step,
+                           param_groups=lambda m: _lora_param_groups(m, self.cfg), on_step=self.on_step,
                            save_model=self.save_model, extra_state=self.tracker, resume=self.resume,
                            progress=progress)
             # The last epoch ends with the run (a run of train.steps may end inside an epoch: a fractional epoch).
@@ -258,14 +273,36 @@ def tune_lora(model_path: str | Path | None, data: str | Path | None, out_dir: s
               progress: bool = True, force: bool = False) -> dict:
     """Tune LoRA on `recipe.task` and keep the best adapter (by the dev metric) in OUT/best. Returns a summary.
     OUT follows the output policy (cpmctl/outputs.py): locked for the run; `force` runs anew beside it."""
-    from cpmctl.outputs import run_dir
-    from cpmctl.train.engine import dist_env
-    from cpmctl.train.loop import TrainingInterrupted
+    from cpmctl.train.engine import engine_for_world, setup_engine
 
     if out_dir is None:
         raise CpmctlError("--out is required")
     if force and resume:
         raise CpmctlError("--force starts a new run (it replaces --out once complete); it does not go with --resume")
+    recipe.train.engine = engine_for_world(recipe.train.engine)
+    if recipe.train.engine == "single":
+        return _tune_lora(model_path, data, out_dir, recipe, vocab, resume, log, progress, force)
+    if force:
+        raise CpmctlError("--force with several processes: remove --out first, or choose a new one")
+    # One process group for the whole run: the dev scoring after the last step still runs on the sharded model.
+    engine = setup_engine(recipe.train.engine, recipe.train.device)
+    try:
+        return _tune_lora(model_path, data, out_dir, recipe, vocab, resume, log if engine.is_main else _quiet,
+                          progress, force)
+    finally:
+        engine.close()
+
+
+def _quiet(*args, **kw) -> None:
+    pass
+
+
+def _tune_lora(model_path, data, out_dir, recipe: TuneRecipe, vocab, resume: bool, log: Callable, progress: bool,
+               force: bool) -> dict:
+    from cpmctl.outputs import run_dir
+    from cpmctl.train.engine import dist_env
+    from cpmctl.train.loop import TrainingInterrupted
+
     with run_dir(out_dir, "tune lora", force=force, inputs=[model_path, data, vocab], accept=_earlier_tune,
                  writer=dist_env()[0] == 0) as rd:
         finished = rd.work / RESULT_FILE
@@ -290,7 +327,8 @@ def prepare_run(model_path: str | Path | None, data: str | Path | None, out_dir:
     """Check the inputs (data and config before any weight is read), load the model, inject LoRA, build the rows."""
     from cpmctl.model.checkpoint import load_model, load_tokenizer, read_config
     from cpmctl.train import checkpointing as ckpt
-    from cpmctl.train.engine import dist_env
+    from cpmctl.train.checkpointing import full_copy
+    from cpmctl.train.engine import Engine, dist_env
     from cpmctl.model.lora import inject_lora, parameter_counts
     from cpmctl.data.packed_format import PackedReader, RowsInMemory
     from cpmctl.evaluate.predict import predict
@@ -350,8 +388,9 @@ def prepare_run(model_path: str | Path | None, data: str | Path | None, out_dir:
         return task.score(predictions, dev_examples)
 
     def save_best(m, row) -> None:
+        whole = full_copy(m, Engine(cfg.engine, torch.device("cpu"), rank=rank, world_size=world))  # collective
         if is_main:
-            write_adapter(out_dir / BEST_DIR, adapter_state_dict(m), recipe.lora,
+            write_adapter(out_dir / BEST_DIR, adapter_state_dict(whole), recipe.lora,
                           {**meta, "epoch": row["epoch"], "step": row["step"], "metric": metric, "dev": row["metrics"]},
                           base_model=str(model_path), replace=True)
 
