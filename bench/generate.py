@@ -261,7 +261,6 @@ def report(args, mode, texts, n, rows, best, bandwidth, per_token, fp_bytes, cpu
         step = (times[name] - times[name + "@1"]) / max(steps, 1)
         return produced, end_to_end, (1.0 / step if step > 0 else float("nan"))
 
-    clocks = ["wall"] + (["cpu"] if cpu_clock else [])
     _, hf_e2e, hf_decode = figures("hf", "wall")
     base, rows_out = None, {}
     for name, nbytes in per_token.items():

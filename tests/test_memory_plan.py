@@ -135,7 +135,8 @@ def test_lora_step_within_15_percent():
 # ----- the dry runs ---------------------------------------------------------------------------------------------
 def test_fsdp_shards_and_the_smallest_nproc(capsys):
     code, out, _ = run_cli(capsys, "prune", "--from", "10b", "--to", "7b", "--recipe", "prune/10b-7b", "--dry-run",
-                           "--nproc", "8", "--device-memory", "80", "mask.engine=fsdp", "recovery.engine=fsdp", "--json")
+                           "--nproc", "8", "--device-memory", "80", "method=learned", "mask.engine=fsdp", "recovery.engine=fsdp",
+                           "--json")
     assert code == 0
     plan = json.loads(out)
     mask = plan["memory"]["stages"][0]["mask"]
