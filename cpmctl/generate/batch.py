@@ -98,18 +98,30 @@ def load_for_generation(
 ) -> LoadedForGeneration:
     """The model and tokenizer for decoding `prompts` with `cfg`: plain, or lazily within a memory limit / with
     int8 linears (then planned for these prompts before any weight is read)."""
-    if memory_limit_gb is None and quantize is None:
+
+    def plan_for(config, tokenizer) -> MemoryPlan:
+        # The plan's shape is in tokens, so the prompts are tokenized before loading.
+        counts = [len(encode_prompt(tokenizer, p)) for p in prompts]
+        return plan_generation(config, counts, decoding=cfg, batch_size=batch_size, device=device, dtype=dtype,
+                               memory_limit_gb=memory_limit_gb, quantize=quantize)
+
+    return load_with_policy(model_path, device=device, dtype=dtype, adapter=adapter, vocab=vocab,
+                            planned=memory_limit_gb is not None or quantize is not None, plan_for=plan_for)
+
+
+def load_with_policy(model_path: str | Path, *, device: torch.device, dtype: torch.dtype, adapter, vocab,
+                     planned: bool, plan_for: Callable) -> LoadedForGeneration:
+    """The one load policy of `generate` and `serve`: the whole model (with an optional unmerged adapter), or, when
+    `planned`, the memory plan `plan_for(config, tokenizer)` made before any weight is read, then a lazy load."""
+    if not planned:
         # The weights first: a missing or damaged checkpoint is named before its vocabulary.
         model, _ = load_model_with_adapter(model_path, adapter, device=device, dtype=dtype)
         return LoadedForGeneration(model, load_tokenizer(model_path, vocab, vocab_size=model.config.vocab_size))
     if adapter is not None:
         raise CpmctlError("--adapter cannot be combined with --memory-limit or --quantize: merge the adapter first")
     config = MappedCheckpoint.read_config(model_path)
-    # The plan's shape is in tokens, so the prompts are tokenized before loading.
     tokenizer = load_tokenizer(model_path, vocab, vocab_size=config.vocab_size)
-    counts = [len(encode_prompt(tokenizer, p)) for p in prompts]
-    plan = plan_generation(config, counts, decoding=cfg, batch_size=batch_size, device=device, dtype=dtype,
-                           memory_limit_gb=memory_limit_gb, quantize=quantize)
+    plan = plan_for(config, tokenizer)
     offloaded = load_planned(model_path, plan, device=device)
     return LoadedForGeneration(offloaded.model, tokenizer, plan, offloaded)
 

@@ -10,15 +10,10 @@ from pathlib import Path
 
 import torch
 
-from cpmctl import CpmctlError
-from cpmctl.generate.batch import LoadedForGeneration
-from cpmctl.generate.lazy import MappedCheckpoint
-from cpmctl.generate.offload import load_planned
+from cpmctl.generate.batch import LoadedForGeneration, load_with_policy
 from cpmctl.generate.plan import MemoryPlan, plan_generation, plan_memory
-from cpmctl.model.checkpoint import load_tokenizer
 from cpmctl.model.config import CPMAntConfig
 from cpmctl.model.generation_config import GenerationConfig
-from cpmctl.model.lora import load_model_with_adapter
 from cpmctl.serve.engine import Limits, cache_capacity
 
 
@@ -53,15 +48,10 @@ def load_for_serving(model_path: str | Path, limits: Limits, *, device: torch.de
                      name: str | None = None) -> ServedModel:
     limits.check()
     served = name or Path(model_path).resolve().name.removesuffix(".pt")
-    if memory_limit_gb is None and quantize is None:
-        model, _ = load_model_with_adapter(model_path, adapter, device=device, dtype=dtype)
-        tokenizer = load_tokenizer(model_path, vocab, vocab_size=model.config.vocab_size)
-        plan = engine_plan(model.config, limits, device, dtype, None, None)
-        return ServedModel(LoadedForGeneration(model, tokenizer), plan, served)
-    if adapter is not None:
-        raise CpmctlError("--adapter cannot be combined with --memory-limit or --quantize: merge the adapter first")
-    config = MappedCheckpoint.read_config(model_path)
-    tokenizer = load_tokenizer(model_path, vocab, vocab_size=config.vocab_size)
-    plan = engine_plan(config, limits, device, dtype, memory_limit_gb, quantize)
-    offloaded = load_planned(model_path, plan, device=device)
-    return ServedModel(LoadedForGeneration(offloaded.model, tokenizer, plan, offloaded), plan, served)
+    loaded = load_with_policy(
+        model_path, device=device, dtype=dtype, adapter=adapter, vocab=vocab,
+        planned=memory_limit_gb is not None or quantize is not None,
+        plan_for=lambda config, _: engine_plan(config, limits, device, dtype, memory_limit_gb, quantize))
+    # A whole-model load has no plan of its own: the engine's sizes are still shown.
+    plan = loaded.plan or engine_plan(loaded.model.config, limits, device, dtype, None, None)
+    return ServedModel(loaded, plan, served)
