@@ -4,15 +4,27 @@ filter, training engines) alike."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from cpmctl import CpmctlError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+# The names only: recipes validate them without importing torch (data commands start without it).
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def resolve_device(name: str, local_rank: int = 0, what: str = "--device") -> torch.device:
     """auto -> cuda when available, else cpu; a bare `cuda` on a distributed rank is its own local GPU."""
+    import torch
+
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
@@ -25,8 +37,8 @@ def resolve_device(name: str, local_rank: int = 0, what: str = "--device") -> to
 
 
 def resolve_dtype(name: str, device: torch.device, what: str = "--dtype") -> torch.dtype:
-    if name not in DTYPES:
-        raise CpmctlError(f"{what} must be one of {', '.join(DTYPES)}, got '{name}'")
+    if name not in DTYPE_NAMES:
+        raise CpmctlError(f"{what} must be one of {', '.join(DTYPE_NAMES)}, got '{name}'")
     if name == "fp16" and device.type == "cpu":
         raise CpmctlError(f"{what} fp16 needs a GPU; use fp32 or bf16 on the CPU")
-    return DTYPES[name]
+    return torch_dtype(name)

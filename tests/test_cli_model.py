@@ -116,6 +116,7 @@ def test_generate_json_and_input_file(capsys, checkpoint, tmp_path):
     results = run_json(capsys, "generate", "--input", prompts, "--model", checkpoint, "--decode", "greedy",
                        "--max-new-tokens", "5", "--batch-size", "2", "--device", "cpu")
     assert [r["prompt"] for r in results] == [x["prompt"] for x in lines]
+    assert results[1]["id"] == 7 and "id" not in results[0]  # the input line's other fields are carried through
     assert results[0]["token_ids"] == one["token_ids"]  # batching does not change results
 
     beams = run_json(capsys, "generate", "--input", prompts, "--model", checkpoint, "--max-new-tokens", "4",
@@ -127,6 +128,21 @@ def test_generate_json_and_input_file(capsys, checkpoint, tmp_path):
 
     code, out, _ = run(capsys, "generate", "今天天气", "--model", checkpoint, "--decode", "greedy", "--max-new-tokens", "5", "--device", "cpu")
     assert code == 0 and out.rstrip("\n") == one["text"]
+
+
+def test_generate_input_prints_progress_lines_on_a_piped_stderr(capsys, checkpoint, tmp_path, monkeypatch):
+    from cpmctl import progress
+
+    monkeypatch.setenv("CPMCTL_LOG_INTERVAL", "0")
+    monkeypatch.setattr(progress, "plain_logs", lambda: True)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in ["今天", "我们", "北京"]),
+                       encoding="utf-8")
+    code, out, err = run(capsys, "generate", "--input", prompts, "--model", checkpoint, "--decode", "greedy",
+                         "--max-new-tokens", "2", "--batch-size", "1", "--device", "cpu", "--json")
+    assert code == 0 and len(out.strip().splitlines()) == 3  # stdout stays the results alone
+    lines = [line for line in err.splitlines() if line[:4].isdigit() and "generate" in line]
+    assert [line.split()[2] for line in lines] == ["1/3", "2/3", "3/3"], err
 
 
 def test_bad_input_is_one_line_and_exit_2(capsys, checkpoint, tmp_path, tiny_vocab, ant_vocab):

@@ -4,6 +4,7 @@ Decoding flags default to None and override GenerationConfig(), whose dataclass 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from cpmctl.cli.common import emit_json, err, examples, out
 from cpmctl.generate.batch import DEFAULT_BATCH_SIZE, prepare_generation
 from cpmctl.generate.offload import describe_plan
 from cpmctl.model.generation_config import GenerationConfig
+from cpmctl.progress import count_bar
 
 DEFAULTS = GenerationConfig()  # named in the help; the flags override it
 EXAMPLES = examples("cpmctl generate '今天天气很好，' --model runs/mini/model",
@@ -62,10 +64,16 @@ def generate(
     )
     if run.plan is not None:
         err.print(describe_plan(run.plan))
-    for i, result in enumerate(run.results()):
-        if json_out:  # the input line's other fields (an id) first, then the result's
-            emit_json({**run.fields(i), "prompt": result.prompt, "text": result.text, "token_ids": result.token_ids})
-        elif run.streaming:
-            out.print()
-        else:
-            out.print(result.text)
+    # A file of prompts is a long job: progress (timestamped lines when stderr is not a terminal) on stderr.
+    with count_bar("generate") if input_file is not None else contextlib.nullcontext() as bar:
+        task = bar.add_task("generate", total=len(run.prompts)) if bar is not None else None
+        for i, result in enumerate(run.results()):
+            if json_out:  # the input line's other fields (an id) first, then the result's
+                emit_json({**run.fields(i), "prompt": result.prompt, "text": result.text,
+                           "token_ids": result.token_ids})
+            elif run.streaming:
+                out.print()
+            else:
+                out.print(result.text)
+            if bar is not None:
+                bar.advance(task)

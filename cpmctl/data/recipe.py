@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cpmctl import CpmctlError
-from cpmctl.device import DTYPES
+from cpmctl.device import DTYPE_NAMES
 from cpmctl.recipe import at_least, check_recipe, fail, join, within
 
-Dtype = Literal[tuple(DTYPES)]  # fp32 | bf16 | fp16 (GPU)
+Dtype = Literal[DTYPE_NAMES]  # fp32 | bf16 | fp16 (GPU)
 
 
 @dataclass

@@ -6,14 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cpmctl.device import DTYPES
+from cpmctl.device import DTYPE_NAMES
 from cpmctl.model.generation_config import DecodeOverrides, overrides_of
 from cpmctl.recipe import at_least
 from cpmctl.tasks.registry import DEFAULT_TEMPLATE, TaskTemplate
 from cpmctl.tasks.schema import SPLITS
 
 Split = Literal[SPLITS]  # train | dev | test
-Dtype = Literal[tuple(DTYPES)]  # fp32 | bf16 | fp16 (GPU)
+Dtype = Literal[DTYPE_NAMES]  # fp32 | bf16 | fp16 (GPU)
 
 
 @dataclass

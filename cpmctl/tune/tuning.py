@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from cpmctl import CpmctlError
-from cpmctl.device import DTYPES
+from cpmctl.device import torch_dtype
 from cpmctl.io import atomic_file
 from cpmctl.model.generation_config import overrides_of
 from cpmctl.model.lora import adapter_meta, adapter_state_dict, write_adapter, write_adapter_files
@@ -366,7 +366,7 @@ def prepare_run(model_path: str | Path | None, data: str | Path | None, out_dir:
                              seed=cfg.seed, rank=rank, world_size=world, shuffle=False)
 
     # Frozen base weights (fp32 or bf16), fp32 LoRA weights.
-    model, _ = load_model(model_path, dtype=DTYPES[recipe.tune.base_dtype])
+    model, _ = load_model(model_path, dtype=torch_dtype(recipe.tune.base_dtype))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # peft draws lora_A at random: the same run gets the same start
         inject_lora(model, recipe.lora, base_model=str(model_path))
