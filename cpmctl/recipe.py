@@ -42,16 +42,8 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _type_name(tp) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(get_args(tp)[0])}"
-    if tp is type(None):
-        return "null"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
+    """A type in an error message: an integer, a number, list of a string, 'a' | 'b'."""
+    return type_label(tp, prose=True)
 
 
 def _coerce(value: Any, tp, path: str):
@@ -380,18 +372,24 @@ def _twin(cls):
     return None
 
 
-def type_label(tp) -> str:
-    """A recipe key's type as `recipes show` prints it: int, float, str, bool, 'a' | 'b', list[str], str | null."""
+_PROSE = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+
+
+def type_label(tp, prose: bool = False) -> str:
+    """A recipe key's type as `recipes show` prints it (int, float, str, bool, 'a' | 'b', list[str], str | null),
+    or with `prose` as an error message says it (an integer, list of a string)."""
     origin = get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " | ".join(type_label(a) for a in get_args(tp))
+        return " | ".join(type_label(a, prose) for a in get_args(tp))
+    if prose and origin is list:
+        return f"list of {type_label(get_args(tp)[0], prose)}"
     if origin in (list, dict):
-        return f"{origin.__name__}[{', '.join(type_label(a) for a in get_args(tp))}]"
+        return f"{origin.__name__}[{', '.join(type_label(a, prose) for a in get_args(tp))}]"
     if tp is type(None):
         return "null"
-    return getattr(tp, "__name__", str(tp))
+    return (_PROSE.get(tp) if prose else None) or getattr(tp, "__name__", str(tp))
 
 
 def _flow(value) -> str:
