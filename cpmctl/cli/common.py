@@ -82,6 +82,8 @@ Force = Annotated[bool, typer.Option("--force", help=FORCE_HELP)]
 RunForce = Annotated[bool, typer.Option("--force", help="Start anew even though the output directory holds something "
                                         "else or an earlier run; it is replaced only once the new run is complete.")]
 PrintRecipe = Annotated[bool, typer.Option("--print-recipe", help="Print the resolved recipe and exit.")]
+DeviceMemory = Annotated[float, typer.Option("--device-memory", help="With --dry-run: GB per device to check the "
+                                             "per-rank memory plan against (fits / the smallest process count).")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout.")]
 
 def emit_result(obj: dict, output) -> None:

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import typer
 
-from cpmctl.cli.common import (EXIT_INTERRUPTED, PrintRecipe, RunForce, emit_json, emit_result, err, examples, out,
-                               recipe_keys, show_recipe)
+from cpmctl.cli.common import (
+    DeviceMemory, EXIT_INTERRUPTED, PrintRecipe, RunForce, emit_json, emit_result, err, examples, out,
+    recipe_keys, show_recipe
+)
 
 EXAMPLES = recipe_keys("pretrain/mini") + "\n\n" + examples(
     "cpmctl pretrain --recipe pretrain/mini",
@@ -25,8 +27,7 @@ def pretrain(
                               "--dry-run: plan for N ranks."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-rank memory plan (parameters, gradients, "
                                  "AdamW, activations, start-up); read no weights, train nothing."),
-    device_memory: float = typer.Option(None, "--device-memory", help="With --dry-run: GB per device to check the "
-                                        "plan against (fits / the smallest process count)."),
+    device_memory: DeviceMemory = None,
     force: RunForce = False,
     print_recipe: PrintRecipe = False,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the result."),

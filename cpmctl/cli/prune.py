@@ -8,8 +8,10 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cpmctl.cli.common import (EXIT_INTERRUPTED, PrintRecipe, RunForce, emit_json, err, examples, format_count, out,
-                               recipe_keys, show_recipe)
+from cpmctl.cli.common import (
+    DeviceMemory, EXIT_INTERRUPTED, PrintRecipe, RunForce, emit_json, err, examples, format_count, out,
+    recipe_keys, show_recipe
+)
 
 EXAMPLES = recipe_keys("prune/mini") + "\n\n" + examples(
     "cpmctl prune --model runs/pretrain/final --from mini-10b --to mini-300m --data packed/train --recipe prune/mini "
@@ -30,8 +32,7 @@ def prune(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages, target shapes and parameter counts."),
     nproc: int = typer.Option(None, "--nproc", help="Run N processes on this machine (launches torchrun; "
                               "mask.engine / recovery.engine single -> ddp). With --dry-run: plan for N ranks."),
-    device_memory: float = typer.Option(None, "--device-memory", help="With --dry-run: GB per device to check the "
-                                        "per-rank memory plan against (fits / the smallest process count)."),
+    device_memory: DeviceMemory = None,
     force: RunForce = False,
     print_recipe: PrintRecipe = False,
     json_out: bool = typer.Option(False, "--json", help="One JSON object per stage (with --dry-run: the plan)."),

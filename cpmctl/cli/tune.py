@@ -7,8 +7,10 @@ from pathlib import Path
 
 import typer
 
-from cpmctl.cli.common import (Force, PrintRecipe, RunForce, emit_json, emit_result, err, examples, format_count, out,
-                               recipe_keys, show_recipe)
+from cpmctl.cli.common import (
+    DeviceMemory, Force, PrintRecipe, RunForce, emit_json, emit_result, err, examples, format_count, out,
+    recipe_keys, show_recipe
+)
 from cpmctl.tune.import_delta import OPENDELTA_DEFAULT_ALPHA
 
 app = typer.Typer(help="LoRA delta tuning: train, merge and import adapters.", no_args_is_help=True)
@@ -34,8 +36,7 @@ def lora(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print trainable and total parameters and the per-rank "
                                  "memory plan; load no weights."),
     nproc: int = typer.Option(None, "--nproc", help="With --dry-run: plan for N ranks (torchrun runs them)."),
-    device_memory: float = typer.Option(None, "--device-memory", help="With --dry-run: GB per device to check the "
-                                        "plan against (fits / the smallest process count)."),
+    device_memory: DeviceMemory = None,
     print_recipe: PrintRecipe = False,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the result."),
 ):
