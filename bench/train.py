@@ -16,6 +16,7 @@ the GPU's dense bf16 peak.
     python bench/train.py --threads 0 --batch-size 8         # all cores (on a machine nobody else is using)
     python bench/train.py --preset 1b --device cuda --precision bf16 --batch-size 8 --seq-len 1024
     python bench/train.py --preset 1b --device cuda --precision bf16 --no-peer --compile
+    python bench/train.py --preset 1b --device cuda --precision bf16 --no-peer --attention flex   # FlexAttention
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def parse_args():
                         "OpenMP threads measure the contention more than the code.")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (cpmctl) / the model (peer).")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flex"],
+                   help="cpmctl's train.attention: SDPA with a float bias, or FlexAttention (score_mod + BlockMask; "
+                        "fast on CUDA only, on the CPU a correctness path).")
     p.add_argument("--no-peer", action="store_true", help="Measure cpmctl only (e.g. for MFU on a large config).")
     p.add_argument("--profile", action="store_true", help="Print the top operators of cpmctl's training step.")
     p.add_argument("--json", action="store_true", help="Also print one JSON object with the numbers.")
@@ -138,7 +142,8 @@ def cpmctl_round(model, batch, args, device) -> tuple[float, float]:
 
     cfg = TrainConfig(steps=last, batch_size=args.batch_size, lr=1e-4, schedule="constant", warmup_steps=0,
                       precision=args.precision, device=str(device), log_every=last, valid_every=last,
-                      save_every=10**9, compile=args.compile, activation_checkpointing=args.activation_checkpointing)
+                      save_every=10**9, compile=args.compile, activation_checkpointing=args.activation_checkpointing,
+                      attention=args.attention)
     with tempfile.TemporaryDirectory() as out:
         try:
             train(model, FixedBatches(batch), cfg, out, on_step=on_step, progress=False)
@@ -238,7 +243,7 @@ def main():
     tokens = args.batch_size * args.seq_len
     params = param_counts(config)["total"]
     print(f"config {args.preset}: {params / 1e6:.1f}M parameters, batch {args.batch_size} x {args.seq_len} "
-          f"positions, {args.precision} on {device} ({torch.get_num_threads()} threads), "
+          f"positions, {args.precision} on {device} ({torch.get_num_threads()} threads), {args.attention} attention, "
           f"{args.rounds} rounds x {args.steps} steps")
 
     model = build_model(config, seed=0)
@@ -255,6 +260,7 @@ def main():
             peer.append(peer_round(peer_step, args, device))
     ours_s = statistics.median(w for w, _ in ours)
     result = {"preset": args.preset, "params": params, "device": str(device), "precision": args.precision,
+              "attention": args.attention,
               "threads": torch.get_num_threads(), "batch_size": args.batch_size, "seq_len": args.seq_len,
               "cpmctl_tokens_per_s": tokens / ours_s, "cpmctl_step_s": ours_s}
     show = lambda rounds: ", ".join(f"{w * 1e3:.0f}" for w, _ in rounds)  # noqa: E731

@@ -138,8 +138,8 @@ def test_plain_torchrun_with_a_single_engine_recipe_trains_one_ddp_run(tmp_path,
 
 @pytest.mark.slow
 def test_lora_under_fsdp_equals_single_process_lora(tmp_path, tiny_vocab):
-    """`tune lora` with engine fsdp on 2 ranks (frozen base sharded, adapters trained) == one process on the same
-    global batch; the adapter is written once, in the single-process format."""
+    """`tune lora --nproc 2` with engine fsdp (frozen base sharded from the start, adapters trained) == one process
+    on the same global batch; the adapter is written once, in the single-process format."""
     from safetensors.torch import load_file
 
     from cpmctl.model.checkpoint import save_native
@@ -158,8 +158,9 @@ def test_lora_under_fsdp_equals_single_process_lora(tmp_path, tiny_vocab):
     settings = ["train.device=cpu", "train.valid_batches=0", "train.log_every=1", "train.warmup_steps=1",
                 "train.schedule=constant", "train.lr=0.02", "train.batch_size=1", "tune.epochs=2", "tune.patience=0",
                 "decode.decode=greedy", "decode.max_new_tokens=8"]
-    run = torchrun("-m", "cpmctl", "tune", "lora", "--task", "lcsts", "--model", str(base), "--data", str(data),
-                   "--out", str(tmp_path / "fsdp"), "--json", *settings, "train.engine=fsdp")
+    # `--nproc 2` launches torchrun itself; under fsdp each rank builds only its shards of the base (sharded start)
+    run = cpmctl("tune", "lora", "--nproc", "2", "--task", "lcsts", "--model", str(base), "--data", str(data),
+                 "--out", str(tmp_path / "fsdp"), "--json", *settings, "train.engine=fsdp", timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert len([line for line in run.stdout.splitlines() if line.startswith("{")]) == 1
     recipe = load_tune_recipe(None, settings + ["train.grad_accum=2"], task="lcsts")

@@ -35,7 +35,8 @@ def lora(
     force: RunForce = False,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print trainable and total parameters and the per-rank "
                                  "memory plan; load no weights."),
-    nproc: int = typer.Option(None, "--nproc", help="With --dry-run: plan for N ranks (torchrun runs them)."),
+    nproc: int = typer.Option(None, "--nproc", help="Run N processes on this machine (launches torchrun; "
+                              "train.engine single becomes ddp). With --dry-run: plan for N ranks."),
     device_memory: DeviceMemory = None,
     print_recipe: PrintRecipe = False,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the result."),
@@ -64,6 +65,18 @@ def lora(
                                    f"rows of {counts['seq_len']} tokens"):
                 out.print(line, highlight=False)
         return
+    if nproc is not None:
+        from cpmctl.train.launch import run_under_torchrun
+
+        given = {"--task": task, "--task-def": task_def, "--template": template, "--model": model_path, "--data": data,
+                 "--recipe": recipe_path, "--out": out_dir, "--vocab": vocab}
+        args = [a for flag, value in given.items() if value is not None for a in (flag, str(value))]
+        args += list(overrides or [])
+        if recipe.train.engine == "single":
+            err.print("--nproc: train.engine single -> ddp")
+            args.append("train.engine=ddp")
+        args += [flag for flag, on in (("--resume", resume), ("--force", force), ("--json", json_out)) if on]
+        return run_under_torchrun(nproc, "tune lora", args)
     result = tune_lora(model_path, data, out_dir, recipe, vocab=vocab, resume=resume, log=err.print, force=force)
     if int(os.environ.get("RANK", 0)) != 0:
         return  # under torchrun rank 0 alone reports

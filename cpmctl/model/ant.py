@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cpmctl.model.config import CPMAntConfig
+from cpmctl.model.flex_attention import FlexMask
 
 EMBEDDING_INIT_STD = 0.02  # input, prompt and segment embeddings, before the 1/sqrt(dim_model) factor
 FEW_ROWS = 16  # up to this many rows the CPU head is computed as E @ h^T (CPMAnt.logits)
@@ -65,10 +66,12 @@ class Attention(nn.Module):
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.append_kv(layer, k, v)
-        # score = q k^T / sqrt(dim_head) + bias (bias holds -inf where masked); SDPA's default scale is the same.
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout_p if self.training else 0.0
-        )
+        dropout_p = self.dropout_p if self.training else 0.0
+        if isinstance(bias, FlexMask):  # train.attention=flex: the bias and mask as FlexAttention mods
+            out = bias.attend(q, k, v, dropout_p)
+        else:
+            # score = q k^T / sqrt(dim_head) + bias (bias holds -inf where masked); SDPA's default scale is the same.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p)
         if self.head_gate is not None:
             out = out * self.head_gate.view(1, -1, 1, 1).to(out.dtype)
         if n > 1:
@@ -296,6 +299,8 @@ class CPMAnt(nn.Module):
         self.segment_embedding = nn.Embedding(config.segment_types, config.dim_model)
         self.position_bias = SegmentPositionBias(config)
         self.encoder = Encoder(config)
+        # "sdpa" | "flex" (train.attention, model/flex_attention.py): forwards without a cache; decoding keeps SDPA.
+        self.attention_kernel = "sdpa"
 
     # ----- init -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -303,19 +308,23 @@ class CPMAnt(nn.Module):
         """The original init, then folded: linears and the position-bias table std 1 before folding (folded: std
         1/sqrt(fan_in); the bias table has no factor), the input, prompt and segment embeddings std 0.02 before
         the 1/sqrt(dim_model) factor (folded: 0.02/sqrt(dim_model)); layer norms 1."""
-        d = self.config.dim_model
         for name, p in self.named_parameters():
-            if name.endswith("layernorm_before_attention.weight") or name.endswith("layernorm_before_ffn.weight") or (
-                name == "encoder.output_layernorm.weight"
-            ):
-                p.fill_(1.0)
-                continue
-            std = 1.0
-            if name.endswith("embedding.weight"):
-                std = EMBEDDING_INIT_STD / math.sqrt(d)
-            elif p.dim() == 2 and not name.startswith("position_bias"):
-                std = 1.0 / math.sqrt(p.shape[1])
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * std)
+            p.copy_(self.initial_value(name, p.shape, generator, p.dtype))
+
+    def initial_value(self, name: str, shape, generator: torch.Generator | None, dtype=torch.float32) -> torch.Tensor:
+        """One parameter's initial value (init_weights). Parameters are drawn one after another from `generator` in
+        named_parameters() order, so a sharded start (train/sharded_start.py) that draws each whole parameter and
+        keeps its own rows gets the same bits as a single process."""
+        if name.endswith("layernorm_before_attention.weight") or name.endswith("layernorm_before_ffn.weight") or (
+            name == "encoder.output_layernorm.weight"
+        ):
+            return torch.ones(shape, dtype=dtype)
+        std = 1.0
+        if name.endswith("embedding.weight"):
+            std = EMBEDDING_INIT_STD / math.sqrt(self.config.dim_model)
+        elif len(shape) == 2 and not name.startswith("position_bias"):
+            std = 1.0 / math.sqrt(shape[1])
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype).mul_(std)
 
     # ----- inputs ---------------------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
@@ -360,7 +369,10 @@ class CPMAnt(nn.Module):
             k_pos = torch.arange(end, device=input.device)[None].expand(b, end)
         else:
             k_seg, k_ctx, k_span, k_pos = segment, context, span, q_pos
-        bias = self.attention_bias(segment, context, span, q_pos, k_seg, k_ctx, k_span, k_pos)
+        if cache is None and self.attention_kernel == "flex":
+            bias = FlexMask(self.position_bias, segment, context, span)
+        else:
+            bias = self.attention_bias(segment, context, span, q_pos, k_seg, k_ctx, k_span, k_pos)
         h = self.embed(input, segment)
         h = self.encoder(h, bias, cache)
         if cache is not None:

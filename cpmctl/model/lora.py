@@ -145,6 +145,26 @@ def inject_lora(model: CPMAnt, settings: LoraSettings, base_model: str | None = 
     return model
 
 
+def lora_initial_value(name: str, shape, generator: torch.Generator) -> torch.Tensor:
+    """peft's default start, drawn from `generator` in named_parameters() order (so a sharded start matches one
+    process): lora_A uniform in +-1/sqrt(in_features) (kaiming_uniform, a = sqrt(5)), lora_B zero."""
+    if ".lora_A." in name:
+        bound = 1.0 / math.sqrt(shape[1])
+        return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+    if ".lora_B." in name:
+        return torch.zeros(shape, dtype=torch.float32)
+    raise CpmctlError(f"internal: no seeded start for {name} (DoRA's magnitude comes from the base)", exit_code=1)
+
+
+@torch.no_grad()
+def init_lora_weights(model: nn.Module, seed: int) -> None:
+    """Seeded start of every LoRA A and B; DoRA's magnitude vectors keep peft's value (the base rows' norms)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            p.copy_(lora_initial_value(name, p.shape, generator))
+
+
 def is_lora_parameter(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name
 

@@ -46,6 +46,8 @@ from cpmctl.prune.targets import Shape, Stage, check_checkpoint_shape, plan_stag
 from cpmctl.device import resolve_device
 from cpmctl.train.checkpointing import full_copy
 from cpmctl.train.engine import Engine, engine_for_world, setup_engine, shard_frozen
+from cpmctl.train.engine import is_sharded
+from cpmctl.train.sharded_start import load_sharded
 from cpmctl.outputs import run_dir
 from cpmctl.train.loop import TrainConfig, TrainingInterrupted, evaluate, train
 from cpmctl.train.objectives import lm_loss
@@ -143,6 +145,18 @@ def _valid_reader(rows, cfg: TrainConfig, engine: Engine | None):
     return PackedReader(rows, min(cfg.batch_size, len(rows) // world), shuffle=False, rank=rank, world_size=world)
 
 
+def load_for(path: Path, engine: Engine | None, device, frozen: bool = False) -> CPMAnt:
+    """A model for a phase: under fsdp straight into this rank's shards (train/sharded_start.py: no rank holds the
+    whole model), otherwise whole on the device. `frozen`: a distillation teacher (no gradients)."""
+    if engine is not None and engine.kind == "fsdp":
+        model, _ = load_sharded(path, engine.device)
+    else:
+        model, _ = load_model(path, device=device)
+    if frozen:
+        model.requires_grad_(False)
+    return model
+
+
 def learn_selection(stage: Stage, model: CPMAnt, source_path: Path, stage_dir: Path, ctx: StageContext) -> dict:
     """The mask phase: train gates and weights jointly; returns the selection and what it learned."""
     recipe = ctx.recipe
@@ -150,10 +164,7 @@ def learn_selection(stage: Stage, model: CPMAnt, source_path: Path, stage_dir: P
     engine = ctx.phase_engine(recipe.mask)
     teacher = None
     if recipe.distill.weight > 0:
-        teacher, _ = load_model(source_path, device=device)
-        teacher.requires_grad_(False)
-        if engine is not None:
-            teacher = shard_frozen(teacher, engine)  # fsdp: sharded like the student
+        teacher = load_for(source_path, engine, device, frozen=True)  # fsdp: sharded like the student
     # Gates and multipliers are replicated: the same seeded start and noise on every rank, gradients averaged.
     phase = MaskPhase(stage, model.config, recipe, teacher).to(device)
     if recipe.gates.init == "activation":  # start the gates in the order of the activation importance
@@ -235,8 +246,12 @@ def select_and_extract(stage: Stage, source_path: Path, extracted_dir: Path, sta
     recipe = ctx.recipe
     eval_batch, eval_n = recipe.recovery.batch_size, recipe.data.eval_batches
     device = ctx.device(recipe.recovery, "recovery")
-    model, _ = load_model(source_path, device=device)
-    loss_before = validation_loss(model, ctx.data.valid, eval_batch, eval_n) if ctx.is_main else None
+    if recipe.method != "learned" and not ctx.is_main:
+        return  # a selection without training: rank 0 alone computes it and extracts (run_stage's barrier waits)
+    mask_engine = ctx.phase_engine(recipe.mask) if recipe.method == "learned" else None
+    model = load_for(source_path, mask_engine, device)
+    sharded = is_sharded(model)  # then every rank runs the forwards below together (FSDP gathers per block)
+    loss_before = validation_loss(model, ctx.data.valid, eval_batch, eval_n) if ctx.is_main or sharded else None
     learned = choose_selection(stage, model, source_path, stage_dir, ctx)
     selection = learned.pop("selection")
     model = learned.pop("model", model)  # a distributed mask phase: the gathered weights on rank 0, else None
@@ -263,7 +278,7 @@ def recover(stage: Stage, extracted_dir: Path, stage_dir: Path, ctx: StageContex
     """Recovery training of the extracted model; (the trained model on rank 0, None elsewhere; its steps)."""
     cfg = ctx.recipe.recovery
     engine = ctx.phase_engine(cfg)
-    pruned, _ = load_model(extracted_dir, device=ctx.device(cfg, "recovery"))
+    pruned = load_for(extracted_dir, engine, ctx.device(cfg, "recovery"))
     ctx.log_main(f"stage {stage.index}: recovery ({cfg.steps} steps; engine {cfg.engine})")
     valid = _valid_reader(ctx.data.valid, cfg, engine)
     if valid is not None:  # a validation pass reads each held-out row at most once
@@ -273,8 +288,7 @@ def recover(stage: Stage, extracted_dir: Path, stage_dir: Path, ctx: StageContex
     loss_fn = lm_loss  # the loop's default
     distill = ctx.recipe.distill
     if distill.recovery and source_path is not None:  # distil from the stage's unpruned model (distill.recovery)
-        teacher, _ = load_model(source_path, device=ctx.device(cfg, "recovery"))
-        teacher.requires_grad_(False)
+        teacher = load_for(source_path, engine, ctx.device(cfg, "recovery"), frozen=True)
         loss_fn = distilled_objective(shard_frozen(teacher, engine) if engine is not None else teacher, distill)
     result = train(pruned, _reader(ctx.data.train, cfg, engine), cfg, stage_dir / "recovery", loss_fn=loss_fn,
                    valid=valid, save_model=_save_model_fn(ctx.vocab), resume=True, progress=ctx.progress)

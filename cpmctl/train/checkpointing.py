@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from cpmctl import CpmctlError
 from cpmctl.io import atomic_file, honour_umask
 from cpmctl.model.ant import build_model
-from cpmctl.train.engine import Engine, unwrap
+from cpmctl.train.engine import Engine, copy_rows, unwrap
 
 STATE_FILE = Path("trainer") / "state.pt"
 PARAMS_FILE = Path("trainer") / "params.safetensors"
@@ -110,7 +110,10 @@ _SKELETON = "_cpmctl_skeleton"
 
 def keep_skeleton(module: torch.nn.Module) -> None:
     """Remember the module's structure on the meta device (no weights) before FSDP shards it in place, so a full
-    copy can be rebuilt later whatever the module holds (CPM-Ant, CPM-Ant with LoRA layers)."""
+    copy can be rebuilt later whatever the module holds (CPM-Ant, CPM-Ant with LoRA layers). A model sharded at
+    start-up (train/sharded_start.py) kept its skeleton before sharding."""
+    if _SKELETON in module.__dict__:
+        return
     memo = {}
     for t in list(module.parameters()) + list(module.buffers()):
         meta = torch.empty_like(t, device="meta")
@@ -250,7 +253,7 @@ def read_state(path: Path) -> dict:
 
 
 def restore_params(module: torch.nn.Module, path: Path) -> None:
-    """Copy the exact saved trainable parameters into the (unwrapped, unsharded) module."""
+    """Copy the exact saved trainable parameters into the unwrapped module (whole, or this rank's shards)."""
     file = path / PARAMS_FILE
     if not file.exists():
         raise CpmctlError(f"{path}: no {PARAMS_FILE} (a sharded checkpoint resumes only with engine fsdp)")
@@ -265,11 +268,10 @@ def restore_params(module: torch.nn.Module, path: Path) -> None:
     unknown = sorted(set(saved) - set(own))
     if missing or unknown:
         raise CpmctlError(f"{file}: parameters do not match the model (missing {missing[:3]}, unexpected {unknown[:3]})")
-    with torch.no_grad():
-        for key, value in saved.items():
-            if own[key].shape != value.shape:
-                raise CpmctlError(f"{file}: {key} has shape {tuple(value.shape)}, the model {tuple(own[key].shape)}")
-            own[key].copy_(value)
+    for key, value in saved.items():
+        if own[key].shape != value.shape:
+            raise CpmctlError(f"{file}: {key} has shape {tuple(value.shape)}, the model {tuple(own[key].shape)}")
+        copy_rows(own[key], value)  # a model sharded at start-up: this rank's rows
 
 
 def restore_optimizer_and_shards(model, optimizer, engine: Engine, path: Path, state: dict) -> None:

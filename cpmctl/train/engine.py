@@ -8,6 +8,7 @@ then the root (embeddings, position bias, final norm), so one block's parameters
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -135,6 +136,38 @@ def setup_engine(kind: str, device_name: str = "auto") -> Engine:
     return Engine(kind, device, rank, local_rank, world_size, owns)
 
 
+# ----- sharded parameters: which rows a rank holds ---------------------------------------------------------------
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def local_rows(param: torch.Tensor) -> slice:
+    """The dim-0 rows of the full parameter held by this rank (all rows for a plain tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return slice(0, param.shape[0] if param.dim() else 1)
+    n, world, rank = param.shape[0], dist.get_world_size(), dist.get_rank()
+    chunk = math.ceil(n / world)
+    start = min(rank * chunk, n)
+    stop = min(start + chunk, n)
+    held = param.to_local().shape[0]
+    if held != stop - start:  # FSDP2 changed how it splits dim 0: loading would put rows in the wrong place
+        raise CpmctlError(f"internal: rank {rank} holds {held} rows of a {n}-row parameter, expected {stop - start}",
+                          exit_code=1)
+    return slice(start, stop)
+
+
+@torch.no_grad()
+def copy_rows(param: torch.Tensor, full_value: torch.Tensor) -> None:
+    """Copy a full-size value into a parameter, sharded (this rank's rows) or not."""
+    rows = local_rows(param)
+    target = param.to_local() if hasattr(param, "to_local") else param
+    target.copy_(full_value[rows] if param.dim() else full_value)
+
+
 # ----- precision -----------------------------------------------------------------------------------------------
 def check_precision(precision: str, device: torch.device) -> None:
     if precision not in PRECISIONS:
@@ -186,23 +219,31 @@ def compile_model(model: nn.Module, kind: str) -> None:
 
 
 def wrap_model(model: nn.Module, engine: Engine) -> nn.Module:
-    """Move to the device and wrap for the engine. Returns the module to call in the training step."""
+    """Move to the device and wrap for the engine. Returns the module to call in the training step. A model
+    already sharded at start-up (train/sharded_start.py) is used as it is."""
+    if engine.kind == "fsdp" and is_sharded(model):
+        return model
     model = model.to(engine.device)
     if engine.kind == "ddp":
         device_ids = [engine.device.index] if engine.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if engine.kind == "fsdp":
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-        if not isinstance(model, CPMAnt):
-            raise CpmctlError("train.engine: fsdp shards the full CPM-Ant model; use ddp for adapters and other wrappers")
-        for block in model.encoder.layers:
-            fully_shard(block)
-        fully_shard(model)
-        # The loss applies the tied output head to the target positions only (objectives.py): a second entry
-        # point into the root module, which must gather the root's parameters like forward does.
-        register_fsdp_forward_method(model, "logits")
+        fully_shard_model(model)
     return model
+
+
+def fully_shard_model(model: nn.Module) -> None:
+    """FSDP2 in place: every TransformerBlock, then the root (embeddings, position bias, final norm)."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    if not isinstance(model, CPMAnt):
+        raise CpmctlError("train.engine: fsdp shards the full CPM-Ant model; use ddp for adapters and other wrappers")
+    for block in model.encoder.layers:
+        fully_shard(block)
+    fully_shard(model)
+    # The loss applies the tied output head to the target positions only (objectives.py): a second entry
+    # point into the root module, which must gather the root's parameters like forward does.
+    register_fsdp_forward_method(model, "logits")
 
 
 def shard_frozen(model: nn.Module, engine: Engine) -> nn.Module:

@@ -22,7 +22,7 @@ def run_under_torchrun(nproc: int, command: str, args: list[str]) -> int:
     if nproc < 1:
         raise CpmctlError(f"--nproc must be at least 1, got {nproc}")
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "cpmctl", command, *args]
+            "-m", "cpmctl", *command.split(), *args]
     child = subprocess.Popen(argv)
     interrupted = []
 

@@ -28,6 +28,7 @@ from cpmctl.progress import StepProgress
 from cpmctl.recipe import check_recipe
 from cpmctl.model.ant import CPMAnt
 from cpmctl.model.checkpoint import fold_factor, save_native
+from cpmctl.model.flex_attention import use_attention
 from cpmctl.train import checkpointing as ckpt
 from cpmctl.train.engine import (
     Engine,
@@ -203,6 +204,7 @@ def _run(model, data, cfg, out_dir, engine, *, valid, loss_fn, param_groups, on_
         ckpt.keep_skeleton(model)  # the model's structure, to rebuild a full copy of the shards for saving
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
+    use_attention(model, cfg.attention)  # train.attention (model/flex_attention.py), before compile traces it
     if cfg.compile:
         compile_model(model, cfg.engine)
     model = wrap_model(model, engine)

@@ -20,9 +20,10 @@ What one rank holds (bytes; N = processes; /N where fsdp shards it, whole under 
 The peak is the resident part (parameters, gradients, optimizer, teacher) plus the largest of three moments: the
 end of the forward (all saved activations, the autocast copies, the loss's logits), the start of the backward
 (saved activations + the logits' gradients) and the end of the backward (every gradient). The host memory to start
-is what the current start-up does on each rank: the whole model built (or loaded: the checkpoint's tensors and
-the folded copy at once) in host memory before it is moved and sharded; the device also holds the whole model
-once before fully_shard splits it (start_device_bytes), the teacher besides in a prune run.
+is what the start-up does on each rank: with single and ddp the whole model built (or loaded: the checkpoint's
+tensors and the folded copy at once) in host memory before it is moved, and the whole model on the device once
+(start_device_bytes), the teacher besides in a prune run; with fsdp the sharded start (train/sharded_start.py): the
+shards where they live plus one parameter in flight.
 
 Calibrated on CPU against torch's own live-tensor accounting (torch.distributed._tools.mem_tracker.MemTracker):
 tests/test_memory_plan.py. Not counted: the CUDA context and cuBLAS / NCCL workspaces (CUDA_RESERVE below),
@@ -84,7 +85,7 @@ class TrainPlan:
     activations_no_ckpt_bytes: int  # the same run without activation checkpointing
     activations_ckpt_bytes: int  # and with it
     peak_bytes: int  # the step's peak (tensors)
-    start_device_bytes: int  # the whole model on the device before fully_shard (and the teacher)
+    start_device_bytes: int  # single/ddp: the whole model on the device at start (and the teacher); fsdp: 0
     host_bytes: int  # host memory per rank to start
     reserve_bytes: int  # CUDA context and workspaces (GPU only)
     peak_moment: str = ""
@@ -202,6 +203,7 @@ def plan_training(config: CPMAntConfig, w: Workload, *, engine: str, nproc: int 
     `checkpoint_bytes`: bytes per parameter of the checkpoint read at start-up (0: a new model)."""
     check_plan_inputs(engine, nproc, device_memory_gb)
     total, block, root = _blocks_params(config)
+    largest = max(config.vocab_size, config.dim_ff) * config.dim_model  # the largest single parameter
     shard = nproc if engine == "fsdp" else 1
     trained = total if w.trained == "full" else w.lora_trainable
     frozen = 0 if w.trained == "full" else total
@@ -239,11 +241,18 @@ def plan_training(config: CPMAntConfig, w: Workload, *, engine: str, nproc: int 
                       "backward start": m["backward_start"] + m["recompute"] + embedding_grad,
                       "backward end": m["recompute"] + embedding_grad}[moment]
     peak = resident + candidates[moment]
-    # Start-up: each rank builds or loads the whole model in host memory (load_model: the checkpoint's tensors and
-    # the folded copy at once), then moves it whole to the device before fully_shard.
+    # Start-up. single/ddp: each rank builds or loads the whole model in host memory (load_model: the checkpoint's
+    # tensors and the folded copy at once), then moves it whole to the device. fsdp: the sharded start
+    # (train/sharded_start.py) allocates each rank's shards where they live and fills them one parameter at a time,
+    # so the host holds the shards (CPU ranks) plus one parameter in flight: read, folded, and (new models) drawn.
     model_bytes = trained * FP32 + frozen * w.base_dtype_bytes
-    host = model_bytes + total * checkpoint_bytes + (total * (FP32 + checkpoint_bytes) if w.teacher else 0)
-    start_device = model_bytes + (total * FP32 if w.teacher else 0) if device_type == "cuda" else 0
+    if engine == "fsdp":
+        in_flight = largest * (checkpoint_bytes + 2 * FP32)
+        host = in_flight + ((params + teacher) if device_type != "cuda" else 0)
+        start_device = 0  # the shards are the resident parameters, nothing more
+    else:
+        host = model_bytes + total * checkpoint_bytes + (total * (FP32 + checkpoint_bytes) if w.teacher else 0)
+        start_device = model_bytes + (total * FP32 if w.teacher else 0) if device_type == "cuda" else 0
     return TrainPlan(
         engine=engine, nproc=nproc,
         device_memory=int(device_memory_gb * GB) if device_memory_gb is not None else None,

@@ -21,9 +21,10 @@ from cpmctl.model.config import resolve_config
 from cpmctl.model.tokenizer import CPMAntTokenizer
 from cpmctl.recipe import check_recipe
 from cpmctl.train.checkpointing import STATE_FILE
-from cpmctl.train.engine import dist_env, engine_for_world
+from cpmctl.train.engine import Engine, dist_env, engine_for_world, setup_engine
 from cpmctl.outputs import run_dir
 from cpmctl.train.loop import TrainingInterrupted, TrainResult, train
+from cpmctl.train.sharded_start import init_sharded, load_sharded
 from cpmctl.train.recipe import PretrainModel, PretrainRecipe
 
 
@@ -43,10 +44,12 @@ def _is_checkpoint(text: str) -> bool:
     return path.is_dir() or (path.is_file() and path.suffix in (".pt", ".bin", ".pth", ".safetensors"))
 
 
-def build_pretrain_model(section: PretrainModel):
-    """(model, vocab path or None, description). A checkpoint continues; a config name starts a new model."""
+def build_pretrain_model(section: PretrainModel, engine: Engine | None = None):
+    """(model, vocab path or None, description). A checkpoint continues; a config name starts a new model. With an
+    fsdp `engine` the model is built straight into this rank's shards (train/sharded_start.py)."""
+    sharded = engine is not None and engine.kind == "fsdp"
     if _is_checkpoint(section.init):
-        model, info = load_model(section.init)
+        model, info = load_sharded(section.init, engine.device) if sharded else load_model(section.init)
         vocab = Path(section.vocab) if section.vocab else info.vocab
         if vocab is not None and not vocab.exists():
             raise CpmctlError(f"model.vocab: file not found: {vocab}")
@@ -59,7 +62,8 @@ def build_pretrain_model(section: PretrainModel):
     if not vocab.exists():
         raise CpmctlError(f"model.vocab: file not found: {vocab}")
     config.vocab_size = CPMAntTokenizer(vocab).vocab_size
-    return build_model(config, seed=section.seed), vocab, f"new {section.init} (seed {section.seed})"
+    model = init_sharded(config, engine.device, section.seed) if sharded else build_model(config, seed=section.seed)
+    return model, vocab, f"new {section.init} (seed {section.seed})"
 
 
 def check_vocab_matches(dataset: PackedDataset, vocab: Path | None, vocab_size: int, key: str) -> None:
@@ -155,9 +159,21 @@ def run_pretrain(recipe: PretrainRecipe, *, progress: bool = True, log=print, fo
 def _pretrain(recipe: PretrainRecipe, out_dir: Path, rank: int, world_size: int, progress: bool, log) -> dict:
     cfg = recipe.train
 
+    # fsdp: the process group is up before the model exists, so each rank builds only its shards.
+    engine = setup_engine(cfg.engine, cfg.device) if cfg.engine == "fsdp" else None
+    try:
+        return _pretrain_on(recipe, out_dir, rank, world_size, progress, log, engine)
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def _pretrain_on(recipe: PretrainRecipe, out_dir: Path, rank: int, world_size: int, progress: bool, log,
+                 engine: Engine | None) -> dict:
+    cfg = recipe.train
     train_set = PackedDataset(recipe.data.train)
     valid_set = PackedDataset(recipe.data.valid) if recipe.data.valid else None
-    model, vocab, origin = build_pretrain_model(recipe.model)
+    model, vocab, origin = build_pretrain_model(recipe.model, engine)
     check_vocab_matches(train_set, vocab, model.config.vocab_size, "data.train")
     if valid_set is not None:
         check_vocab_matches(valid_set, vocab, model.config.vocab_size, "data.valid")

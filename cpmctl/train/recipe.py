@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from cpmctl.model.flex_attention import ATTENTION_KINDS
 from cpmctl.recipe import fail, load_recipe, non_negative, positive, within
 from cpmctl.train.engine import ENGINES, PRECISIONS
 from cpmctl.train.metrics import LOGGERS
@@ -22,6 +23,7 @@ Precision = Literal[PRECISIONS]  # fp32 | bf16 (autocast, CPU and GPU) | fp16 (G
 CheckpointFormat = Literal["full", "sharded"]  # sharded: fsdp's torch.distributed.checkpoint shards, no gathering
 DecayOn = Literal["matrices", "all"]  # matrices: 2-D weights only; all: every parameter, as the original's one group
 Logger = Literal[LOGGERS]  # jsonl | tensorboard (OUT/tensorboard/) | wandb (offline unless WANDB_MODE says otherwise)
+Attention = Literal[ATTENTION_KINDS]  # sdpa | flex (FlexAttention score_mod + BlockMask, model/flex_attention.py)
 
 
 @dataclass
@@ -41,6 +43,7 @@ class TrainConfig:
     precision: Precision = "fp32"
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, slower
     compile: bool = False  # torch.compile the model's blocks
+    attention: Attention = "sdpa"  # the attention kernel of training forwards; flex: for GPU throughput
     engine: EngineKind = "single"
     log_every: int = 10  # steps per metrics.jsonl row (the means over those steps)
     valid_every: int = 100  # steps between validation passes (needs validation data)

@@ -329,7 +329,7 @@ def prepare_run(model_path: str | Path | None, data: str | Path | None, out_dir:
     from cpmctl.train import checkpointing as ckpt
     from cpmctl.train.checkpointing import full_copy
     from cpmctl.train.engine import Engine, dist_env
-    from cpmctl.model.lora import inject_lora, parameter_counts
+    from cpmctl.model.lora import init_lora_weights, inject_lora, lora_initial_value, parameter_counts
     from cpmctl.data.packed_format import PackedReader, RowsInMemory
     from cpmctl.evaluate.predict import predict
 
@@ -365,14 +365,28 @@ def prepare_run(model_path: str | Path | None, data: str | Path | None, out_dir:
         valid = PackedReader(RowsInMemory(dev_rows, f"{data}/dev.jsonl"), min(cfg.batch_size, len(dev_rows) // world),
                              seed=cfg.seed, rank=rank, world_size=world, shuffle=False)
 
-    # Frozen base weights (fp32 or bf16), fp32 LoRA weights.
-    model, _ = load_model(model_path, dtype=torch_dtype(recipe.tune.base_dtype))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)  # peft draws lora_A at random: the same run gets the same start
-        inject_lora(model, recipe.lora, base_model=str(model_path))
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    # Frozen base weights (fp32 or bf16), fp32 LoRA weights, started from cfg.seed (init_lora_weights).
+    def add_lora(m) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # peft's own draws (replaced below): kept off the global generator
+            inject_lora(m, recipe.lora, base_model=str(model_path))
+        for p in m.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+    base_dtype = torch_dtype(recipe.tune.base_dtype)
+    if cfg.engine == "fsdp" and not recipe.lora.dora:  # each rank builds only its shards (train/sharded_start.py)
+        from cpmctl.device import resolve_device
+        from cpmctl.train.sharded_start import load_sharded
+
+        generator = torch.Generator().manual_seed(cfg.seed)
+        model, _ = load_sharded(model_path, resolve_device(cfg.device, dist_env()[1], what="train.device"),
+                                dtype=base_dtype, prepare=add_lora,
+                                extra=lambda name, shape: lora_initial_value(name, shape, generator))
+    else:
+        model, _ = load_model(model_path, dtype=base_dtype)
+        add_lora(model)
+        init_lora_weights(model, cfg.seed)
     counts = parameter_counts(model)
     log(f"LoRA r {recipe.lora.r}, alpha {recipe.lora.alpha:g} on {', '.join(recipe.lora.targets)}: "
         f"{counts['trainable']:,} trainable of {counts['total']:,} parameters ({counts['trainable_percent']:.3f}%)")
