@@ -1,6 +1,6 @@
 """Sharded start-up (train/sharded_start.py) on 2 gloo ranks: a model built straight into FSDP2 shards holds the
-same bits as one process's full load, for `init: new` and for each checkpoint format; LoRA on a sharded base starts
-from the same adapter weights as one process.
+same bits as one process's full load, for `init: new` and for each checkpoint format; LoRA on a sharded base (fp32 or
+bf16, fp32 adapters) starts from the same adapter weights as one process.
 
 Run as a script under torchrun, this file is the worker: it writes the gathered state of each case to OUT.
 """
@@ -54,12 +54,19 @@ def worker(root: str) -> None:
     for name, path in paths.items():
         cases[name] = lambda path=path: load_sharded(path, cpu)[0]
 
-    def with_lora():
+    def with_lora(dtype):
+        def add(m):
+            inject_lora(m, LoraSettings(r=4))
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()  # fp32 adapters on a bf16 base, as tune lora keeps them
+
         generator = torch.Generator().manual_seed(SEED)
-        return load_sharded(paths["native"], cpu, prepare=lambda m: inject_lora(m, LoraSettings(r=4)),
+        return load_sharded(paths["native"], cpu, dtype=dtype, prepare=add,
                             extra=lambda name, shape: lora_initial_value(name, shape, generator))[0]
 
-    cases["lora"] = with_lora
+    cases["lora"] = lambda: with_lora(torch.float32)
+    cases["lora-bf16"] = lambda: with_lora(torch.bfloat16)
     for name, make in cases.items():
         model = make()
         assert is_sharded(model)
@@ -82,10 +89,14 @@ def test_sharded_start_holds_the_same_bits_as_a_full_load(tmp_path):
     references = {"init": build_model(tiny_config(VOCAB), seed=SEED).state_dict()}
     for name, path in paths.items():
         references[name] = load_model(path)[0].state_dict()
-    lora = load_model(paths["native"])[0]
-    inject_lora(lora, LoraSettings(r=4))
-    init_lora_weights(lora, SEED)
-    references["lora"] = lora.state_dict()
+    for name, dtype in (("lora", torch.float32), ("lora-bf16", torch.bfloat16)):
+        lora = load_model(paths["native"], dtype=dtype)[0]
+        inject_lora(lora, LoraSettings(r=4))
+        for p in lora.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        init_lora_weights(lora, SEED)
+        references[name] = lora.state_dict()
     for name, reference in references.items():
         got = torch.load(tmp_path / f"{name}.pt", weights_only=True)
         assert got["state"].keys() == reference.keys(), name

@@ -391,8 +391,10 @@ class CPMAnt(nn.Module):
             # A decode step of a few rows: the CPU BLAS runs h @ E^T for a handful of rows at about half the speed of
             # E @ h^T over the 30,720-row head (bench/generate.py, batch mode). The same product, summed in another
             # order (last-bit differences), so a single row (batch 1 greedy) keeps the plain path.
-            out = torch.mm(weight, h.reshape(rows, -1).t()).t().contiguous()
-            return out.view(*h.shape[:-1], weight.shape[0])
+            # Copied into a tensor of the final shape (not a view of one): FSDP2 warns about view outputs.
+            out = h.new_empty(*h.shape[:-1], weight.shape[0])
+            out.view(rows, -1).copy_(torch.mm(weight, h.reshape(rows, -1).t()).t())
+            return out
         return F.linear(h, weight)
 
 
