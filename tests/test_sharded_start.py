@@ -67,6 +67,15 @@ def worker(root: str) -> None:
 
     cases["lora"] = lambda: with_lora(torch.float32)
     cases["lora-bf16"] = lambda: with_lora(torch.bfloat16)
+
+    def resumed():  # resuming a full-format checkpoint under fsdp: saved whole, copied row by row into the shards
+        from cpmctl.train.checkpointing import restore_params
+
+        model = init_sharded(tiny_config(VOCAB), cpu, SEED + 1)
+        restore_params(model, Path(root) / "full-checkpoint")
+        return model
+
+    cases["resumed"] = resumed
     for name, make in cases.items():
         model = make()
         assert is_sharded(model)
@@ -79,14 +88,21 @@ def worker(root: str) -> None:
 
 
 def test_sharded_start_holds_the_same_bits_as_a_full_load(tmp_path):
+    from safetensors.torch import save_file
+
     from cpmctl.model.lora import LoraSettings, init_lora_weights, inject_lora
+    from cpmctl.train.checkpointing import PARAMS_FILE
 
     paths = write_checkpoints(tmp_path)
+    saved = tmp_path / "full-checkpoint" / PARAMS_FILE
+    saved.parent.mkdir(parents=True)
+    save_file(build_model(tiny_config(VOCAB), seed=SEED).state_dict(), str(saved))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           __file__, str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     references = {"init": build_model(tiny_config(VOCAB), seed=SEED).state_dict()}
+    references["resumed"] = references["init"]
     for name, path in paths.items():
         references[name] = load_model(path)[0].state_dict()
     for name, dtype in (("lora", torch.float32), ("lora-bf16", torch.bfloat16)):
