@@ -6,8 +6,8 @@ against the full load's).
 
 Each measurement runs in a fresh interpreter and reports its peak RSS (VmHWM) after the load; the baseline row is the same
 interpreter after its imports only (torch, cpmctl, the process group), so the loads' own share is visible too.
-Rows: a native safetensors checkpoint (read by byte ranges), the original .pt (memory-mapped by torch, pages
-handed back after each tensor), and `init: new` (seeded draws, no file: a rank draws each whole parameter and keeps
+Rows: a native safetensors checkpoint and the original .pt (both memory-mapped, each tensor's pages handed back
+once its rows are copied), and `init: new` (seeded draws, no file: a rank draws each whole parameter and keeps
 its rows, so its transient is the largest parameter, here the embedding, a larger share than at 10b).
 
     python bench/startup_memory.py                      # a ~260M-parameter config, 2 ranks

@@ -15,7 +15,7 @@ from cpmctl import CpmctlError
 from cpmctl.generate.decode import beam_search, greedy, sample
 from cpmctl.model.generation_config import GenerationConfig
 from cpmctl.model.inputs import build_inputs
-from cpmctl.generate.lazy import MappedCheckpoint
+from cpmctl.model.mapped import MappedCheckpoint
 from cpmctl.generate.offload import load_offloaded, materialized_weight_bytes
 from cpmctl.generate.plan import GB, plan_memory
 from cpmctl.model.ant import build_model
@@ -158,7 +158,7 @@ def test_loader_takes_a_finished_plan(checkpoint):
 LOAD_PEAK_SCRIPT = """
 import json, sys, threading, time
 import torch
-from cpmctl.generate.lazy import MappedCheckpoint
+from cpmctl.model.mapped import MappedCheckpoint
 from cpmctl.generate.offload import load_offloaded
 from cpmctl.model.checkpoint import load_model
 

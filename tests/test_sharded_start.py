@@ -124,19 +124,19 @@ def test_sharded_start_holds_the_same_bits_as_a_full_load(tmp_path):
 
 def test_a_damaged_checkpoint_is_refused_before_any_weight_is_read(tmp_path):
     from cpmctl import CpmctlError
-    from cpmctl.train.sharded_start import open_rows
+    from cpmctl.train.sharded_start import open_checkpoint
 
     paths = write_checkpoints(tmp_path)
     weights = paths["native"] / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:6])
-    with pytest.raises(CpmctlError, match="cannot read safetensors header"):
-        open_rows(paths["native"])
+    with pytest.raises(CpmctlError, match="not a safetensors file"):
+        open_checkpoint(paths["native"])
     config = paths["original"].with_suffix(".json")
     fields = json.loads(config.read_text())
     fields["num_layers"] += 1
     config.write_text(json.dumps(fields))
     with pytest.raises(CpmctlError, match="does not match its config"):
-        open_rows(paths["original"])
+        open_checkpoint(paths["original"])
 
 
 if __name__ == "__main__":

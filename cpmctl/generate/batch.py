@@ -20,7 +20,7 @@ from cpmctl import CpmctlError
 from cpmctl.data.textio import read_jsonl
 from cpmctl.device import resolve_device, resolve_dtype
 from cpmctl.generate.decode import GenerationResult, encode_prompt, generate
-from cpmctl.generate.lazy import MappedCheckpoint
+from cpmctl.model.mapped import MappedCheckpoint
 from cpmctl.generate.offload import OffloadedModel, load_planned
 from cpmctl.generate.plan import MemoryPlan, plan_generation
 from cpmctl.model.ant import CPMAnt

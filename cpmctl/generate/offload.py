@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cpmctl import CpmctlError
-from cpmctl.generate.lazy import MappedCheckpoint
+from cpmctl.model.mapped import MappedCheckpoint
 from cpmctl.generate.plan import (
     GB,
     LayoutEntry,

@@ -2,10 +2,10 @@
 
 The model is built on the meta device (no memory), sharded with FSDP2, and allocated rank by rank
 (`to_empty`); then every parameter's local rows are filled, one parameter at a time:
-- from a checkpoint, read lazily: a native `model.safetensors` by byte ranges (the header gives each tensor's
-  offset, a row slice of a row-major tensor is one contiguous range, so a rank reads only its rows and nothing is
-  memory-mapped), an original `.pt` memory-mapped through torch (only the pages of this rank's rows are touched);
-  an HF checkpoint is read whole (its prompt rows and lm_head are re-laid out across tensors) and then sliced;
+- from a checkpoint, read lazily: a native `model.safetensors` or an original `.pt` memory-mapped
+  (model/mapped.py, as `generate --memory-limit` reads them): a rank touches only the pages of its own rows and
+  hands each tensor's pages back once its rows are copied; an HF checkpoint is read whole (its prompt rows and
+  lm_head are laid out across other tensors) and then sliced;
 - for `init: new`, from the same seeded generator a single process draws from (CPMAnt.initial_value), whole
   parameter by whole parameter in the same order, keeping this rank's rows: the same bits as a single process.
 A rank's peak host memory is then about its shards plus one parameter, not the whole model
@@ -15,9 +15,6 @@ A rank's peak host memory is then about its shards plus one parameter, not the w
 
 from __future__ import annotations
 
-import json
-import struct
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -25,123 +22,36 @@ import torch
 
 from cpmctl import CpmctlError
 from cpmctl.model.ant import CPMAnt, build_model
-from cpmctl.model.checkpoint import (NATIVE_WEIGHTS, CheckpointInfo, _find_vocab, _original_files, check_state_dict,
-                                     detect_format, fold_factor, read_checkpoint)
+from cpmctl.model.checkpoint import CheckpointInfo, detect_format, fold_factor, read_checkpoint
+from cpmctl.model.mapped import MappedCheckpoint
 from cpmctl.model.config import CPMAntConfig
 from cpmctl.train.checkpointing import keep_skeleton
 from cpmctl.train.engine import fully_shard_model, local_rows
 
-# safetensors dtype names -> torch dtypes (the format's spec, https://github.com/huggingface/safetensors)
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
 
-
-# ----- reading a checkpoint's rows ------------------------------------------------------------------------------
-class SafetensorsRows:
-    """Row slices of the tensors in one safetensors file, read by byte range (no mmap, no whole-tensor read)."""
+# ----- reading a checkpoint ---------------------------------------------------------------------------------------
+class _WholeCheckpoint:
+    """An HF checkpoint, read whole (its prompt rows and lm_head are laid out across other tensors), with the
+    interface of MappedCheckpoint that the sharded start uses."""
 
     def __init__(self, path: Path):
-        self.path = path
-        try:
-            with open(path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(length))
-        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CpmctlError(f"{path}: cannot read safetensors header ({type(e).__name__}: {e})") from None
-        header.pop("__metadata__", None)
-        self.data_start = 8 + length
-        self.entries = header
+        self.info, self._state = read_checkpoint(path)
+        self.config = self.info.config
 
-    def shapes(self) -> dict[str, tuple]:
-        return {k: tuple(v["shape"]) for k, v in self.entries.items()}
+    def keys(self) -> list[str]:
+        return list(self._state)
 
-    def rows(self, key: str, rows: slice) -> torch.Tensor:
-        entry = self.entries[key]
-        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise CpmctlError(f"{self.path}: {key} has dtype {entry['dtype']}, which cpmctl does not read")
-        shape = list(entry["shape"])
-        begin, end = entry["data_offsets"]
-        if not shape:  # a scalar
-            rows, shape = slice(0, 1), [1]
-        row_bytes = (end - begin) // max(shape[0], 1)
-        out = torch.empty([rows.stop - rows.start] + shape[1:], dtype=dtype)
-        if out.numel():
-            with open(self.path, "rb") as f:
-                f.seek(self.data_start + begin + rows.start * row_bytes)
-                view = out.view(torch.uint8).reshape(-1).numpy()
-                if f.readinto(view) != view.nbytes:
-                    raise CpmctlError(f"{self.path}: truncated file (tensor {key})")
-        return out if entry["shape"] else out.reshape(())
+    def raw(self, key: str) -> torch.Tensor:
+        return self._state[key]
+
+    def release(self, key: str) -> None:
+        del self._state[key]  # each tensor is read once
 
 
-class StateRows:
-    """Row slices of an in-memory or memory-mapped state dict. Each tensor is read once: for a memory-mapped one
-    its pages are handed back after the read (madvise), so the rows a rank touched do not stay in its RSS."""
-
-    def __init__(self, state: dict[str, torch.Tensor], mapped: bool = False):
-        self.state, self.mapped = state, mapped
-
-    def shapes(self) -> dict[str, tuple]:
-        return {k: tuple(v.shape) for k, v in self.state.items()}
-
-    def rows(self, key: str, rows: slice) -> torch.Tensor:
-        t = self.state[key]
-        out = t[rows].clone() if t.dim() else t.clone()
-        if self.mapped:
-            _release_pages(t)
-        return out
-
-
-def _release_pages(t: torch.Tensor) -> None:
-    """MADV_DONTNEED over the pages of a tensor in torch's private, read-only file mapping: they leave the RSS and
-    would be read from the file again if touched (they are not). Linux only; elsewhere a no-op."""
-    import ctypes
-    import mmap
-
-    if not sys.platform.startswith("linux") or t.numel() == 0:
-        return
-    page = mmap.PAGESIZE
-    begin = t.data_ptr() - t.data_ptr() % page + page  # whole pages inside the tensor only: neighbours untouched
-    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
-    if end > begin:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), 4)  # 4 = MADV_DONTNEED
-
-
-def open_rows(path: str | Path) -> tuple[CheckpointInfo, SafetensorsRows | StateRows]:
-    """A checkpoint's info and a lazy reader of its original-convention weights, checked against its config
-    (keys and shapes) before any weight is read."""
-    path = Path(path)
-    fmt = detect_format(path)
-    if fmt == "native":
-        root = path if path.is_dir() else path.parent
-        config = CPMAntConfig.from_json(root / "config.json")
-        weights = path if path.is_file() else root / NATIVE_WEIGHTS
-        reader = SafetensorsRows(weights)
-        vocab = _find_vocab(root)
-    elif fmt == "original":
-        pt, cfg = _original_files(path)
-        config = CPMAntConfig.from_json(cfg)
-        try:
-            state = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 - a legacy (non-zip) .pt cannot be memory-mapped: read it as a whole
-            return _whole(path)
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CpmctlError(f"{pt}: not a state dict of tensors")
-        reader, vocab, weights = StateRows(state, mapped=True), _find_vocab(pt.parent), pt
-    else:
-        return _whole(path)
-    check_state_dict({k: torch.empty(s, device="meta") for k, s in reader.shapes().items()}, config, str(weights))
-    return CheckpointInfo(path, fmt, config, None, vocab), reader
-
-
-def _whole(path: Path):
-    info, state = read_checkpoint(path)
-    return info, StateRows(state)
+def open_checkpoint(path: str | Path) -> MappedCheckpoint | _WholeCheckpoint:
+    """A checkpoint's tensors without reading them: native and original memory-mapped (model/mapped.py; keys and
+    shapes checked against the config first), HF read whole."""
+    return _WholeCheckpoint(Path(path)) if detect_format(path) == "hf" else MappedCheckpoint(path)
 
 
 # ----- building a sharded model ---------------------------------------------------------------------------------
@@ -170,24 +80,27 @@ def load_sharded(path: str | Path, device: torch.device, dtype: torch.dtype = to
                  extra: Callable[[str, tuple], torch.Tensor] | None = None) -> tuple[CPMAnt, CheckpointInfo]:
     """A checkpoint loaded straight into FSDP2 shards (the process group must be up). `prepare(model)` runs on the
     meta model before sharding; parameters it adds (not in the checkpoint) get `extra(name, full_shape)`."""
-    info, reader = open_rows(path)
-    config = info.config
+    checkpoint = open_checkpoint(path)
+    config = checkpoint.config
     model = build_model(config, device="meta", dtype=dtype)
-    stored = reader.shapes()
+    stored = set(checkpoint.keys())
 
     def fill(name, shape, rows, target_dtype):
         key = name.replace(".base_layer.", ".")  # a linear wrapped by peft's LoRA layer holds its weight there
         if key in stored:
-            value = reader.rows(key, rows)
-            f = fold_factor(key, stored[key], config)
-            return value.to(target_dtype) if f == 1.0 else (value.float() * f).to(target_dtype)
+            full = checkpoint.raw(key)
+            f = fold_factor(key, full.shape, config)
+            value = full[rows] if full.dim() else full  # only this rank's rows are read from the file
+            value = value.to(target_dtype, copy=True) if f == 1.0 else (value.float() * f).to(target_dtype)
+            checkpoint.release(key)  # its pages leave this process (a mapping is private and never written)
+            return value
         if extra is None:
             raise CpmctlError(f"{path}: no weights for {name}", exit_code=1)
         return extra(name, shape)[rows].to(target_dtype)
 
     model = _materialise(model, device, fill, prepare)
     model.eval()
-    return model, info
+    return model, checkpoint.info
 
 
 def init_sharded(config: CPMAntConfig, device: torch.device, seed: int, dtype: torch.dtype = torch.float32) -> CPMAnt:
