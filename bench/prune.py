@@ -9,9 +9,10 @@
    for a loaded 2-core CPU; --ladder mini: the mini ladder itself.
 3. For every arm and seed, the first --stages stages down the ladder, each arm pruning its own previous stage:
      learned     hard-concrete masks + weights for --mask-steps (LM + distillation + Lagrangian), then recovery;
-     activation  Minitron activation importance on seeded calibration rows of the training data, then recovery;
+     activation  activation importance (norm scores) on seeded calibration rows of the training data, then recovery;
      magnitude   weight-norm selection, then recovery;   random  random selection, then recovery;
-     learned:V   the learned arm with a variant V of its options (VARIANTS below), e.g. learned:init.
+     METHOD:V    an arm with a variant V of its options (VARIANTS below), e.g. learned:init, activation:loss;
+                 the plain activation arm is pinned to the norm scores (importance.layers / heads: norm).
    Equal total compute: every arm makes --mask-steps + --recovery-steps weight updates per stage on batches of the
    same size (the baselines spend the mask phase's steps on recovery), so they train on the same number of tokens.
    With --distill > 0 the learned mask phase distils from the stage's unpruned model, and so does every arm's
@@ -19,10 +20,12 @@
    selection and the calibration rows; the base model is the same.
 4. Per stage and arm: validation loss after recovery, mean and 95% confidence interval (Student t over seeds), the
    relative performance L(base) / L(stage) next to the original's published 96.3 / 92.4 / 86.0 / 76.2 %
-   (7b / 3b / 1b / 300m), and which arm is best outside the intervals.
+   (7b / 3b / 1b / 300m; none for 2b), which arm has the best mean, and which arms' intervals it is clear of and
+   which overlap it.
 
-    python bench/prune.py --threads 1                                  # micro ladder, 2 stages, 3 seeds
+    python bench/prune.py --threads 1                                  # micro ladder, all 5 stages, 3 seeds
     python bench/prune.py --arms learned,learned:init,learned:gate-lr --seeds 0,1,2
+    python bench/prune.py --threads 1 --pretrain-steps 800 --seeds 0,1,2,3,4 --arms activation:loss-heads-c32,activation
     python bench/prune.py --ladder mini --device cuda --pretrain-steps 3000 --stages 5 --batch-size 32
 """
 
@@ -51,15 +54,22 @@ from cpmctl.prune.recipe import load_prune_recipe  # noqa: E402
 
 PUBLISHED = {"7b": 96.3, "3b": 92.4, "2b": None, "1b": 86.0, "300m": 76.2}
 BASE_ARMS = ("learned", "activation", "magnitude", "random")
-# Options of the learned arm, each measured as its own arm `learned:NAME` (overrides on top of the learned arm's).
+# Options of an arm, each measured as its own arm `METHOD:NAME` (overrides on top of the method's arm).
 VARIANTS = {
-    "init": ["gates.init=activation"],  # log_alpha from the activation importance's ranks
-    "gate-lr": ["gates.lr=0.2", "gates.lambda_lr=0.2"],  # slower gates (default 0.5)
-    "warmup": ["gates.target_warmup=0.7"],  # the target shrinks over 70% of the phase (default 30%)
-    "kd-t1": ["distill.temperature=1.0"],  # distillation temperature 1 (default 2)
-    "kd-w0.9": ["distill.weight=0.9"],  # distillation weight 0.9 (default --distill)
-    "long-mask": [],  # 3/4 of the budget on the mask phase, 1/4 on recovery (same total); set in run_arm
+    "learned:init": ["gates.init=activation"],  # log_alpha from the activation importance's ranks
+    "learned:gate-lr": ["gates.lr=0.2", "gates.lambda_lr=0.2"],  # slower gates (default 0.5)
+    "learned:warmup": ["gates.target_warmup=0.7"],  # the target shrinks over 70% of the phase (default 30%)
+    "learned:kd-t1": ["distill.temperature=1.0"],  # distillation temperature 1 (default 2)
+    "learned:kd-w0.9": ["distill.weight=0.9"],  # distillation weight 0.9 (default --distill)
+    "learned:long-mask": [],  # 3/4 of the budget on the mask phase, 1/4 on recovery (same total); set in run_arm
+    "activation:loss": ["importance.layers=loss"],  # sub-blocks by their drop-one calibration loss increase
+    "activation:loss-heads": ["importance.layers=loss", "importance.heads=loss"],  # and heads by a greedy loss search
+    # The same two with 8x the calibration rows (32 batches): loss differences of 1e-2 need more than 32 rows.
+    "activation:c32": ["data.calibration_batches=32"],
+    "activation:loss-heads-c32": ["importance.layers=loss", "importance.heads=loss", "data.calibration_batches=32"],
 }
+# The plain activation arm is pinned to the norm scores whatever the recipe's default: its cached runs keep meaning it.
+ARM_PINS = {"activation": ["importance.layers=norm", "importance.heads=norm"]}
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
@@ -67,7 +77,7 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-prune", help="Cache and work directory.")
     p.add_argument("--ladder", choices=("micro", "mini"), default="micro")
-    p.add_argument("--stages", type=int, default=2, help="How many stages down the ladder (1-5).")
+    p.add_argument("--stages", type=int, default=5, help="How many stages down the ladder (1-5).")
     p.add_argument("--words", type=int, default=64, help="Markov-chain states of the synthetic corpus.")
     p.add_argument("--train-rows", type=int, default=3000)
     p.add_argument("--max-length", type=int, default=64, help="Row length (32 prompt slots included).")
@@ -84,7 +94,10 @@ def parse_args():
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
-    return p.parse_args()
+    args = p.parse_args()
+    if not 1 <= args.stages <= len(MINI_LADDER) - 1:
+        p.error(f"--stages {args.stages}: the ladder has {len(MINI_LADDER) - 1} stages (1-{len(MINI_LADDER) - 1})")
+    return args
 
 
 def cpmctl(*args, threads: int | None = None) -> None:
@@ -188,7 +201,8 @@ def run_arm(arm: str, seed: int, args, work: Path, base: Path, configs: list[Pat
         f"recovery.save_every={recovery_steps}", f"recovery.warmup_steps={max(1, recovery_steps // 10)}",
         "recovery.valid_batches=0", f"recovery.seed={seed}",
         f"gates.lr={args.gate_lr}", f"gates.lambda_lr={args.gate_lr}", f"distill.weight={args.distill}",
-        f"distill.recovery={'true' if args.distill > 0 else 'false'}", *VARIANTS.get(variant, []),
+        f"distill.recovery={'true' if args.distill > 0 else 'false'}", *ARM_PINS.get(method, []),
+        *VARIANTS.get(arm, []),
     ]
     recipe = load_prune_recipe(ROOT / "recipes" / "prune" / "mini.yaml", overrides)
     reports, source = [], base
@@ -227,6 +241,9 @@ def main() -> None:
     base = pretrain(args, cache, configs[0], vocab, train, valid)
     floor = floor_report(base, train, valid, args.device)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in BASE_ARMS and a not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--arms {unknown[0]}: no such arm (known: {', '.join((*BASE_ARMS, *VARIANTS))})")
     seeds = [int(s) for s in args.seeds.split(",")]
     work = cache / (f"m{args.mask_steps}-r{args.recovery_steps}-b{args.batch_size}-g{args.gate_lr}-d{args.distill}"
                     f"-c{args.calibration_batches}-e{args.eval_batches}")
@@ -239,7 +256,8 @@ def main() -> None:
           f"{args.max_length}, distill {args.distill}, device {args.device}")
     print(f"base: validation loss {base_loss:.4f}; on lm word->word targets {floor['model_lm_word_loss']:.4f} vs the "
           f"chain's floor {floor['chain_floor']:.4f} ({floor['targets']} targets)")
-    print(f"{'stage':<22}{'arm':<18}{'recovered loss (95% CI)':>26}{'extracted':>11}{'rel.':>8}{'original':>10}")
+    w = 2 + max(len(f"{Path(r['from']).stem} -> {Path(r['to']).stem}") for r in results[arms[0]][0])  # stage column
+    print(f"{'stage':<{w}}{'arm':<18}{'recovered loss (95% CI)':>26}{'extracted':>11}{'rel.':>8}{'original':>10}")
     rows = []
     for k in range(args.stages):
         stage = {}
@@ -254,13 +272,21 @@ def main() -> None:
         published = PUBLISHED.get(Path(first["to"]).stem.split("-")[-1])
         for arm in arms:
             s = stage[arm]
-            print(f"{name:<22}{arm:<18}{s['mean']:>15.4f} +- {s['ci95']:<7.4f}{s['extracted_mean']:>11.4f}"
+            print(f"{name:<{w}}{arm:<18}{s['mean']:>15.4f} +- {s['ci95']:<7.4f}{s['extracted_mean']:>11.4f}"
                   f"{s['relative']:>7.1f}%{(f'{published:.1f}%' if published else '-'):>10}")
         best = min(arms, key=lambda a: stage[a]["mean"])
-        clear = all(stage[best]["mean"] + stage[best]["ci95"] < stage[a]["mean"] - stage[a]["ci95"]
-                    for a in arms if a != best)
-        print(f"{'':<22}best: {best}" + (" (outside the intervals)" if clear else " (intervals overlap)"))
-        rows.append({"stage": name, "published": published, "arms": stage, "best": best, "best_clear": clear})
+        # Which other arms' intervals lie wholly above the best's: the claim "best outside the intervals" per peer.
+        clear_of = [a for a in arms if a != best
+                    and stage[best]["mean"] + stage[best]["ci95"] < stage[a]["mean"] - stage[a]["ci95"]]
+        overlaps = [a for a in arms if a != best and a not in clear_of]
+        clear = len(arms) > 1 and not overlaps
+        verdict = (" (the only arm)" if len(arms) == 1 else " (outside the intervals)" if clear
+                   else " (intervals overlap)")
+        print(f"{'':<{w}}best: {best}{verdict}"
+              + (f"; clear of {', '.join(clear_of)}" if clear_of and overlaps else "")
+              + (f"; overlaps {', '.join(overlaps)}" if overlaps else ""))
+        rows.append({"stage": name, "published": published, "arms": stage, "best": best, "best_clear": clear,
+                     "clear_of": clear_of, "overlaps": overlaps})
     print("relative = L(base) / L(stage) on the same validation rows (the original's figures are task-performance "
           "ratios of a converged 10b after long recovery: a reference, not the same measure).")
     print(f"total {time.perf_counter() - started:.0f} s; work dir {work}")

@@ -1,9 +1,13 @@
-"""Selection methods of `cpmctl prune`: activation importance (Minitron) recomputed by hand, `method: activation`
-through the CLI to the exact target counts, log_alpha started from the importance, distillation in recovery."""
+"""Selection methods of `cpmctl prune`: activation importance (Minitron) and drop-one importance recomputed by hand,
+`method: activation` through the CLI to the exact target counts (with `importance.layers: loss` too), the
+importance options read and checked from a recipe, log_alpha started from the importance, distillation in
+recovery."""
 
 from __future__ import annotations
 
+import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +19,14 @@ from cpmctl.model.ant import build_model
 from cpmctl.model.checkpoint import save_native
 from cpmctl.model.tokenizer import CPMAntTokenizer
 from cpmctl.prune.gates import StageMasks
-from cpmctl.prune.importance import activation_scores, calibration_batches
+from cpmctl.prune.importance import activation_scores, calibration_batches, drop_one_scores, greedy_head_scores
 from cpmctl.prune.recipe import load_prune_recipe
 from cpmctl.prune.targets import KINDS
 from tests.conftest import tiny_config, write_tiny_vocab
 from tests.synthetic import write_synthetic_packed
 from tests.test_prune_run import FAST, cli
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "prune"
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +81,7 @@ def test_method_activation_runs_through_the_cli_to_the_exact_target(setup, capsy
     root, _ = setup
     code, out, err = cli(["prune", "--model", root / "m0", "--from", root / "t0.json", "--to", root / "t2.json",
                           "--data", root / "data", "--out", tmp_path / "a", "--json", *FAST, "method=activation",
+                          "importance.layers=norm", "importance.heads=norm",
                           "recovery.steps=2", "data.calibration_batches=2", "distill.weight=0.5",
                           "distill.recovery=true"], capsys)
     assert code == 0, err
@@ -120,3 +127,98 @@ def test_log_alpha_from_importance_orders_the_gates_as_the_importance(setup):
 def test_distill_recovery_without_a_weight_is_an_error():
     with pytest.raises(CpmctlError, match="distill.recovery: needs distill.weight > 0"):
         load_prune_recipe(None, ["distill.recovery=true"])
+
+
+def _hand_loss(model, batches) -> float:
+    """Token-weighted cross-entropy over the target positions, from the full logits (no importance module)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            logits = model(b["input"], b["segment"], b["context"], b["span"])
+            mask = b["target"] != -100
+            total += float(F.cross_entropy(logits[mask].float(), b["target"][mask].long(), reduction="sum"))
+            count += int(mask.sum())
+    return total / count
+
+
+def test_drop_one_scores_match_a_hand_computation(setup):
+    root, n = setup
+    model = build_model(tiny_config(n, num_layers=3, num_heads=4, dim_ff=48,
+                                    mask_modules=[[False, False], [False, True], [False, False]]), seed=5).eval()
+    reader = PackedReader(PackedDataset(root / "data"), 4, seed=2)
+    batches = [reader.next_batch() for _ in range(2)]
+    scores = drop_one_scores(model, ["attention", "ffn"], batches)
+    assert scores["attention"].shape == (3,) and scores["ffn"].shape == (2,)  # layer 1 has no FFN sub-block
+    assert all(b.attention_gate is None and b.ffn_gate is None for b in model.encoder.layers)  # gates cleared
+
+    full = _hand_loss(model, batches)
+    for kind, layers in (("attention", [0, 1, 2]), ("ffn", [0, 2])):
+        for j, i in enumerate(layers):
+            cut = copy.deepcopy(model)  # the sub-block removed: a block without it is an identity residual
+            setattr(cut.encoder.layers[i], "self_att" if kind == "attention" else "ffn", None)
+            assert float(scores[kind][j]) == pytest.approx(_hand_loss(cut, batches) - full, abs=1e-5), (kind, i)
+    assert float(scores["attention"].abs().max()) > 1e-4  # a score that can tell sub-blocks apart
+
+
+def _without_heads(model, dropped: list[int], dh: int = 16):
+    """A copy whose heads `dropped` are removed in every layer: their attention_out columns zeroed."""
+    cut = copy.deepcopy(model)
+    with torch.no_grad():
+        for block in cut.encoder.layers:
+            for j in dropped:
+                block.self_att.self_attention.attention_out.weight[:, j * dh:(j + 1) * dh] = 0
+    return cut
+
+
+def test_greedy_head_search_matches_a_hand_computation(setup):
+    root, n = setup
+    # seed 11: keeping 1 of 4, the forward search and a backward one would pick different heads
+    model = build_model(tiny_config(n, num_layers=2, num_heads=4, dim_ff=48), seed=11).eval()
+    reader = PackedReader(PackedDataset(root / "data"), 4, seed=3)
+    batches = [reader.next_batch() for _ in range(2)]
+    # Keep 1 of 4 (forward): the head with the lowest loss on its own.
+    alone = [_hand_loss(_without_heads(model, [i for i in range(4) if i != j]), batches) for j in range(4)]
+    best = min(range(4), key=lambda j: alone[j])
+    assert int(greedy_head_scores(model, batches, 1).argmax()) == best
+    # Keep 2 of 4 (backward): twice drop the head whose removal leaves the lowest loss.
+    kept = [0, 1, 2, 3]
+    for _ in range(2):
+        kept.remove(min(kept, key=lambda j: _hand_loss(_without_heads(model, [i for i in range(4) if i not in kept]
+                                                                      + [j]), batches)))
+    scores = greedy_head_scores(model, batches, 2)
+    assert sorted(torch.topk(scores, 2).indices.tolist()) == kept
+    assert all(b.self_att.self_attention.head_gate is None for b in model.encoder.layers)  # gates cleared
+
+
+def test_importance_options_are_read_and_checked_from_a_recipe(tmp_path):
+    default = load_prune_recipe(None).importance
+    assert (default.layers, default.heads) == ("loss", "loss")
+    for name in ("mini.yaml", "10b-7b.yaml"):
+        shipped = load_prune_recipe(RECIPES / name).importance
+        assert (shipped.layers, shipped.heads) == ("loss", "loss"), name
+    path = tmp_path / "r.yaml"
+    path.write_text("method: activation\nimportance:\n  layers: norm\n  heads: loss\n")
+    recipe = load_prune_recipe(path)
+    assert (recipe.importance.layers, recipe.importance.heads) == ("norm", "loss")
+    with pytest.raises(CpmctlError) as e:
+        load_prune_recipe(path, ["importance.layers=grad"])
+    assert str(e.value).startswith("importance.layers: expected one of 'norm' | 'loss', got 'grad'")
+    assert "\n" not in str(e.value)
+
+
+def test_default_importance_keeps_the_top_drop_one_sub_blocks_and_the_greedy_heads(setup, capsys, tmp_path):
+    root, _ = setup
+    code, out, err = cli(["prune", "--model", root / "m0", "--from", root / "t0.json", "--to", root / "t2.json",
+                          "--data", root / "data", "--out", tmp_path / "a", "--json", *FAST, "method=activation",
+                          "recovery.steps=1", "data.calibration_batches=2"], capsys)  # the default: loss, loss
+    assert code == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    from cpmctl.model.checkpoint import load_model
+
+    model, _ = load_model(root / "m0")
+    data = PackedDataset(root / "data")
+    batches = calibration_batches(RowRange(data, 0, len(data) - 8), 4, 2, seed=1)
+    scores = drop_one_scores(model, ["attention", "ffn"], batches)
+    assert report["kept"]["attention_layers"] == sorted(torch.topk(scores["attention"], 3).indices.tolist())
+    assert report["kept"]["ffn_layers"] == sorted(torch.topk(scores["ffn"], 2).indices.tolist())
+    assert report["kept"]["heads"] == sorted(torch.topk(greedy_head_scores(model, batches, 2), 2).indices.tolist())

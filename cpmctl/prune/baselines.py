@@ -6,8 +6,8 @@ and usable on their own (`method: random | magnitude | activation` in a prune re
   of its output projection (what it writes into the residual stream), a head by the norm of its q, k, v rows and
   attention_out columns summed over all layers (the head mask is shared), a channel by
   |w_0 row| * |w_1 row| * |w_out column| (the gated unit's output scales with all three).
-- activation: keep the structures with the largest mean activation norms on calibration rows (Minitron;
-  importance.py).
+- activation: keep the structures with the largest mean activation norms on calibration rows (Minitron), or with
+  the largest drop-one loss increase / by a greedy loss search (`importance.layers / heads: loss`; importance.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from cpmctl.model.ant import CPMAnt
 from cpmctl.prune.gates import Selection, top_k_mask
-from cpmctl.prune.importance import activation_scores
+from cpmctl.prune.importance import importance_scores
 
 
 def _layers(model: CPMAnt, kind: str) -> list[int]:
@@ -88,5 +88,6 @@ def magnitude_selection(model: CPMAnt, kinds: list[str], targets: dict[str, int]
 
 
 def activation_selection(model: CPMAnt, kinds: list[str], targets: dict[str, int],
-                         batches: list[dict[str, torch.Tensor]]) -> Selection:
-    return _select(model, targets, activation_scores(model, kinds, batches))
+                         batches: list[dict[str, torch.Tensor]], layers: str = "norm",
+                         heads: str = "norm") -> Selection:
+    return _select(model, targets, importance_scores(model, kinds, batches, targets, layers, heads))

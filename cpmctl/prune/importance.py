@@ -7,6 +7,13 @@ Per structure type, over the predicted-or-context tokens of the calibration rows
   layers, because the head mask is shared by every layer (gates.py);
 - channel: mean |activation| of the FFN's intermediate channel (the input of w_out: gelu(w_0 x) * w_1 x).
 
+Loss-based importance, computed with the model's gates (no weights change):
+- `importance.layers: loss` (drop-one): a sub-block scores the increase of the calibration LM loss when it alone
+  is removed (gate 0, everything else kept): one forward over the calibration batches per sub-block. The mean
+  output norm says how much a sub-block writes into the residual stream, not how much the model needs it.
+- `importance.heads: loss` (greedy search): the kept heads are chosen by the calibration loss of the model with
+  only those heads, removing (or, when fewer than half are kept, adding) one head index at a time.
+
 The scores have the shapes of the stage's gates (StageMasks), so they feed the same top-k selection
 (`baselines.activation_selection`) and can initialise log_alpha (`StageMasks.init_from_scores`).
 """
@@ -17,6 +24,8 @@ import torch
 
 from cpmctl.data.packed_format import PackedReader
 from cpmctl.model.ant import CPMAnt
+from cpmctl.prune.gates import clear_gates
+from cpmctl.train.objectives import token_losses
 
 
 def calibration_batches(rows, batch_size: int, batches: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -73,3 +82,111 @@ def activation_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, t
     means = {k: (v / max(tokens, 1)).float() for k, v in sums.items()}
     means["heads"] = means["heads"].sum(dim=0)  # one head mask for all layers
     return {k: means[k] for k in kinds}
+
+
+def importance_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, torch.Tensor]],
+                      targets: dict[str, int], layers: str = "norm", heads: str = "norm") -> dict[str, torch.Tensor]:
+    """The activation importance of `kinds`; with layers="loss" the sub-blocks scored by their drop-one loss
+    increase, with heads="loss" the heads by the greedy loss search (`greedy_head_scores`, needs the target)."""
+    scores = activation_scores(model, kinds, batches)
+    sub_blocks = [k for k in kinds if k in ("attention", "ffn")]
+    if layers == "loss" and sub_blocks:
+        scores.update(drop_one_scores(model, sub_blocks, batches))
+    if heads == "loss" and "heads" in kinds:
+        scores["heads"] = greedy_head_scores(model, batches, targets["heads"])
+    return scores
+
+
+def calibration_loss(model: CPMAnt, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Token-weighted LM loss of the model, with whatever gates are set, over the calibration batches."""
+    device = model.input_embedding.weight.device
+    total, count = 0.0, 0
+    for batch in batches:
+        losses, _ = token_losses(model, {k: v.to(device) for k, v in batch.items()})  # no copy when already there
+        total += float(losses.double().sum())
+        count += losses.numel()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def drop_one_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per attention / FFN sub-block: calibration loss with that sub-block alone removed (gate 0) minus the loss of
+    the whole model. Larger = more needed; negative = the model is better without it."""
+    config = model.config
+    blocks = model.encoder.layers
+    device = model.input_embedding.weight.device
+    batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+    was_training = model.training
+    model.eval()
+    clear_gates(model)
+    scores = {}
+    try:
+        base = calibration_loss(model, batches)
+        for kind in kinds:
+            row = []
+            if kind in ("attention", "ffn"):
+                has = config.has_attention if kind == "attention" else config.has_ffn
+                for i in range(config.num_layers):
+                    if has(i):
+                        setattr(blocks[i], f"{kind}_gate", torch.zeros((), device=device))
+                        row.append(calibration_loss(model, batches) - base)
+                        setattr(blocks[i], f"{kind}_gate", None)
+            else:
+                raise ValueError(f"drop-one importance is not defined for {kind}")
+            scores[kind] = torch.tensor(row, dtype=torch.float32)
+    finally:
+        clear_gates(model)
+        model.train(was_training)
+    return scores
+
+
+@torch.no_grad()
+def loss_with_heads(model: CPMAnt, batches: list[dict[str, torch.Tensor]], keep: list[int]) -> float:
+    """Calibration loss with only the heads `keep` (the same indices in every layer: the head mask is shared)."""
+    device = model.input_embedding.weight.device
+    gate = torch.zeros(model.config.num_heads, device=device)
+    gate[keep] = 1
+    for block in model.encoder.layers:
+        if block.self_att is not None:
+            block.self_att.self_attention.head_gate = gate
+    try:
+        return calibration_loss(model, batches)
+    finally:
+        clear_gates(model)
+
+
+@torch.no_grad()
+def greedy_head_scores(model: CPMAnt, batches: list[dict[str, torch.Tensor]], k: int) -> torch.Tensor:
+    """Heads chosen by the calibration loss of the pruned model itself, one at a time: keeping k of h heads,
+    from all heads remove, h - k times, the one whose removal leaves the lowest loss (k >= h / 2); or from none
+    add, k times, the one whose addition gives the lowest loss (k < h / 2). Drop-one scores alone would keep the
+    heads that matter most next to all the others, not the ones that do best on their own (4 -> 1 heads).
+    min(k, h - k) rounds of at most h forwards. Scores: the k chosen heads above the others (top-k = the search)."""
+    h = model.config.num_heads
+    device = model.input_embedding.weight.device
+    batches = [{key: v.to(device) for key, v in batch.items()} for batch in batches]
+    was_training = model.training
+    model.eval()
+    clear_gates(model)
+    scores = torch.zeros(h)
+    try:
+        if 2 * k >= h:  # backward: removed first = lowest score
+            kept = list(range(h))
+            for step in range(h - k):
+                losses = {j: loss_with_heads(model, batches, [i for i in kept if i != j]) for j in kept}
+                drop = min(kept, key=lambda j: (losses[j], j))
+                scores[drop] = step - h
+                kept.remove(drop)
+            scores[kept] = 1.0
+        else:  # forward: added first = highest score
+            kept = []
+            for step in range(k):
+                rest = [j for j in range(h) if j not in kept]
+                losses = {j: loss_with_heads(model, batches, kept + [j]) for j in rest}
+                add = min(rest, key=lambda j: (losses[j], j))
+                scores[add] = h - step
+                kept.append(add)
+            scores[[j for j in range(h) if j not in kept]] = -1.0
+    finally:
+        model.train(was_training)
+    return scores

@@ -193,7 +193,8 @@ def choose_selection(stage: Stage, model: CPMAnt, source_path: Path, stage_dir: 
     if recipe.method == "random":
         return {"selection": random_selection(model, stage.kinds, stage.target_counts(), seed=recipe.seed + stage.index)}
     if recipe.method == "activation":
-        return {"selection": activation_selection(model, stage.kinds, stage.target_counts(), _calibration(stage, ctx))}
+        return {"selection": activation_selection(model, stage.kinds, stage.target_counts(), _calibration(stage, ctx),
+                                                  recipe.importance.layers, recipe.importance.heads)}
     return {"selection": magnitude_selection(model, stage.kinds, stage.target_counts())}
 
 

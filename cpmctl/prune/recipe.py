@@ -12,6 +12,7 @@ from cpmctl.train.recipe import TrainConfig
 
 Method = Literal["learned", "activation", "magnitude", "random"]  # hard-concrete masks | the baselines (no mask phase)
 GateInit = Literal["constant", "activation"]  # log_alpha start: N(init_mean, init_std) | ranked activation importance
+Score = Literal["norm", "loss"]  # mean activation norm | calibration loss increase when the structure alone is dropped
 
 
 @dataclass
@@ -58,6 +59,14 @@ class PruneData:
         non_negative(self, at, "valid_rows")
 
 
+@dataclass
+class ImportanceConfig:
+    """How `method: activation` scores structures (importance.py; bench/prune.py measured loss over norm);
+    channels always by mean |activation|."""
+    layers: Score = "loss"  # attention / FFN sub-blocks: drop-one loss increase (a forward per sub-block) | output norm
+    heads: Score = "loss"  # heads: greedy search on the calibration loss | output norm summed over layers (Minitron)
+
+
 def _mask_defaults() -> TrainConfig:
     return TrainConfig(steps=200, schedule="constant", warmup_steps=0, save_every=100, valid_every=10**9)
 
@@ -71,6 +80,7 @@ class PruneRecipe:
     method: Method = "activation"
     mask: TrainConfig = field(default_factory=_mask_defaults)  # the mask phase
     gates: GateConfig = field(default_factory=GateConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)  # method: activation
     distill: DistillConfig = field(default_factory=DistillConfig)
     recovery: TrainConfig = field(default_factory=_recovery_defaults)  # recovery training after extraction
     data: PruneData = field(default_factory=PruneData)
