@@ -163,3 +163,20 @@ def test_dry_run_lines_and_bad_input(capsys):
     plan = json.loads(out)
     assert plan["plan"]["engine"] == "fsdp" and plan["plan"]["detail"]["seq_len"] > 0
     assert plan["plan"]["peak_bytes"] < 80 * GB
+
+
+def test_prune_plan_counts_the_models_vocabulary_in_every_phase():
+    """The ladder's configs carry the ladder's vocab_size; a run with --model plans every stage with the model's."""
+    from cpmctl.model.ant import param_counts
+    from cpmctl.prune.recipe import PruneRecipe
+    from cpmctl.prune.targets import plan_stages
+    from cpmctl.train.memory_plan import plan_prune
+
+    stages = plan_stages("mini-10b", "mini-3b")
+    model = resolve_config("mini-10b")
+    model.vocab_size = 727
+    plan = plan_prune(stages, model, None, PruneRecipe(method="learned"), None, None)
+    for stage, row in zip(stages, plan["stages"]):
+        for phase, config in (("mask", stage.source), ("recovery", stage.target)):
+            config.vocab_size = 727
+            assert row[phase]["parameters"] == param_counts(config)["total"], (stage.index, phase)

@@ -115,10 +115,15 @@ class Engine:
 
 
 def setup_engine(kind: str, device_name: str = "auto") -> Engine:
+    """The engine of one training run. On a GPU the allocator's peak restarts here, so a run's memory_mb is its own
+    peak, not that of an earlier phase in the same process (prune's mask phase before its recovery)."""
     if kind not in ENGINES:
         raise CpmctlError(f"train.engine: expected one of {', '.join(ENGINES)}, got {kind!r}")
     if kind == "single":
-        return Engine(kind, resolve_device(device_name, what="train.device"))
+        engine = Engine(kind, resolve_device(device_name, what="train.device"))
+        if engine.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(engine.device)
+        return engine
     if not launched_by_torchrun():
         raise CpmctlError(
             f"train.engine: {kind} runs under torchrun (torchrun --nproc_per_node N -m cpmctl pretrain ...) "
@@ -128,6 +133,7 @@ def setup_engine(kind: str, device_name: str = "auto") -> Engine:
     device = resolve_device(device_name, local_rank, what="train.device")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
     owns = False
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

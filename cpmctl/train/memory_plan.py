@@ -36,7 +36,7 @@ import functools
 import json
 import math
 from pathlib import Path
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from cpmctl import CpmctlError
 from cpmctl.model.ant import param_counts
@@ -381,8 +381,10 @@ def plan_prune(stages: list, model_config: CPMAntConfig | None, model_path, reci
     train_path = Path(recipe.data.train) if recipe.data.train else None
     seq_len = PackedDataset(train_path).max_length if train_path and train_path.is_dir() else DEFAULT_SEQ_LEN
     rows, plans, smallest = [], [], []
+    # The ladder's configs carry the ladder's vocab_size; the run's vocabulary is the model's (--model).
+    own_vocab = (lambda c: replace(c, vocab_size=model_config.vocab_size)) if model_config else (lambda c: c)
     for stage in stages:
-        source = model_config if (stage.index == 1 and model_config is not None) else stage.source
+        source = model_config if (stage.index == 1 and model_config is not None) else own_vocab(stage.source)
         # Bytes per parameter read at start-up: --model's files, else the config's dtype (half: the original
         # fp16 .pt); later stages and every recovery read cpmctl's fp32 native files.
         if stage.index == 1 and model_path is not None:
@@ -390,7 +392,7 @@ def plan_prune(stages: list, model_config: CPMAntConfig | None, model_path, reci
         else:
             on_disk = 2 if stage.index == 1 and source.half else 4
         row = {"stage": stage.index, "from": stage.source_name, "to": stage.target_name}
-        phases = [("recovery", stage.target, recipe.recovery, {"checkpoint": 4})]
+        phases = [("recovery", own_vocab(stage.target), recipe.recovery, {"checkpoint": 4})]
         if recipe.method == "learned":
             phases.insert(0, ("mask", source, recipe.mask, {"gates": True, "full_logits": True,
                                                              "teacher": recipe.distill.weight > 0,
