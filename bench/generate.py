@@ -16,10 +16,17 @@ each other and with the bandwidth probes, so that load from other processes hits
 same figures in process CPU time are printed too (exact with --threads 1): other load disturbs them far less.
 
 Modes: greedy (batch 1), beam (batch 1, --beam-size beams), batch (greedy, --batch prompts of equal length, so that
-HF needs no padding); --quantize int8 adds the same rows for cpmctl's int8 linears (cpmctl/generate/quant.py; HF has
-no int8 peer, so their ratio is to HF fp32) and the int8 / fp32 speed-up.
+HF needs no padding); --quantize adds the same rows for cpmctl's int8 modes (cpmctl/generate/quant.py; HF has no int8
+peer, so their ratio is to HF fp32) and each one's speed-up over the model dtype: int8 (weight-only block linears),
+int8-dynamic (int8 activations too, fbgemm), int8-dynamic-head (and the tied head), and, measured only here,
+int8+head (weight-only blocks and a weight-only int8 head). Before timing, each int8 mode's quality against the
+model dtype: teacher-forced over --quality-tokens random tokens (max |logit diff|, relative logit error, top-1
+agreement, perplexity) and the fraction of greedy ids equal to the model dtype's, on the bench model and on a small
+model trained for --quality-train steps on a Markov chain (random weights give nearly flat logits, where any
+rounding flips ties); after timing, the same fraction for the timed runs.
 
-    python bench/generate.py                                  # ~109M parameters, CPU fp32 + int8
+    python bench/generate.py                                  # ~109M parameters, CPU fp32 + the int8 modes
+    python bench/generate.py --threads 1 --workloads 32:64 --modes greedy --repeats 5
     python bench/generate.py --threads 1 --workloads 32:32 --modes greedy,batch --repeats 3
     python bench/generate.py --device cuda --dtype bf16 --workloads 32:128,256:128 --quantize none
 """
@@ -35,19 +42,24 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cpmctl.generate.decode import beam_search, greedy  # noqa: E402
-from cpmctl.generate.quant import quantize_model  # noqa: E402
+from cpmctl.generate.quant import quantize_model, use_int8_head  # noqa: E402
 from cpmctl.model.ant import build_model, param_counts  # noqa: E402
 from cpmctl.model.checkpoint import convert, save_native  # noqa: E402
 from cpmctl.model.config import CPMAntConfig  # noqa: E402
 from cpmctl.model.generation_config import GenerationConfig  # noqa: E402
 from cpmctl.model.inputs import build_inputs  # noqa: E402
 from cpmctl.model.tokenizer import BOS, EOS  # noqa: E402
+
+
+INT8_MODES = ("int8", "int8-dynamic", "int8-dynamic-head", "int8+head")
+GREEDY_PROMPTS, GREEDY_TOKENS = 4, 32  # the quality check's greedy decoding
 
 
 def parse_args():
@@ -62,7 +74,12 @@ def parse_args():
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--batch", type=int, default=8, help="Prompts decoded together in the `batch` mode.")
     p.add_argument("--modes", default="greedy,beam,batch")
-    p.add_argument("--quantize", default="none,int8", help="Comma-separated: none (the model dtype), int8.")
+    p.add_argument("--quantize", default="none," + ",".join(INT8_MODES),
+                   help=f"Comma-separated: none (the model dtype), {', '.join(INT8_MODES)}.")
+    p.add_argument("--quality-train", type=int, default=100,
+                   help="Steps of the trained model of the quality check (0: random weights only).")
+    p.add_argument("--quality-tokens", type=int, default=256,
+                   help="Teacher-forced tokens of the quality check; 0: none.")
     p.add_argument("--repeats", type=int, default=2, help="Timed runs per contender after one warm-up; best kept.")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -104,12 +121,16 @@ def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: every parameter and buffer of the blocks and the final norm (fp32
     or int8 + scales), and the tied head (the whole input embedding). The embedding lookups and the position-bias
     table read a few rows only and are left out."""
+    head = getattr(model, "output_head_int8", None)  # an int8 head replaces the embedding in the logits product
+    head_tensors = list(head.buffers()) if head is not None else [model.input_embedding.weight]
     seen, total = set(), 0
-    for t in list(model.encoder.parameters()) + list(model.encoder.buffers()) + [model.input_embedding.weight]:
+    for t in list(model.encoder.parameters()) + list(model.encoder.buffers()) + head_tensors:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
-    return total
+    # int8-dynamic's packed weights are opaque fbgemm objects, not buffers
+    modules = list(model.encoder.modules()) + ([head] if head is not None else [])
+    return total + sum(getattr(m, "packed_weight_bytes", 0) for m in modules)
 
 
 class Bandwidth:
@@ -196,8 +217,11 @@ def main():
     for q in args.quantize.split(","):
         if q == "none":
             models[args.dtype] = ours
-        elif q == "int8":
-            models["int8"] = quantize_model(copy.deepcopy(ours))
+        elif q == "int8+head":  # weight-only int8 blocks and head: the head in aten._weight_int8pack_mm too
+            models[q] = quantize_model(copy.deepcopy(ours))
+            use_int8_head(models[q], activations=False)
+        elif q in INT8_MODES:
+            models[q] = quantize_model(copy.deepcopy(ours), q)
         else:
             raise SystemExit(f"unknown --quantize {q}")
     cpu_clock = device.type == "cpu"
@@ -207,6 +231,11 @@ def main():
     fp_bytes = weight_bytes_per_token(ours)
     bandwidth = Bandwidth(fp_bytes, config.dim_model, device, dtype)
     print("weights read per decode step: " + ", ".join(f"{name} {b / 1e6:.1f} MB" for name, b in per_token.items()))
+
+    if args.quality_tokens > 0 and args.dtype in models and len(models) > 1:
+        quality(models, args.dtype, config, args.quality_tokens, args.seed, device)
+    if args.quality_train > 0 and len(models) > 1:
+        trained_quality([q for q in args.quantize.split(",") if q != "none"], args.quality_train, args.seed)
 
     gen = torch.Generator().manual_seed(args.seed + 1)
     for workload in args.workloads.split(","):
@@ -239,6 +268,107 @@ def main():
                       f"{many['batch'] * many['cpmctl_decode_steps_per_s'] / one['cpmctl_decode_steps_per_s']:.2f}x "
                       f"(end to end {many['cpmctl_tokens_per_s'] / one['cpmctl_tokens_per_s']:.2f}x; hf "
                       f"{many['hf_tokens_per_s'] / one['hf_tokens_per_s']:.2f}x)")
+
+
+# ----- quality ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def quality(models, reference_name, config, tokens, seed, device):
+    """Each quantized model against the model dtype, teacher-forced over one sequence of random tokens: max |logit
+    diff|, relative logit error (Frobenius), top-1 agreement and perplexity of the sequence's own next tokens."""
+    gen = torch.Generator().manual_seed(seed + 2)
+    ids = [[BOS] + torch.randint(10, min(config.vocab_size, 30000), (tokens,), generator=gen).tolist()]
+    reference = models[reference_name]
+    inputs = build_inputs(reference, ids)
+    args = [inputs[k].to(device) for k in ("input", "segment", "context", "span")]
+    target = torch.tensor(ids[0][1:], device=device)
+
+    def logits_of(model):
+        return model(*args)[0, -len(ids[0]):-1].float()  # the rows that predict tokens 1..n of the sequence
+
+    base = logits_of(reference)
+    base_ppl = torch.exp(F.cross_entropy(base, target)).item()
+    prompts = [[BOS] + torch.randint(10, min(config.vocab_size, 30000), (16,), generator=gen).tolist()
+               for _ in range(GREEDY_PROMPTS)]
+    greedy_cfg = GenerationConfig(decode="greedy", max_new_tokens=GREEDY_TOKENS)
+    base_ids = greedy(reference, build_inputs(reference, prompts), greedy_cfg)
+    print(f"quality vs {reference_name}, teacher-forced over {tokens} random tokens (random weights: the perplexity "
+          f"itself means nothing, its change does; {reference_name} perplexity {base_ppl:.1f}, "
+          f"{base.argmax(-1).unique().numel()} distinct top-1 ids, logit spread per row "
+          f"{(base.amax(-1) - base.amin(-1)).mean().item():.3f}); greedy: {GREEDY_PROMPTS} prompts x {GREEDY_TOKENS} "
+          "new tokens decoded together")
+    for name, model in models.items():
+        if model is reference:
+            continue
+        out = logits_of(model)
+        ppl = torch.exp(F.cross_entropy(out, target)).item()
+        print(f"  {name:17s}: max |logit diff| {(out - base).abs().max().item():.4f} (logits up to "
+              f"{base.abs().max().item():.2f}), relative error {((out - base).norm() / base.norm()).item():.4f}, top-1 "
+              f"agreement {(out.argmax(-1) == base.argmax(-1)).float().mean().item():.3f}, perplexity {ppl:.1f} "
+              f"({100 * (ppl / base_ppl - 1):+.2f}%); greedy ids equal "
+              f"{same_ids_fraction(greedy(model, build_inputs(model, prompts), greedy_cfg), base_ids):.3f}")
+
+
+def trained_quality(modes: list[str], steps: int, seed: int) -> None:
+    """The same quality figures on a small model first trained (`steps` AdamW steps, causal LM) on a sparse Markov
+    chain (tests/synthetic.py), whose logits are peaked as a real model's are, unlike random weights'."""
+    from tests.synthetic import markov_documents
+
+    config = CPMAntConfig(vocab_size=2048, dim_model=256, dim_ff=640, num_layers=4, num_heads=4, dim_head=64,
+                          half=False)
+    model = build_model(config, seed=seed)
+    docs = markov_documents(config.vocab_size, 16 * steps + 16, 64, seed=seed, words=400)
+
+    def causal(rows):
+        """Inputs for [<s>] + row: every token after <s> to predict (seen causally), as generated tokens are."""
+        inputs = build_inputs(model, [[BOS] + r.tolist() for r in rows])
+        inputs["context"][:, -len(rows[0]):] = False
+        return [inputs[k] for k in ("input", "segment", "context", "span")], torch.as_tensor(np.stack(rows))
+
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        args, ids = causal(docs[16 * step: 16 * step + 16])
+        loss = F.cross_entropy(model(*args)[:, -ids.shape[1]:-1].flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    held_out = docs[-16:]
+    args, ids = causal(held_out)
+    models = {"fp32": model}
+    for q in modes:
+        models[q] = copy.deepcopy(model)
+        if q == "int8+head":
+            quantize_model(models[q])
+            use_int8_head(models[q], activations=False)
+        else:
+            quantize_model(models[q], q)
+    prompts = [[BOS] + d[:16].tolist() for d in held_out[:GREEDY_PROMPTS]]
+    greedy_cfg = GenerationConfig(decode="greedy", max_new_tokens=GREEDY_TOKENS)
+    with torch.no_grad():
+        base = model(*args)[:, -ids.shape[1]:-1].float()
+        base_ppl = torch.exp(F.cross_entropy(base.flatten(0, 1), ids[:, 1:].flatten())).item()
+        base_ids = greedy(model, build_inputs(model, prompts), greedy_cfg)
+        print(f"quality on a trained model ({param_counts(config)['total'] / 1e6:.1f}M parameters, {steps} steps on "
+              f"a Markov chain, last loss {loss.item():.2f}), teacher-forced over 16 held-out rows of 64 tokens: fp32 "
+              f"perplexity {base_ppl:.2f}, logit spread per row {(base.amax(-1) - base.amin(-1)).mean().item():.1f}")
+        for name, m in models.items():
+            if m is model:
+                continue
+            out = m(*args)[:, -ids.shape[1]:-1].float()
+            ppl = torch.exp(F.cross_entropy(out.flatten(0, 1), ids[:, 1:].flatten())).item()
+            print(f"  {name:17s}: max |logit diff| {(out - base).abs().max().item():.4f}, relative error "
+                  f"{((out - base).norm() / base.norm()).item():.4f}, top-1 agreement "
+                  f"{(out.argmax(-1) == base.argmax(-1)).float().mean().item():.4f}, perplexity {ppl:.3f} "
+                  f"({100 * (ppl / base_ppl - 1):+.2f}%); greedy ids equal "
+                  f"{same_ids_fraction(greedy(m, build_inputs(m, prompts), greedy_cfg), base_ids):.3f}")
+
+
+def same_ids_fraction(ids, reference) -> float:
+    """Fraction of positions where two id lists (one per row) agree."""
+    pairs = [(a, b) for row, ref in zip(ids, reference) for a, b in zip(row, ref)]
+    return sum(a == b for a, b in pairs) / max(len(pairs), 1)
 
 
 def report(args, mode, texts, n, rows, best, bandwidth, per_token, fp_bytes, cpu_clock) -> dict:
@@ -293,15 +423,20 @@ def report(args, mode, texts, n, rows, best, bandwidth, per_token, fp_bytes, cpu
             row["speedup_vs_" + base["weights"]] = round(decode_rate / base["cpmctl_decode_steps_per_s"], 3)
         hf_part = (f"hf {hf_e2e:7.2f} tok/s (decode {hf_decode:6.2f} steps/s, {row['hf_fraction_of_bound']:.2f} of "
                    f"the fp32 bound): ratio {row['ratio']:.2f}x, decode {row['decode_ratio']:.2f}x")
-        print(f"  cpmctl {name:5s}: {nbytes / 1e6:6.1f} MB/step, bound {bound:6.2f} steps/s; {e2e:7.2f} tok/s, decode "
+        print(f"  cpmctl {name:17s}: {nbytes / 1e6:6.1f} MB/step, bound {bound:6.2f} steps/s; {e2e:7.2f} tok/s, decode "
               f"{decode_rate:6.2f} steps/s = {row['fraction_of_bound']:.2f} of the bound; {hf_part}"
               + (f"; {row['speedup_vs_' + base['weights']]:.2f}x {base['weights']}" if row is not base else ""))
         if cpu_clock:
             print(f"    CPU time: {row['cpu_fraction_of_bound']:.2f} of the bound, ratio {row['cpu_time_ratio']:.2f}x, "
                   f"decode {row['cpu_decode_ratio']:.2f}x")
-        note = "same ids" if same else ("ids differ (int8 rounds the weights)" if name == "int8" else "IDS DIFFER")
+        quantized = name in INT8_MODES
+        if quantized and args.dtype in best.result:
+            row["same_ids_as_" + args.dtype] = round(same_ids_fraction(best.result[name], best.result[args.dtype]), 3)
+        equal = f"; {row['same_ids_as_' + args.dtype]:.3f} of them equal to {args.dtype}'s" if quantized and (
+            "same_ids_as_" + args.dtype) in row else ""
+        note = "same ids" if same else (f"ids differ (int8 rounds{equal})" if quantized else "IDS DIFFER")
         print(f"    tokens {produced}/{new_tokens}: {note}")
-        if not same and name != "int8" and name != "fp32":
+        if not same and not quantized and name != "fp32":
             print("    half precision: the two round differently, so long paths may part; in fp32 they must not")
         rows_out[name] = row
         if args.json:

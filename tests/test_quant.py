@@ -1,5 +1,5 @@
-"""Weight-only int8: the quantization maths, the kernel wrapper, its effect on a model, streamed int8 = resident
-int8, and the errors."""
+"""int8: the quantization maths, the kernel wrappers (weight-only and int8-dynamic), their effect on a model,
+streamed int8 = resident int8, the CLI choices and the errors."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ from cpmctl.model.inputs import build_inputs
 from cpmctl.generate.offload import load_offloaded
 from cpmctl.generate.plan import plan_memory
 from cpmctl.generate.quant import (
+    QUANTIZE_CHOICES,
+    DynamicInt8Linear,
     Int8Linear,
+    check_dynamic_support,
     check_int8_support,
     dequantize_weight,
     quantize_model,
@@ -115,3 +118,111 @@ def test_cli_generate_int8(checkpoint, capsys):
     assert code == 2 and "--quantize must be one of int8" in err
     code, _, err = run_cli(capsys, *base[:-1] + ["--quantize", "int8", "--adapter", str(checkpoint)])
     assert code == 2 and "merge the adapter first" in err
+
+
+# ----- int8-dynamic: int8 activations ---------------------------------------------------------------------------
+def reference_w8a8(x: torch.Tensor, q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """DynamicInt8Linear recomputed with plain torch ops: each row divided by its max |x| (that is what makes the
+    scale per token), the rows quantized with one asymmetric 7-bit scale and zero point (fbgemm's choice with
+    reduce_range, and its floor on the scale), the product of the integers in int32, then rescaled."""
+    peak = x.abs().amax(dim=1, keepdim=True) if x.shape[0] > 1 else torch.ones(1, 1)
+    xn = x / peak
+    lo, hi = min(xn.min().item(), 0.0), max(xn.max().item(), 0.0)
+    scale = (hi - lo) / 127
+    zero = int(round(-lo / scale))
+    scale = max(scale, 6.1e-5)  # torch's smallest activation scale (a lone token is not divided by its peak)
+    xq = (torch.round(xn / scale) + zero).clamp(0, 127).to(torch.int32)
+    acc = torch.mm(xq - zero, q.to(torch.int32).t())  # int32: at most 127 * 127 * in_features
+    return acc.double() * scale * w_scale.double()[None] * peak.double()
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+@pytest.mark.parametrize("in_features", [64, 100, 13])
+def test_dynamic_linear_matches_the_integer_reference(rows, in_features):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, 24, bias=False)
+    module = DynamicInt8Linear.from_int8(Int8Linear.from_linear(linear, torch.bfloat16))
+    # tokens of very different sizes; a lone one small enough to meet the kernel's floor on the scale
+    x = torch.randn(rows, in_features) * torch.logspace(-3, 1, rows)[:, None]
+    y = module(x)
+    assert y.shape == (rows, 24) and y.dtype == torch.float32
+    q = Int8Linear.from_linear(linear, torch.bfloat16).weight_int8[:, :in_features]
+    reference = reference_w8a8(x, q, module.scale).float()
+    # Per row, a rounding tie decided the other way moves one activation by one level: far below the int8 error.
+    for row in range(rows):
+        step = max(x[row].abs().max() * 2 / 127, 6.1e-5) * module.scale.max() * 127
+        assert (y[row] - reference[row]).abs().max() <= 2 * step, row
+    if rows > 1:  # per token: the smallest row is as accurate, relative to itself, as the largest (one scale per
+        # tensor would round the 1e-3 row to nothing)
+        exact = F.linear(x, linear.weight)
+        relative = (y - exact).norm(dim=1) / exact.norm(dim=1)
+        assert relative.max() < 0.05, relative
+
+
+def test_dynamic_linear_does_not_saturate():
+    """Full-range activations against full-range weights of the same sign: AVX2's int16 pair sums would halve the
+    result without reduce_range (measured: 0.506 of the true sum)."""
+    w = torch.ones(8, 256)
+    module = DynamicInt8Linear.from_weight(w)
+    y = module(torch.ones(1, 256))
+    assert torch.allclose(y, torch.full((1, 8), 256.0), rtol=1e-2)
+
+
+def test_dynamic_modes_on_a_model():
+    cfg = tiny_config(300, num_layers=3)
+    model = build_model(cfg, seed=1).eval()
+    inputs = build_inputs(model, [[6, 20, 31, 42, 53, 64, 75, 80, 91, 102]])
+    args = (inputs["input"], inputs["segment"], inputs["context"], inputs["span"])
+    with torch.no_grad():
+        exact = model(*args)
+        for mode in ("int8-dynamic", "int8-dynamic-head"):
+            quantized = quantize_model(build_model(cfg, seed=1).eval(), mode)
+            linears = [m for m in quantized.encoder.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
+            assert not linears and any(isinstance(m, DynamicInt8Linear) for m in quantized.encoder.modules())
+            assert hasattr(quantized, "output_head_int8") == (mode == "int8-dynamic-head")
+            assert torch.equal(quantized.input_embedding.weight, model.input_embedding.weight)  # lookups exact
+            out = quantized(*args)
+            assert ((out - exact).norm() / exact.norm()).item() < 0.08, mode
+            assert (out.argmax(-1) == exact.argmax(-1)).float().mean().item() > 0.7, mode
+            import copy
+
+            assert torch.equal(copy.deepcopy(quantized)(*args), out)  # the bench copies models
+
+
+def test_dynamic_modes_are_refused_where_they_cannot_run():
+    with pytest.raises(CpmctlError, match="runs on the CPU only"):
+        check_dynamic_support("int8-dynamic", "cuda")
+    with pytest.raises(CpmctlError, match="needs every block resident"):
+        check_dynamic_support("int8-dynamic-head", "cpu", streamed=True)
+    with pytest.raises(CpmctlError, match="must be one of"):
+        quantize_model(build_model(tiny_config(300), seed=1), "int4")
+
+
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int8-dynamic-head"])
+def test_cli_generate_dynamic(checkpoint, capsys, mode):
+    base = ["generate", "今天天气", "--model", str(checkpoint), "--device", "cpu", "--decode", "greedy",
+            "--max-new-tokens", "8", "--json"]
+    code, out, err = run_cli(capsys, *base + ["--quantize", mode])
+    assert code == 0, err
+    ids = json.loads(out)["token_ids"]
+    # the same as quantizing the loaded model directly
+    from cpmctl.generate.decode import encode_prompt
+    from cpmctl.model.tokenizer import CPMAntTokenizer
+
+    model = quantize_model(load_model(checkpoint)[0].eval(), mode)
+    tokenizer = CPMAntTokenizer(checkpoint / "vocab.txt")
+    inputs = build_inputs(model, [encode_prompt(tokenizer, "今天天气")])
+    expected = greedy(model, inputs, GenerationConfig(decode="greedy", max_new_tokens=8))[0]
+    assert ids == expected
+    # a limit where blocks would stream: refused before loading (packed weights do not stream)
+    config = load_model(checkpoint)[0].config
+    minimum = plan_memory(config, device_type="cpu", dtype=torch.float32, budget=None, quantize=mode).minimum_bytes
+    code, _, err = run_cli(capsys, *base + ["--quantize", mode, "--memory-limit", f"{1.25 * minimum / 1e9:.9f}"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "needs every block resident" in err
+
+
+def test_cli_bad_quantize_choice_is_one_line(checkpoint, capsys):
+    code, _, err = run_cli(capsys, "generate", "今天天气", "--model", str(checkpoint), "--device", "cpu",
+                           "--quantize", "int8-static")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert all(choice in err for choice in QUANTIZE_CHOICES)

@@ -45,7 +45,9 @@ def generate(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (GPU)."),
     memory_limit: float = typer.Option(None, "--memory-limit", help="GB (10^9 bytes) of device memory for weights, "
                                        "KV cache and activations; blocks that do not fit stream (docs/memory.md)."),
-    quantize: str = typer.Option(None, "--quantize", help="int8: weight-only int8 linears (per-channel scales)."),
+    quantize: str = typer.Option(None, "--quantize", help="int8: weight-only int8 linears (per-channel "
+                                  "scales); int8-dynamic: int8 activations too (per token; CPU, all blocks resident); "
+                                  "int8-dynamic-head: also the output head (docs/memory.md)."),
     json_out: bool = typer.Option(False, "--json", help='One {"prompt", "text", "token_ids"} object per prompt, in input '
                                   'order, with the input line\'s other fields.'),
 ):

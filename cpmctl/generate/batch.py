@@ -23,6 +23,7 @@ from cpmctl.generate.decode import GenerationResult, encode_prompt, generate
 from cpmctl.model.mapped import MappedCheckpoint
 from cpmctl.generate.offload import OffloadedModel, load_planned
 from cpmctl.generate.plan import MemoryPlan, plan_generation
+from cpmctl.generate.quant import check_dynamic_support, is_dynamic, use_int8_activations
 from cpmctl.model.ant import CPMAnt
 from cpmctl.model.checkpoint import load_tokenizer
 from cpmctl.model.generation_config import GenerationConfig
@@ -122,7 +123,11 @@ def load_with_policy(model_path: str | Path, *, device: torch.device, dtype: tor
     config = MappedCheckpoint.read_config(model_path)
     tokenizer = load_tokenizer(model_path, vocab, vocab_size=config.vocab_size)
     plan = plan_for(config, tokenizer)
+    if is_dynamic(plan.quantize):  # before any weight is read
+        check_dynamic_support(plan.quantize, device, streamed=bool(plan.streamed))
     offloaded = load_planned(model_path, plan, device=device)
+    if is_dynamic(plan.quantize):  # the loaded int8 weights, now with int8 activations
+        use_int8_activations(offloaded.model, plan.quantize)
     return LoadedForGeneration(offloaded.model, tokenizer, plan, offloaded)
 
 

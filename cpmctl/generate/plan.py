@@ -197,7 +197,7 @@ def plan_memory(
     """Decide resident vs streamed blocks for `budget` bytes (see the module docstring for what is counted)."""
     if device_type not in ("cuda", "cpu"):
         raise CpmctlError(f"memory planning supports cuda and cpu devices, not '{device_type}'")
-    int8_act = scale_dtype(device_type, dtype) if quantize == "int8" else None
+    int8_act = scale_dtype(device_type, dtype) if quantize else None  # int8 weights in every mode
     blocks = [layout_bytes(block_layout(config, i, dtype, int8_act)) for i in range(config.num_layers)]
     plan = MemoryPlan(
         device_type=device_type,

@@ -1,4 +1,5 @@
-"""Weight-only int8 for the linear layers of the transformer blocks.
+"""int8 for the linear layers of the transformer blocks: weight-only (`int8`) or weights and activations
+(`int8-dynamic`, `int8-dynamic-head`).
 
 Each weight row (one output channel) gets its own scale: `w ~= q * scale[:, None]` with `q` in [-127, 127]. The
 matmul runs in torch's weight-only int8 kernel `aten._weight_int8pack_mm` (CPU and CUDA): the int8 weight is read
@@ -9,11 +10,24 @@ embeddings and the tied output head stay in the model dtype. docs/memory.md repo
 The CPU kernel needs the input dimension to be a multiple of 16 (torch 2.13: odd multiples of 8 give wrong sums
 and can crash, smaller ones garbage), so weights are stored with zero columns up to the next multiple of 16 and
 inputs are zero-padded the same way (exact: zeros add nothing).
+
+That kernel converts every int8 weight to bf16 before multiplying, so on an AVX2 CPU it is bound by arithmetic, not
+by memory: reading a quarter of the bytes buys little (docs/memory.md). `int8-dynamic` (CPU only) keeps the same int8
+weights and scales but also rounds the activations to 8 bits, one scale per token, computed at run time, so the
+product runs in fbgemm's int8 x int8 -> int32 GEMM (`quantized::linear_dynamic`). On AVX2, fbgemm multiplies
+pairs of products in int16 (vpmaddubsw), which saturates for full-range activations, so it is used with
+reduce_range: activations take 7 bits (128 levels). fbgemm quantizes the whole input matrix with one (asymmetric)
+scale; dividing each row by its own max |x| first, and multiplying the output row back, makes that scale per token.
+`int8-dynamic-head` also computes the tied output head's logits that way (the embedding lookup stays exact: the
+embedding matrix is kept as it is, beside its int8 copy).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +35,8 @@ from torch import nn
 
 from cpmctl import CpmctlError
 
-QUANTIZE_CHOICES = ("int8",)
+QUANTIZE_CHOICES = ("int8", "int8-dynamic", "int8-dynamic-head")
+DYNAMIC_CHOICES = ("int8-dynamic", "int8-dynamic-head")  # int8 activations too: CPU, fbgemm
 KERNELS = ("int8pack", "dequant")  # dequant: int8 -> model dtype per call, then the dense matmul (GPU fallback)
 K_MULTIPLE = 16
 
@@ -121,6 +136,10 @@ def check_quantize_name(quantize: str | None) -> None:
         raise CpmctlError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got '{quantize}'")
 
 
+def is_dynamic(quantize: str | None) -> bool:
+    return quantize in DYNAMIC_CHOICES
+
+
 def check_int8_support(device: torch.device | str, compute_dtype: torch.dtype) -> None:
     """Fail with a clear message where torch has no int8 weight kernel for this device (probed, not assumed)."""
     device = torch.device(device)
@@ -140,12 +159,129 @@ def check_int8_support(device: torch.device | str, compute_dtype: torch.dtype) -
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module) -> nn.Module:
-    """Quantize the block linears of a fully loaded (resident) model in place."""
+def quantize_model(model: nn.Module, quantize: str = "int8") -> nn.Module:
+    """Quantize the block linears of a fully loaded (resident) model in place (`quantize`: a QUANTIZE_CHOICES)."""
+    check_quantize_name(quantize)
     device = model.input_embedding.weight.device
     dtype = model.input_embedding.weight.dtype
+    if is_dynamic(quantize):
+        check_dynamic_support(quantize, device)
     check_int8_support(device, dtype)
     act = scale_dtype(device, dtype)
     for block in model.encoder.layers:
         replace_linears(block, act, quantize_now=True)
+    return use_int8_activations(model, quantize) if is_dynamic(quantize) else model
+
+
+# ----- int8 activations (int8-dynamic) --------------------------------------------------------------------------
+ACT_REDUCE_RANGE = True  # 7-bit activations: AVX2's int16 pair sums saturate with 8 (measured: half the true sum)
+
+
+@contextlib.contextmanager
+def _fbgemm_engine():
+    """The quantized engine used for prepacking (a process-wide setting in torch), restored afterwards."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "fbgemm"
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+class DynamicInt8Linear(nn.Module):
+    """A bias-free linear with an int8 weight (per output channel) and int8 activations (per token, at run time).
+
+    The weight is fbgemm's packed copy of `q` (an opaque object, so the module has no weight buffer); `scale` (fp32)
+    is kept for reference and accounting.
+    """
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        scale = scale.float()
+        with warnings.catch_warnings():  # torch 2.13 marks quantized tensors deprecated (pytorch#184982)
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch._make_per_channel_quantized_tensor(
+                q.cpu(), scale.double().cpu(), torch.zeros(self.out_features, dtype=torch.long), 0)
+        with _fbgemm_engine():
+            self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.register_buffer("scale", scale.cpu())
+
+    @classmethod
+    def from_int8(cls, module: Int8Linear) -> "DynamicInt8Linear":
+        """The same int8 weight and scales as a weight-only Int8Linear (its padding columns dropped)."""
+        return cls(module.weight_int8[:, : module.in_features], module.scale)
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor) -> "DynamicInt8Linear":
+        q, scale = quantize_weight(w, torch.float32)
+        return cls(q[:, : w.shape[1]], scale)
+
+    @property
+    def packed_weight_bytes(self) -> int:
+        """Bytes of the packed int8 weight (not a buffer, so not in .buffers(); the scales are)."""
+        return self.out_features * self.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        # One token: fbgemm's per-tensor scale is already per token (not dividing saves ~50 us a call; the price: torch
+        # floors activation scales at 6.1e-5, so a lone token with max |x| < 4e-3 is rounded on that coarser grid).
+        if x2.shape[0] == 1:
+            y = torch.ops.quantized.linear_dynamic(x2, self.packed, ACT_REDUCE_RANGE)
+        else:
+            peak = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)
+            y = torch.ops.quantized.linear_dynamic(x2 / peak, self.packed, ACT_REDUCE_RANGE).mul_(peak)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel=fbgemm linear_dynamic"
+
+
+def _int8_head_logits(self, h: torch.Tensor) -> torch.Tensor:
+    """CPMAnt.logits with the tied head's product in int8 (bound to the model by use_int8_head)."""
+    return self.output_head_int8(h)
+
+
+def use_int8_head(model: nn.Module, activations: bool = True) -> None:
+    """Compute the logits with an int8 copy of the tied head; the embedding matrix stays for the input lookup.
+    `activations=False`: the weight-only kernel instead (bench/generate.py measures it; it is no faster)."""
+    weight = model.input_embedding.weight.detach()
+    if activations:
+        head = DynamicInt8Linear.from_weight(weight)
+    else:
+        act = scale_dtype(weight.device, weight.dtype)
+        head = Int8Linear(weight.shape[1], weight.shape[0], act, device=weight.device)
+        head.weight_int8, head.scale = quantize_weight(weight, act)
+    model.output_head_int8 = head
+    model.logits = types.MethodType(_int8_head_logits, model)  # an instance attribute shadows CPMAnt.logits
+
+
+def check_dynamic_support(quantize: str, device: torch.device | str, streamed: bool = False) -> None:
+    """int8 activations run on the CPU, in fbgemm, with every block resident (packed weights do not stream)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        raise CpmctlError(f"--quantize {quantize} runs on the CPU only (fbgemm); use --quantize int8 on {device}")
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise CpmctlError(f"--quantize {quantize}: this torch ({torch.__version__}) has no fbgemm engine")
+    if streamed:
+        raise CpmctlError(f"--quantize {quantize} needs every block resident: raise --memory-limit or use "
+                          "--quantize int8")
+
+
+@torch.no_grad()
+def use_int8_activations(model: nn.Module, quantize: str) -> nn.Module:
+    """Turn the weight-only Int8Linears of a loaded int8 model (resident blocks) into DynamicInt8Linears in place,
+    with the same int8 weights and scales; with int8-dynamic-head, the tied head too."""
+    check_dynamic_support(quantize, model.input_embedding.weight.device)
+    for block in model.encoder.layers:
+        for name, module in list(block.named_modules()):
+            if isinstance(module, Int8Linear):
+                if module.weight_int8.is_meta:
+                    raise CpmctlError(f"--quantize {quantize} needs every block resident")
+                parent_name, _, child = name.rpartition(".")
+                setattr(block.get_submodule(parent_name) if parent_name else block, child,
+                        DynamicInt8Linear.from_int8(module))
+    if quantize == "int8-dynamic-head":
+        use_int8_head(model)
     return model
