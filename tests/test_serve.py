@@ -376,6 +376,9 @@ def test_queue_limit_answers_503(loaded):
         pieces += [ch.choices[0].text for ch in first]
         assert len(pieces) == 600 + 1  # every token, then the chunk with the finish reason
         assert "".join(ch.choices[0].text for ch in second)  # the waiting one is answered after the first
+        deadline = time.monotonic() + 10  # a streamed response is logged when the server closes it, just after
+        while len(small.records) < 3 and time.monotonic() < deadline:  # the client has read its last chunk
+            time.sleep(0.05)
         assert sorted(r["status"] for r in small.records) == [200, 200, 503]
     finally:
         small.stop()
