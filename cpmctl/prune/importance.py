@@ -20,6 +20,8 @@ The scores have the shapes of the stage's gates (StageMasks), so they feed the s
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from cpmctl.data.packed_format import PackedReader
@@ -115,12 +117,8 @@ def drop_one_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, tor
     config = model.config
     blocks = model.encoder.layers
     device = model.input_embedding.weight.device
-    batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
-    was_training = model.training
-    model.eval()
-    clear_gates(model)
     scores = {}
-    try:
+    with _scoring(model, batches) as batches:
         base = calibration_loss(model, batches)
         for kind in kinds:
             row = []
@@ -134,10 +132,21 @@ def drop_one_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, tor
             else:
                 raise ValueError(f"drop-one importance is not defined for {kind}")
             scores[kind] = torch.tensor(row, dtype=torch.float32)
+    return scores
+
+
+@contextlib.contextmanager
+def _scoring(model: CPMAnt, batches: list[dict[str, torch.Tensor]]):
+    """The model in eval mode without gates, and the batches moved to its device once; mode and gates restored."""
+    device = model.input_embedding.weight.device
+    was_training = model.training
+    model.eval()
+    clear_gates(model)
+    try:
+        yield [{k: v.to(device) for k, v in batch.items()} for batch in batches]
     finally:
         clear_gates(model)
         model.train(was_training)
-    return scores
 
 
 @torch.no_grad()
@@ -163,13 +172,8 @@ def greedy_head_scores(model: CPMAnt, batches: list[dict[str, torch.Tensor]], k:
     heads that matter most next to all the others, not the ones that do best on their own (4 -> 1 heads).
     min(k, h - k) rounds of at most h forwards. Scores: the k chosen heads above the others (top-k = the search)."""
     h = model.config.num_heads
-    device = model.input_embedding.weight.device
-    batches = [{key: v.to(device) for key, v in batch.items()} for batch in batches]
-    was_training = model.training
-    model.eval()
-    clear_gates(model)
     scores = torch.zeros(h)
-    try:
+    with _scoring(model, batches) as batches:
         if 2 * k >= h:  # backward: removed first = lowest score
             kept = list(range(h))
             for step in range(h - k):
@@ -187,6 +191,4 @@ def greedy_head_scores(model: CPMAnt, batches: list[dict[str, torch.Tensor]], k:
                 scores[add] = h - step
                 kept.append(add)
             scores[[j for j in range(h) if j not in kept]] = -1.0
-    finally:
-        model.train(was_training)
     return scores
