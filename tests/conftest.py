@@ -56,6 +56,31 @@ def tiny_config(vocab_size: int, **overrides) -> CPMAntConfig:
     return CPMAntConfig(**base)
 
 
+def write_tiny_ladder(root: Path, max_length: int = 96, words: int | None = None) -> int:
+    """The pruning tests' setup in `root`: vocab.txt, packed synthetic rows in data/, configs t0 (4 layers, 4 heads,
+    dim_ff 48), t1 (t0 minus three sub-blocks), t2 (t1 at 2 heads, dim_ff 20), wide (t0 at dim_model 32), and m0, a
+    native checkpoint of t0. Returns the vocabulary size."""
+    from cpmctl.model.ant import build_model
+    from cpmctl.model.checkpoint import save_native
+    from cpmctl.model.tokenizer import CPMAntTokenizer
+    from tests.synthetic import write_synthetic_packed
+
+    vocab = write_tiny_vocab(root / "vocab.txt")
+    n = CPMAntTokenizer(vocab).vocab_size
+    write_synthetic_packed(root / "data", n, 40, max_length=max_length, seed=0, words=words)
+    dropped = [[False, False], [True, False], [False, True], [False, True]]
+    configs = {
+        "t0": tiny_config(n, num_layers=4, num_heads=4, dim_ff=48),
+        "t1": tiny_config(n, num_layers=4, num_heads=4, dim_ff=48, mask_modules=dropped),
+        "t2": tiny_config(n, num_layers=4, num_heads=2, dim_ff=20, mask_modules=dropped),
+        "wide": tiny_config(n, dim_model=32, num_layers=4, num_heads=4, dim_ff=48),
+    }
+    for name, cfg in configs.items():
+        cfg.save(root / f"{name}.json")
+    save_native(build_model(configs["t0"], seed=0), root / "m0", vocab=vocab)
+    return n
+
+
 @pytest.fixture
 def tiny_cfg(tiny_vocab) -> CPMAntConfig:
     from cpmctl.model.tokenizer import CPMAntTokenizer

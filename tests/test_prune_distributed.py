@@ -16,12 +16,9 @@ import pytest
 import torch
 
 from cpmctl.cli.app import main
-from cpmctl.model.ant import build_model
-from cpmctl.model.checkpoint import read_checkpoint, save_native
-from cpmctl.model.tokenizer import CPMAntTokenizer
+from cpmctl.model.checkpoint import read_checkpoint
 from cpmctl.train.metrics import read_metrics
-from tests.conftest import REPO, tiny_config, write_tiny_vocab
-from tests.synthetic import write_synthetic_packed
+from tests.conftest import REPO, write_tiny_ladder
 
 pytestmark = pytest.mark.slow
 
@@ -36,13 +33,7 @@ SETTINGS = ["method=learned", "mask.steps=4", "mask.batch_size=2", "mask.save_ev
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("prune-dist")
-    vocab = write_tiny_vocab(root / "vocab.txt")
-    n = CPMAntTokenizer(vocab).vocab_size
-    write_synthetic_packed(root / "data", n, 40, max_length=64, seed=0, words=40)
-    tiny_config(n, num_layers=4, num_heads=4, dim_ff=48).save(root / "t0.json")
-    dropped = [[False, False], [True, False], [False, True], [False, True]]
-    tiny_config(n, num_layers=4, num_heads=2, dim_ff=20, mask_modules=dropped).save(root / "t2.json")
-    save_native(build_model(tiny_config(n, num_layers=4, num_heads=4, dim_ff=48), seed=0), root / "m0", vocab=vocab)
+    write_tiny_ladder(root, max_length=64, words=40)
     return root
 
 

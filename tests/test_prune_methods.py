@@ -16,14 +16,11 @@ import torch.nn.functional as F
 from cpmctl import CpmctlError
 from cpmctl.data.packed_format import PackedDataset, PackedReader, RowRange
 from cpmctl.model.ant import build_model
-from cpmctl.model.checkpoint import save_native
-from cpmctl.model.tokenizer import CPMAntTokenizer
 from cpmctl.prune.gates import StageMasks
 from cpmctl.prune.importance import activation_scores, calibration_batches, drop_one_scores, greedy_head_scores
 from cpmctl.prune.recipe import load_prune_recipe
 from cpmctl.prune.targets import KINDS
-from tests.conftest import tiny_config, write_tiny_vocab
-from tests.synthetic import write_synthetic_packed
+from tests.conftest import tiny_config, write_tiny_ladder
 from tests.test_prune_run import FAST, cli
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "prune"
@@ -32,14 +29,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "prune"
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("prune-methods")
-    vocab = write_tiny_vocab(root / "vocab.txt")
-    n = CPMAntTokenizer(vocab).vocab_size
-    write_synthetic_packed(root / "data", n, 40, max_length=96, seed=0)
-    dropped = [[False, False], [True, False], [False, True], [False, True]]
-    tiny_config(n, num_layers=4, num_heads=4, dim_ff=48).save(root / "t0.json")
-    tiny_config(n, num_layers=4, num_heads=2, dim_ff=20, mask_modules=dropped).save(root / "t2.json")
-    save_native(build_model(tiny_config(n, num_layers=4, num_heads=4, dim_ff=48), seed=0), root / "m0", vocab=vocab)
-    return root, n
+    return root, write_tiny_ladder(root)
 
 
 def test_activation_importance_matches_a_hand_computation(setup):

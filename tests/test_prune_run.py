@@ -11,13 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from cpmctl.cli.app import main
-from cpmctl.model.ant import build_model
-from cpmctl.model.checkpoint import load_model, save_native
-from cpmctl.model.tokenizer import CPMAntTokenizer
+from cpmctl.model.checkpoint import load_model
 from cpmctl.prune import mask_phase
 from cpmctl.prune.mask_phase import distillation_kl
 from tests.synthetic import write_synthetic_packed
-from tests.conftest import REPO, tiny_config, write_tiny_vocab
+from tests.conftest import REPO, write_tiny_ladder
 
 FAST = ["method=learned", "mask.batch_size=4", "recovery.batch_size=4", "data.valid_rows=8", "data.eval_batches=1",
         "recovery.valid_batches=1", "mask.log_every=1", "recovery.log_every=1"]
@@ -26,19 +24,7 @@ FAST = ["method=learned", "mask.batch_size=4", "recovery.batch_size=4", "data.va
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("prune")
-    vocab = write_tiny_vocab(root / "vocab.txt")
-    n = CPMAntTokenizer(vocab).vocab_size
-    write_synthetic_packed(root / "data", n, 40, max_length=96, seed=0)
-    dropped = [[False, False], [True, False], [False, True], [False, True]]
-    configs = {
-        "t0": tiny_config(n, num_layers=4, num_heads=4, dim_ff=48),
-        "t1": tiny_config(n, num_layers=4, num_heads=4, dim_ff=48, mask_modules=dropped),
-        "t2": tiny_config(n, num_layers=4, num_heads=2, dim_ff=20, mask_modules=dropped),
-        "wide": tiny_config(n, dim_model=32, num_layers=4, num_heads=4, dim_ff=48),
-    }
-    for name, cfg in configs.items():
-        cfg.save(root / f"{name}.json")
-    save_native(build_model(configs["t0"], seed=0), root / "m0", vocab=vocab)
+    write_tiny_ladder(root)
     return root
 
 
