@@ -21,7 +21,8 @@
 4. Per stage and arm: validation loss after recovery, mean and 95% confidence interval (Student t over seeds), the
    relative performance L(base) / L(stage) next to the original's published 96.3 / 92.4 / 86.0 / 76.2 %
    (7b / 3b / 1b / 300m; none for 2b), which arm has the best mean, and which arms' intervals it is clear of and
-   which overlap it.
+   which overlap it; then, seed by seed, the --reference arm against every other arm: in how many seeds it is
+   lower, the exact sign test, and the paired difference with its interval (`paired`).
 
     python bench/prune.py --threads 1                                  # micro ladder, all 5 stages, 3 seeds
     python bench/prune.py --arms learned,learned:init,learned:gate-lr --seeds 0,1,2
@@ -56,7 +57,9 @@ PUBLISHED = {"7b": 96.3, "3b": 92.4, "2b": None, "1b": 86.0, "300m": 76.2}
 BASE_ARMS = ("learned", "activation", "magnitude", "random")
 # Options of an arm, each measured as its own arm `METHOD:NAME` (overrides on top of the method's arm).
 VARIANTS = {
-    "learned:init": ["gates.init=activation"],  # log_alpha from the activation importance's ranks
+    # log_alpha from the ranks of the default importance (drop-one sub-blocks, greedy heads, 32 calibration batches)
+    "learned:init": ["gates.init=activation", "importance.layers=loss", "importance.heads=loss",
+                     "data.calibration_batches=32"],
     "learned:gate-lr": ["gates.lr=0.2", "gates.lambda_lr=0.2"],  # slower gates (default 0.5)
     "learned:warmup": ["gates.target_warmup=0.7"],  # the target shrinks over 70% of the phase (default 30%)
     "learned:kd-t1": ["distill.temperature=1.0"],  # distillation temperature 1 (default 2)
@@ -67,10 +70,12 @@ VARIANTS = {
     # The same two with 8x the calibration rows (32 batches): loss differences of 1e-2 need more than 32 rows.
     "activation:c32": ["data.calibration_batches=32"],
     "activation:loss-heads-c32": ["importance.layers=loss", "importance.heads=loss", "data.calibration_batches=32"],
+    "activation:loss-heads-c64": ["importance.layers=loss", "importance.heads=loss", "data.calibration_batches=64"],
 }
 # The plain activation arm is pinned to the norm scores whatever the recipe's default: its cached runs keep meaning it.
 ARM_PINS = {"activation": ["importance.layers=norm", "importance.heads=norm"]}
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093}
 
 
 def parse_args():
@@ -92,6 +97,8 @@ def parse_args():
     p.add_argument("--calibration-batches", type=int, default=4)
     p.add_argument("--arms", default=",".join(BASE_ARMS))
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--reference", default=None,
+                   help="Arm compared seed by seed with every other arm (default: the first of --arms).")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     args = p.parse_args()
@@ -225,6 +232,20 @@ def interval(values: list[float]) -> tuple[float, float]:
     return mean, T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
+def paired(reference: list[float], other: list[float]) -> dict:
+    """The same seeds of two arms: in how many the reference is lower, the one-sided exact sign test's p (ties
+    dropped; the chance of that many wins or more if neither arm were better), and the mean paired difference
+    other - reference with its 95% Student-t half-width. Seed by seed, a seed's data order and calibration rows are
+    shared by both arms, so this is the test of "the reference is better", which the two per-arm intervals are
+    not: one arm's breakdown in one seed widens its own interval, not the evidence of the other seeds."""
+    diffs = [o - r for r, o in zip(reference, other)]
+    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    n = wins + losses
+    p = sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n if n else 1.0
+    mean, half = interval(diffs)
+    return {"wins": wins, "seeds": len(diffs), "sign_p": p, "diff_mean": mean, "diff_ci95": half}
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -245,6 +266,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--arms {unknown[0]}: no such arm (known: {', '.join((*BASE_ARMS, *VARIANTS))})")
     seeds = [int(s) for s in args.seeds.split(",")]
+    reference = args.reference or arms[0]
+    if reference not in arms:
+        raise SystemExit(f"--reference {reference}: not among --arms ({', '.join(arms)})")
     work = cache / (f"m{args.mask_steps}-r{args.recovery_steps}-b{args.batch_size}-g{args.gate_lr}-d{args.distill}"
                     f"-c{args.calibration_batches}-e{args.eval_batches}")
     results = {arm: [run_arm(arm, s, args, work, base, configs, vocab, train, valid) for s in seeds] for arm in arms}
@@ -285,8 +309,12 @@ def main() -> None:
         print(f"{'':<{w}}best: {best}{verdict}"
               + (f"; clear of {', '.join(clear_of)}" if clear_of and overlaps else "")
               + (f"; overlaps {', '.join(overlaps)}" if overlaps else ""))
+        comparisons = {a: paired(stage[reference]["recovered"], stage[a]["recovered"]) for a in arms if a != reference}
+        for a, c in comparisons.items():
+            print(f"{'':<{w}}{reference} vs {a}: lower in {c['wins']}/{c['seeds']} seeds (sign test p "
+                  f"{c['sign_p']:.3f}), paired difference {c['diff_mean']:+.4f} +- {c['diff_ci95']:.4f}")
         rows.append({"stage": name, "published": published, "arms": stage, "best": best, "best_clear": clear,
-                     "clear_of": clear_of, "overlaps": overlaps})
+                     "clear_of": clear_of, "overlaps": overlaps, "reference": reference, "paired": comparisons})
     print("relative = L(base) / L(stage) on the same validation rows (the original's figures are task-performance "
           "ratios of a converged 10b after long recovery: a reference, not the same measure).")
     print(f"total {time.perf_counter() - started:.0f} s; work dir {work}")

@@ -180,3 +180,23 @@ def test_prune_plan_counts_the_models_vocabulary_in_every_phase():
         for phase, config in (("mask", stage.source), ("recovery", stage.target)):
             config.vocab_size = 727
             assert row[phase]["parameters"] == param_counts(config)["total"], (stage.index, phase)
+
+
+def test_prune_plan_sizes_the_recovery_teacher_as_the_source():
+    """distill.recovery distils the pruned model from the stage's unpruned one: the recovery phase plans a teacher
+    of the source's size (fp32), not of the smaller model it trains; without it no teacher at all."""
+    from cpmctl.model.ant import param_counts
+    from cpmctl.prune.recipe import DistillConfig, PruneRecipe
+    from cpmctl.prune.targets import plan_stages
+    from cpmctl.train.memory_plan import plan_prune
+
+    stages = plan_stages("mini-10b", "mini-3b")
+    plain = plan_prune(stages, None, None, PruneRecipe(method="activation"), None, None)
+    distilled = plan_prune(stages, None, None, PruneRecipe(method="activation",
+                                                           distill=DistillConfig(weight=0.5, recovery=True)),
+                           None, None)
+    for stage, a, b in zip(stages, plain["stages"], distilled["stages"]):
+        source = param_counts(stage.source)["total"]
+        assert a["recovery"]["teacher_bytes"] == 0
+        assert b["recovery"]["teacher_bytes"] == source * 4 > b["recovery"]["parameters"] * 4
+        assert b["recovery"]["host_bytes"] - a["recovery"]["host_bytes"] == source * 8  # fp32 copy + the file read

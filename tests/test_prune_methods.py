@@ -212,3 +212,32 @@ def test_default_importance_keeps_the_top_drop_one_sub_blocks_and_the_greedy_hea
     assert report["kept"]["attention_layers"] == sorted(torch.topk(scores["attention"], 3).indices.tolist())
     assert report["kept"]["ffn_layers"] == sorted(torch.topk(scores["ffn"], 2).indices.tolist())
     assert report["kept"]["heads"] == sorted(torch.topk(greedy_head_scores(model, batches, 2), 2).indices.tolist())
+
+
+def test_gates_start_from_the_recipes_importance_scores(setup, capsys, tmp_path, monkeypatch):
+    """gates.init: activation ranks log_alpha by the scores `importance.layers` asks for (drop-one here), not by
+    the activation norms: the scores the mask phase starts from are the drop-one scores of the source model."""
+    root, _ = setup
+    seen = {}
+    original = StageMasks.init_from_scores
+
+    def spy(self, scores, mean, spread):
+        seen.update({k: v.clone() for k, v in scores.items()})
+        return original(self, scores, mean, spread)
+
+    monkeypatch.setattr(StageMasks, "init_from_scores", spy)
+    code, out, err = cli(["prune", "--model", root / "m0", "--from", root / "t0.json", "--to", root / "t1.json",
+                          "--data", root / "data", "--out", tmp_path / "g", "--json", *FAST, "gates.init=activation",
+                          "importance.layers=loss", "mask.steps=1", "recovery.steps=1", "recovery.batch_size=4",
+                          "data.calibration_batches=2"], capsys)
+    assert code == 0, err
+    from cpmctl.model.checkpoint import load_model
+
+    model, _ = load_model(root / "m0")
+    data = PackedDataset(root / "data")
+    batches = calibration_batches(RowRange(data, 0, len(data) - 8), 4, 2, seed=1)
+    expected = drop_one_scores(model, ["attention", "ffn"], batches)
+    norms = activation_scores(model, ["attention", "ffn"], batches)
+    for kind in ("attention", "ffn"):
+        assert torch.allclose(seen[kind], expected[kind], atol=1e-6), kind
+    assert not all(torch.equal(expected[k].argsort(), norms[k].argsort()) for k in ("attention", "ffn"))

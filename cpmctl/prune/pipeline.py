@@ -38,7 +38,7 @@ from cpmctl.model.config import CPMAntConfig
 from cpmctl.prune.baselines import activation_selection, magnitude_selection, random_selection
 from cpmctl.prune.extract import extract
 from cpmctl.prune.gates import Selection, clear_gates
-from cpmctl.prune.importance import activation_scores, calibration_batches
+from cpmctl.prune.importance import calibration_batches, importance_scores
 from cpmctl.prune.mask_phase import MaskPhase, distilled_objective, lm_objective
 from cpmctl.prune.recipe import PruneData, PruneRecipe
 from cpmctl.prune.report import kept_summary, plot_survivors
@@ -167,9 +167,10 @@ def learn_selection(stage: Stage, model: CPMAnt, source_path: Path, stage_dir: P
         teacher = load_for(source_path, engine, device, frozen=True)  # fsdp: sharded like the student
     # Gates and multipliers are replicated: the same seeded start and noise on every rank, gradients averaged.
     phase = MaskPhase(stage, model.config, recipe, teacher).to(device)
-    if recipe.gates.init == "activation":  # start the gates in the order of the activation importance
-        phase.masks.init_from_scores(activation_scores(model, stage.kinds, _calibration(stage, ctx)),
-                                     recipe.gates.init_mean, recipe.gates.init_spread)
+    if recipe.gates.init == "activation":  # start the gates in the order of the importance the recipe asks for
+        scores = importance_scores(model, stage.kinds, _calibration(stage, ctx), stage.target_counts(),
+                                   recipe.importance.layers, recipe.importance.heads)
+        phase.masks.init_from_scores(scores, recipe.gates.init_mean, recipe.gates.init_spread)
     model.to(device)
     ctx.log_main(f"stage {stage.index}: mask phase ({recipe.mask.steps} steps; gates on {', '.join(stage.kinds)}; "
                  f"engine {recipe.mask.engine}" + (f" x {engine.world_size})" if engine is not None else ")"))

@@ -66,6 +66,7 @@ class Workload:
     lora_trainable: int = 0  # LoRA parameters (model/lora.py dry_run_counts)
     gates: bool = False  # the mask phase: head / channel / sub-block gates in the forward
     teacher: bool = False  # distillation from a frozen copy of the model
+    teacher_parameters: int = 0  # the teacher's size when it is another model (prune recovery: the source); 0: same
     full_logits: bool = False  # the loss builds logits at every position (the mask phase) or only at targets
     sdpa: str = "math"  # math (scores materialised: CPU) | fused (memory-efficient attention: CUDA)
 
@@ -210,7 +211,8 @@ def plan_training(config: CPMAntConfig, w: Workload, *, engine: str, nproc: int 
     params = math.ceil((trained * FP32 + frozen * w.base_dtype_bytes) / shard)
     grads = math.ceil(trained * FP32 / shard)
     optimizer = math.ceil(2 * trained * FP32 / shard)
-    teacher = math.ceil(total * FP32 / shard) if w.teacher else 0
+    teacher_total = (w.teacher_parameters or total) if w.teacher else 0
+    teacher = math.ceil(teacher_total * FP32 / shard)
     a = PRECISION_BYTES[w.precision]
     # Autocast caches casts of trained fp32 weights (leaves that require grad); matmul weights: all but the norms,
     # the bias table and the prompt/segment embeddings.
@@ -251,8 +253,8 @@ def plan_training(config: CPMAntConfig, w: Workload, *, engine: str, nproc: int 
         host = in_flight + ((params + teacher) if device_type != "cuda" else 0)
         start_device = 0  # the shards are the resident parameters, nothing more
     else:
-        host = model_bytes + total * checkpoint_bytes + (total * (FP32 + checkpoint_bytes) if w.teacher else 0)
-        start_device = model_bytes + (total * FP32 if w.teacher else 0) if device_type == "cuda" else 0
+        host = model_bytes + total * checkpoint_bytes + teacher_total * (FP32 + checkpoint_bytes)
+        start_device = model_bytes + teacher_total * FP32 if device_type == "cuda" else 0
     return TrainPlan(
         engine=engine, nproc=nproc,
         device_memory=int(device_memory_gb * GB) if device_memory_gb is not None else None,
@@ -392,7 +394,11 @@ def plan_prune(stages: list, model_config: CPMAntConfig | None, model_path, reci
         else:
             on_disk = 2 if stage.index == 1 and source.half else 4
         row = {"stage": stage.index, "from": stage.source_name, "to": stage.target_name}
-        phases = [("recovery", own_vocab(stage.target), recipe.recovery, {"checkpoint": 4})]
+        # Recovery with distill.recovery distils from the stage's unpruned model: a teacher of the source's size.
+        distil = recipe.distill.recovery and recipe.distill.weight > 0
+        phases = [("recovery", own_vocab(stage.target), recipe.recovery,
+                   {"checkpoint": 4, "teacher": distil,
+                    "teacher_parameters": param_counts(source)["total"] if distil else 0})]
         if recipe.method == "learned":
             phases.insert(0, ("mask", source, recipe.mask, {"gates": True, "full_logits": True,
                                                              "teacher": recipe.distill.weight > 0,
