@@ -5,6 +5,7 @@ present.)"""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -238,6 +239,9 @@ def test_cli_generate_with_memory_limit_equals_without(checkpoint, capsys):
     assert code == 0, err
     assert "streamed" in err
     assert json.loads(limited)["token_ids"] == json.loads(plain)["token_ids"]
+    # the run's summary on stderr: tokens, speed, peak memory (stdout holds only the JSON result)
+    tokens = len(json.loads(limited)["token_ids"])
+    assert re.search(rf"generated {tokens} tokens for 1 prompt in [\d.]+ s \([\d.]+ tokens/s.*peak RSS [\d,]+ MB", err)
 
 
 def test_cli_rejects_bad_memory_limits(checkpoint, capsys):

@@ -5,9 +5,11 @@ Decoding flags default to None and override GenerationConfig(), whose dataclass 
 from __future__ import annotations
 
 import contextlib
+import time
 import sys
 from pathlib import Path
 
+import torch
 import typer
 
 from cpmctl.cli.common import emit_json, err, examples, out
@@ -15,6 +17,7 @@ from cpmctl.generate.batch import DEFAULT_BATCH_SIZE, prepare_generation
 from cpmctl.generate.offload import describe_plan
 from cpmctl.model.generation_config import GenerationConfig
 from cpmctl.progress import count_bar
+from cpmctl.train.engine import memory_mb
 
 DEFAULTS = GenerationConfig()  # named in the help; the flags override it
 EXAMPLES = examples("cpmctl generate '今天天气很好，' --model runs/mini/model",
@@ -67,9 +70,11 @@ def generate(
     if run.plan is not None:
         err.print(describe_plan(run.plan))
     # A file of prompts is a long job: progress (timestamped lines when stderr is not a terminal) on stderr.
+    started, tokens = time.perf_counter(), 0
     with count_bar("generate") if input_file is not None else contextlib.nullcontext() as bar:
         task = bar.add_task("generate", total=len(run.prompts)) if bar is not None else None
         for i, result in enumerate(run.results()):
+            tokens += len(result.token_ids)
             if json_out:  # the input line's other fields (an id) first, then the result's
                 emit_json({**run.fields(i), "prompt": result.prompt, "text": result.text,
                            "token_ids": result.token_ids})
@@ -79,3 +84,13 @@ def generate(
                 out.print(result.text)
             if bar is not None:
                 bar.advance(task)
+    # The run's summary on stderr (stdout holds only the results): speed and the peak memory it took.
+    seconds = time.perf_counter() - started
+    # A streamed model's weights live on the host while it decodes on the GPU: the GPU peak is the one its
+    # --memory-limit bounds, whenever CUDA was used at all.
+    on_gpu = torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0
+    device = torch.device("cuda" if on_gpu else "cpu")
+    where = "CUDA allocator peak" if on_gpu else "peak RSS"
+    err.print(f"generated {tokens} tokens for {len(run.prompts)} prompt{'s' if len(run.prompts) != 1 else ''} in "
+              f"{seconds:.1f} s ({tokens / max(seconds, 1e-9):.1f} tokens/s, prompt passes included); "
+              f"{where} {memory_mb(device):,.0f} MB")
