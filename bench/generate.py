@@ -12,8 +12,9 @@ a plain matrix-vector product (F.linear) over one matrix of the same number of b
 (sum) and copy bandwidths of the same matrix. Printed per mode: end-to-end tokens/s (prompt pass included), the
 decode rate per row ((N - 1) / (time of N tokens - time of 1 token), prompt pass excluded), its fraction of the bound,
 HF's figures measured the same way, and the ratios. All timings are the best of --repeats runs, interleaved with
-each other and with the bandwidth probes, so that load from other processes hits all of them alike. On the CPU the
-same figures in process CPU time are printed too (exact with --threads 1): other load disturbs them far less.
+each other, across modes, and with the bandwidth probes, so that load from other processes hits all of them alike.
+On the CPU the same figures in process CPU time are printed too (exact with --threads 1): other load disturbs them
+far less.
 
 Modes: greedy (batch 1), beam (batch 1, --beam-size beams), batch (greedy, --batch prompts of equal length, so that
 HF needs no padding); --quantize adds the same rows for cpmctl's int8 modes (cpmctl/generate/quant.py; HF has no int8
@@ -29,6 +30,7 @@ rounding flips ties); after timing, the same fraction for the timed runs.
     python bench/generate.py --threads 1 --workloads 32:64 --modes greedy --repeats 5
     python bench/generate.py --threads 1 --workloads 32:32 --modes greedy,batch --repeats 3
     python bench/generate.py --device cuda --dtype bf16 --workloads 32:128,256:128 --quantize none
+    python bench/generate.py --threads 1 --dispatch            # per-step dispatch: forward vs generate/step.py
 """
 
 from __future__ import annotations
@@ -86,7 +88,38 @@ def parse_args():
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="Also print one JSON object per measurement.")
+    p.add_argument("--dispatch", action="store_true",
+                   help="Only the per-step dispatch cost: a 12-layer model 64 wide, forward vs generate/step.py.")
     return p.parse_args()
+
+
+@torch.no_grad()
+def dispatch_cost(steps: int = 16, repeats: int = 15) -> None:
+    """CPU ms per decode step of a model with no arithmetic to speak of (12 layers, dim 64, vocab 1024): what the
+    per-op dispatch of a step costs, through CPMAnt.forward and through DecodeStep, interleaved, best of `repeats`."""
+    from cpmctl.generate.decode import _prefill, _step_inputs
+    from cpmctl.generate.step import DecodeStep
+
+    config = CPMAntConfig(vocab_size=1024, dim_model=64, dim_ff=128, num_layers=12, num_heads=2, dim_head=32,
+                          half=False)
+    model = build_model(config, seed=0).eval()
+    gen = torch.Generator().manual_seed(1)
+    for rows in (1, 8):
+        inputs = build_inputs(model, [[BOS] + torch.randint(10, 1000, (32,), generator=gen).tolist()] * rows)
+        segment, context, span = _step_inputs(rows, "cpu")
+        fast = DecodeStep(model)
+        fns = {"forward": lambda c, t: model(t[:, None], segment, context, span, cache=c)[:, -1],
+               "DecodeStep": lambda c, t: fast(c, t, segment, context, span)}
+        best = dict.fromkeys(fns, float("inf"))
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                logits, cache = _prefill(model, inputs, steps + 1)
+                tokens = logits.argmax(-1)
+                start = time.process_time()
+                for _ in range(steps):
+                    tokens = fn(cache, tokens).argmax(-1)
+                best[name] = min(best[name], (time.process_time() - start) / steps)
+        print(f"dispatch, batch {rows}: " + ", ".join(f"{k} {v * 1e3:.2f} ms CPU a step" for k, v in best.items()))
 
 
 # ----- timing ---------------------------------------------------------------------------------------------------
@@ -197,6 +230,8 @@ def main():
     hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.dispatch:
+        return dispatch_cost()
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     config = CPMAntConfig(
@@ -242,22 +277,27 @@ def main():
         prompt_tokens, n = (int(x) for x in workload.split(":"))
         prompts = [[BOS] + torch.randint(10, min(args.vocab_size, 30000), (prompt_tokens,), generator=gen).tolist()
                    for _ in range(args.batch)]
-        done = {}
+        # Every mode's runs are interleaved in one loop (not mode after mode), so that load from other processes
+        # hits batch 1 and batch 8 alike and their ratio holds.
+        runs = {}
         for mode in args.modes.split(","):
             texts = prompts if mode == "batch" else prompts[:1]
-            rows = len(texts) * (args.beam_size if mode == "beam" else 1)
             fns = {}
             for name, model in models.items():
                 fns[name], fns["hf"] = decode_fns(mode, model, hf, texts, n, args.beam_size, device)
                 fns[name + "@1"], fns["hf@1"] = decode_fns(mode, model, hf, texts, 1, args.beam_size, device)
             for fn in fns.values():  # warm-up
                 fn()
-            bandwidth.probe()
-            best = Best()
-            for _ in range(max(1, args.repeats)):
+            runs[mode] = (texts, fns, Best())
+        bandwidth.probe()
+        for _ in range(max(1, args.repeats)):
+            for texts, fns, best in runs.values():
                 bandwidth.probe()
                 for name, fn in fns.items():
                     best.run(name, fn, device)
+        done = {}
+        for mode, (texts, _, best) in runs.items():
+            rows = len(texts) * (args.beam_size if mode == "beam" else 1)
             done[mode] = report(args, mode, texts, n, rows, best, bandwidth, per_token, fp_bytes, cpu_clock)
         if "batch" in done and "greedy" in done:
             for name in per_token:

@@ -341,6 +341,64 @@ def test_decode_step_shortcuts_compute_the_plain_formulas():
                 assert torch.equal(logits, plain)
 
 
+def _steps_of_both(model, texts, steps=5, seed=0):
+    """Logits of `steps` decode steps on random tokens, through model.forward and through DecodeStep, each on its own
+    cache after the same prompt pass."""
+    from cpmctl.generate.decode import _prefill, _step_inputs
+    from cpmctl.generate.step import DecodeStep
+
+    inputs = build_inputs(model, texts)
+    (_, plain_cache), (_, fast_cache) = _prefill(model, inputs, steps + 1), _prefill(model, inputs, steps + 1)
+    segment, context, span = _step_inputs(len(texts), "cpu")
+    fast = DecodeStep(model)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            tokens = torch.randint(0, model.config.vocab_size, (len(texts),), generator=gen)
+            out.append((model(tokens[:, None], segment, context, span, cache=plain_cache)[:, -1],
+                        fast(fast_cache, tokens, segment, context, span)))
+    assert plain_cache.length == fast_cache.length
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths", [[9], [4, 12, 7]])
+def test_decode_step_equals_the_forward_bit_for_bit(dtype, lengths):
+    """generate/step.py runs the forward's kernels on the same operands in the same order: equal logits, for one row
+    and for left-padded rows, with a dropped attention and a dropped FFN sub-block."""
+    from cpmctl.generate.step import covers
+
+    model = build_model(tiny_config(VOCAB, num_layers=3, mask_modules=[[False, False], [True, False], [False, True]]),
+                        seed=5).eval().to(dtype)
+    assert covers(model)
+    for plain, fast in _steps_of_both(model, _texts(lengths, 8)):
+        assert fast.dtype == plain.dtype and torch.equal(fast, plain)
+
+
+def test_decode_step_leaves_what_it_does_not_cover_to_the_forward():
+    """Hooks (a streamed model binds its weights in them), pruning gates and training mode take the forward, and
+    decoding gives the same ids either way."""
+    from cpmctl.generate.step import covers
+
+    model = _model(16)
+    texts = _texts([5, 9], 3)
+    cfg = GenerationConfig(decode="greedy", max_new_tokens=8)
+    fast_ids = greedy(model, build_inputs(model, texts), cfg)
+    calls = []
+    hook = model.encoder.layers[1].register_forward_pre_hook(lambda m, args: calls.append(1))
+    assert not covers(model)
+    assert greedy(model, build_inputs(model, texts), cfg) == fast_ids
+    assert len(calls) == 8  # the prompt pass and 7 steps went through the hooked block
+    hook.remove()
+    assert covers(model)
+    model.encoder.layers[0].attention_gate = torch.tensor(1.0)
+    assert not covers(model)
+    model.encoder.layers[0].attention_gate = None
+    model.train()
+    assert not covers(model)
+
+
 def test_first_step_bans_eos_and_newline():
     """</s> and the newline made the two most likely first tokens: greedy (no ban) stops at once; beam search and
     sampling (the original's ban) never start with either."""

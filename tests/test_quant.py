@@ -189,6 +189,53 @@ def test_dynamic_modes_on_a_model():
             assert torch.equal(copy.deepcopy(quantized)(*args), out)  # the bench copies models
 
 
+@pytest.mark.parametrize("mode", QUANTIZE_CHOICES)
+def test_decode_step_of_an_int8_model_equals_its_forward(mode):
+    """generate/step.py calls the int8 modules on (rows, dim) activations: the same logits as the model's forward,
+    for one row (fbgemm's per-tensor scale) and for several (per-token scales)."""
+    from tests.test_generate import _steps_of_both, _texts
+
+    model = quantize_model(build_model(tiny_config(341, num_layers=2), seed=4).eval(), mode)
+    for lengths in ([7], [3, 10]):
+        for plain, fast in _steps_of_both(model, _texts(lengths, 2)):
+            assert torch.equal(fast, plain), (mode, lengths)
+
+
+def test_grouped_dynamic_linears_give_the_same_numbers():
+    """q, k, v (and w_0, w_1) packed as one fbgemm weight: the same logits as one packed weight per linear, for a
+    prompt pass of several rows and for decode steps; an input changed in place is computed again."""
+    import copy
+
+    from cpmctl.generate.quant import DynamicInt8Group, GroupMember, replace_linears, use_int8_activations
+    from tests.test_generate import _texts
+
+    base = build_model(tiny_config(341, num_layers=2, mask_modules=[[False, True], [False, False]]), seed=6).eval()
+    grouped = quantize_model(copy.deepcopy(base), "int8-dynamic-head")
+    single = copy.deepcopy(base)
+    for block in single.encoder.layers:
+        replace_linears(block, torch.bfloat16, quantize_now=True)
+    use_int8_activations(single, "int8-dynamic-head", group=False)
+    assert isinstance(grouped.encoder.layers[0].self_att.self_attention.project_k, GroupMember)
+    assert not any(isinstance(m, GroupMember) for m in single.modules())
+    texts = _texts([4, 11, 8], 5)
+    inputs = build_inputs(base, texts)
+    args = (inputs["input"], inputs["segment"], inputs["context"], inputs["span"])
+    with torch.no_grad():
+        assert torch.equal(grouped(*args), single(*args))
+    cfg = GenerationConfig(decode="greedy", max_new_tokens=10)
+    for rows in (texts[:1], texts):
+        assert greedy(grouped, build_inputs(base, rows), cfg) == greedy(single, build_inputs(base, rows), cfg)
+
+    attention = grouped.encoder.layers[1].self_att.self_attention
+    group: DynamicInt8Group = attention.project_q.group
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        first = attention.project_v(x)
+        x.mul_(2)  # the same tensor, changed in place: not the cached product
+        assert not torch.equal(attention.project_v(x), first)
+        assert torch.equal(attention.project_v(x), group.linear(x)[:, 128:])
+
+
 def test_dynamic_modes_are_refused_where_they_cannot_run():
     with pytest.raises(CpmctlError, match="runs on the CPU only"):
         check_dynamic_support("int8-dynamic", "cuda")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from cpmctl import CpmctlError
+from cpmctl.generate.step import DecodeStep, covers
 from cpmctl.model.ant import CPMAnt, KVCache
 from cpmctl.model.generation_config import GenerationConfig
 from cpmctl.model.inputs import TEXT_SEGMENT, build_inputs
@@ -82,11 +83,19 @@ def _step_inputs(rows: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return segment, torch.zeros(rows, 1, dtype=torch.bool, device=device), torch.zeros_like(segment)
 
 
-@torch.no_grad()
-def _step(model: CPMAnt, cache: KVCache, tokens: torch.Tensor, step_inputs: tuple | None = None) -> torch.Tensor:
-    segment, context, span = step_inputs or _step_inputs(tokens.shape[0], tokens.device)
-    logits = model(tokens[:, None], segment, context, span, cache=cache)
-    return logits[:, -1].float()
+def _stepper(model: CPMAnt, rows: int, device) -> Callable[[KVCache, torch.Tensor], torch.Tensor]:
+    """The step of one decoding loop, (cache, tokens (rows,)) -> fp32 logits (rows, vocab): step.DecodeStep where it
+    covers the model (the same logits bit for bit, less per-step work), else the model's forward."""
+    segment, context, span = _step_inputs(rows, device)
+    fast = DecodeStep(model) if covers(model) else None
+
+    @torch.no_grad()
+    def step(cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+        if fast is not None:
+            return fast(cache, tokens, segment, context, span).float()
+        return model(tokens[:, None], segment, context, span, cache=cache)[:, -1].float()
+
+    return step
 
 
 def _finish(tokens: torch.Tensor, ended_at: torch.Tensor) -> list[list[int]]:
@@ -102,7 +111,7 @@ def greedy(model, inputs, cfg: GenerationConfig, on_token: Callable | None = Non
     tokens = torch.empty(b, cfg.max_new_tokens, dtype=torch.long, device=device)
     n = 0
     ended_at = torch.full((b,), -1, dtype=torch.long, device=device)
-    step_inputs = _step_inputs(b, device)
+    step = _stepper(model, b, device)
     for i in range(cfg.max_new_tokens):
         if i == 0 and cfg.bans_first_step:
             logits = _ban_first(logits)
@@ -117,7 +126,7 @@ def greedy(model, inputs, cfg: GenerationConfig, on_token: Callable | None = Non
         if on_token is not None:
             on_token(token.tolist())
         if i + 1 < cfg.max_new_tokens:
-            logits = _step(model, cache, token, step_inputs)
+            logits = step(cache, token)
     return _finish(tokens[:, :n], ended_at)
 
 
@@ -133,7 +142,7 @@ def sample(model, inputs, cfg: GenerationConfig, on_token: Callable | None = Non
     tokens = torch.empty(b, steps, dtype=torch.long, device=device)  # the first n columns are the tokens so far
     n = 0
     ended_at = torch.full((b,), -1, dtype=torch.long, device=device)
-    step_inputs = _step_inputs(b, device)
+    step = _stepper(model, b, device)
     for i in range(steps):
         if i == 0 and cfg.bans_first_step:
             logits = _ban_first(logits)
@@ -148,7 +157,7 @@ def sample(model, inputs, cfg: GenerationConfig, on_token: Callable | None = Non
         n += 1
         if on_token is not None:
             on_token(token.tolist())
-        logits = _step(model, cache, token, step_inputs)
+        logits = step(cache, token)
     return _finish(tokens[:, :n], ended_at)
 
 
@@ -197,7 +206,7 @@ def beam_search(model, inputs, cfg: GenerationConfig) -> list[list[int]]:
     n = 0
     generated: list[list[int]] = [[] for _ in range(b * beam)]
     identity = list(range(b * beam))
-    step_inputs = _step_inputs(b * beam, device)
+    step = _stepper(model, b * beam, device)
     for i in range(limit + 1):
         if i == 0 and cfg.bans_first_step:
             logits = _ban_first(logits)
@@ -237,7 +246,7 @@ def beam_search(model, inputs, cfg: GenerationConfig) -> list[list[int]]:
             cache.reorder(rows, start=prompt_length)
         out[:, n] = words
         n += 1
-        logits = _step(model, cache, words, step_inputs)
+        logits = step(cache, words)
     return [max(h.hyps, key=lambda x: x[0])[1] if h.hyps else [] for h in hyps]
 
 
