@@ -127,6 +127,7 @@ def test_engine_joins_and_leaves_with_generates_ids(tmp_path, tiny_vocab):
     tokenizer = CPMAntTokenizer(tiny_vocab)
     limits = Limits(max_batch=3, max_queue=64, max_prompt_tokens=24, max_new_tokens=30)
     engine = Engine(model, tokenizer, limits, capacity=max_length(model.config.prompt_length, limits) + 6).start()
+    assert engine._fast_step is not None  # the steps below go through generate/step.py's DecodeStep
     seqs = []
     try:
         # Which moves happen depends on when each request lands between steps; on a loaded machine a round can
