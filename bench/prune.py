@@ -71,8 +71,7 @@ VARIANTS = {
     "activation:c32": ["data.calibration_batches=32"],
     "activation:loss-heads-c32": ["importance.layers=loss", "importance.heads=loss", "data.calibration_batches=32"],
     "activation:loss-heads-c64": ["importance.layers=loss", "importance.heads=loss", "data.calibration_batches=64"],
-    # Sub-blocks by drop-one's or the norms' selection, whichever removes with the lower calibration loss.
-    "activation:joint-c32": ["importance.layers=joint", "importance.heads=loss", "data.calibration_batches=32"],
+    "activation:loss-heads-c64": ["importance.layers=loss", "importance.heads=loss", "data.calibration_batches=64"],
 }
 # The plain activation arm is pinned to the norm scores whatever the recipe's default: its cached runs keep meaning it.
 ARM_PINS = {"activation": ["importance.layers=norm", "importance.heads=norm"]}

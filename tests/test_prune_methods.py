@@ -192,10 +192,8 @@ def test_importance_options_are_read_and_checked_from_a_recipe(tmp_path):
     assert (recipe.importance.layers, recipe.importance.heads) == ("norm", "loss")
     with pytest.raises(CpmctlError) as e:
         load_prune_recipe(path, ["importance.layers=grad"])
-    assert str(e.value).startswith("importance.layers: expected one of 'norm' | 'loss' | 'joint', got 'grad'")
+    assert str(e.value).startswith("importance.layers: expected one of 'norm' | 'loss', got 'grad'")
     assert "\n" not in str(e.value)
-    with pytest.raises(CpmctlError, match="importance.heads: expected one of 'norm' | 'loss', got 'joint'"):
-        load_prune_recipe(path, ["importance.heads=joint"])  # joint is a sub-block choice: not a silent norm
 
 
 def test_default_importance_keeps_the_top_drop_one_sub_blocks_and_the_greedy_heads(setup, capsys, tmp_path):
@@ -243,33 +241,3 @@ def test_gates_start_from_the_recipes_importance_scores(setup, capsys, tmp_path,
     for kind in ("attention", "ffn"):
         assert torch.allclose(seen[kind], expected[kind], atol=1e-6), kind
     assert not all(torch.equal(expected[k].argsort(), norms[k].argsort()) for k in ("attention", "ffn"))
-
-
-def test_joint_choice_keeps_the_selection_with_the_lower_joint_loss(setup):
-    """importance.layers: joint: the candidate whose dropped sub-blocks, removed together from a copy by hand, leave
-    the lower loss; the first on a tie; every gate cleared afterwards."""
-    from cpmctl.prune.importance import joint_choice
-
-    root, n = setup
-    model = build_model(tiny_config(n, num_layers=3, num_heads=4, dim_ff=48), seed=5).eval()
-    reader = PackedReader(PackedDataset(root / "data"), 4, seed=2)
-    batches = [reader.next_batch() for _ in range(2)]
-    targets = {"attention": 1, "ffn": 2}
-    a = {"attention": torch.tensor([3.0, 2.0, 1.0]), "ffn": torch.tensor([3.0, 2.0, 1.0])}  # keeps attn 0, ffn 0, 1
-    b = {"attention": torch.tensor([1.0, 2.0, 3.0]), "ffn": torch.tensor([1.0, 3.0, 2.0])}  # keeps attn 2, ffn 1, 2
-
-    def hand(attention_dropped, ffn_dropped):
-        cut = copy.deepcopy(model)
-        for i in attention_dropped:
-            cut.encoder.layers[i].self_att = None
-        for i in ffn_dropped:
-            cut.encoder.layers[i].ffn = None
-        return _hand_loss(cut, batches)
-
-    losses = [hand([1, 2], [2]), hand([0, 1], [0])]
-    assert abs(losses[0] - losses[1]) > 1e-4  # the two candidates can be told apart
-    chosen = joint_choice(model, batches, targets, [a, b])
-    assert chosen is (a if losses[0] <= losses[1] else b)
-    assert joint_choice(model, batches, targets, [b, a]) is chosen  # the order only breaks ties
-    assert joint_choice(model, batches, targets, [a, dict(a)]) is a  # a tie: the first
-    assert all(blk.attention_gate is None and blk.ffn_gate is None for blk in model.encoder.layers)

@@ -11,8 +11,6 @@ Loss-based importance, computed with the model's gates (no weights change):
 - `importance.layers: loss` (drop-one): a sub-block scores the increase of the calibration LM loss when it alone
   is removed (gate 0, everything else kept): one forward over the calibration batches per sub-block. The mean
   output norm says how much a sub-block writes into the residual stream, not how much the model needs it.
-- `importance.layers: joint`: drop-one's selection or the norms', whichever leaves the lower calibration loss
-  with its sub-blocks removed together (one more forward pass per candidate).
 - `importance.heads: loss` (greedy search): the kept heads are chosen by the calibration loss of the model with
   only those heads, removing (or, when fewer than half are kept, adding) one head index at a time.
 
@@ -28,7 +26,7 @@ import torch
 
 from cpmctl.data.packed_format import PackedReader
 from cpmctl.model.ant import CPMAnt
-from cpmctl.prune.gates import clear_gates, top_k_mask
+from cpmctl.prune.gates import clear_gates
 from cpmctl.train.objectives import token_losses
 
 
@@ -91,15 +89,11 @@ def activation_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, t
 def importance_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, torch.Tensor]],
                       targets: dict[str, int], layers: str = "norm", heads: str = "norm") -> dict[str, torch.Tensor]:
     """The activation importance of `kinds`; with layers="loss" the sub-blocks scored by their drop-one loss
-    increase, with layers="joint" by drop-one's or the norms' scores, whichever selection removes with the lower
-    calibration loss (`joint_choice`), with heads="loss" the heads by the greedy loss search (`greedy_head_scores`, needs the target)."""
+    increase, with heads="loss" the heads by the greedy loss search (`greedy_head_scores`, needs the target)."""
     scores = activation_scores(model, kinds, batches)
     sub_blocks = [k for k in kinds if k in ("attention", "ffn")]
-    if layers in ("loss", "joint") and sub_blocks:
-        drop_one = drop_one_scores(model, sub_blocks, batches)
-        if layers == "joint":
-            drop_one = joint_choice(model, batches, targets, [drop_one, {k: scores[k] for k in sub_blocks}])
-        scores.update(drop_one)
+    if layers == "loss" and sub_blocks:
+        scores.update(drop_one_scores(model, sub_blocks, batches))
     if heads == "loss" and "heads" in kinds:
         scores["heads"] = greedy_head_scores(model, batches, targets["heads"])
     return scores
@@ -139,37 +133,6 @@ def drop_one_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, tor
                 raise ValueError(f"drop-one importance is not defined for {kind}")
             scores[kind] = torch.tensor(row, dtype=torch.float32)
     return scores
-
-
-@torch.no_grad()
-def loss_without(model: CPMAnt, batches: list[dict[str, torch.Tensor]], scores: dict[str, torch.Tensor],
-                 targets: dict[str, int]) -> float:
-    """Calibration loss of the model without every sub-block that the top-k of `scores` drops (all at once)."""
-    config = model.config
-    blocks = model.encoder.layers
-    zero = torch.zeros((), device=model.input_embedding.weight.device)
-    for kind, score in scores.items():
-        has = config.has_attention if kind == "attention" else config.has_ffn
-        layers = [i for i in range(config.num_layers) if has(i)]
-        for i, keep in zip(layers, top_k_mask(score, targets[kind]).tolist()):
-            if not keep:
-                setattr(blocks[i], f"{kind}_gate", zero)
-    try:
-        return calibration_loss(model, batches)
-    finally:
-        clear_gates(model)
-
-
-@torch.no_grad()
-def joint_choice(model: CPMAnt, batches: list[dict[str, torch.Tensor]], targets: dict[str, int],
-                 candidates: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """`importance.layers: joint`: of the candidate sub-block scores (drop-one's, the norms'), those whose
-    selection leaves the lowest calibration loss with its sub-blocks removed together (the first on a tie). Drop-one
-    scores each sub-block beside all the others; removing several at once interacts, and on small calibration sets
-    the drop-one differences between the unneeded sub-blocks are noise. One forward pass per candidate."""
-    with _scoring(model, batches) as batches:
-        losses = [loss_without(model, batches, c, targets) for c in candidates]
-    return candidates[min(range(len(candidates)), key=lambda j: (losses[j], j))]
 
 
 @contextlib.contextmanager

@@ -12,9 +12,7 @@ from cpmctl.train.recipe import TrainConfig
 
 Method = Literal["learned", "activation", "magnitude", "random"]  # hard-concrete masks | the baselines (no mask phase)
 GateInit = Literal["constant", "activation"]  # log_alpha start: N(init_mean, init_std) | ranked activation importance
-# mean activation norm | calibration loss increase when the structure alone is dropped | (sub-blocks) whichever of
-# the two selections removes with the lower calibration loss
-Score = Literal["norm", "loss", "joint"]
+Score = Literal["norm", "loss"]  # mean activation norm | calibration loss increase when the structure alone is dropped
 
 
 @dataclass
@@ -67,10 +65,6 @@ class ImportanceConfig:
     channels always by mean |activation|."""
     layers: Score = "loss"  # attention / FFN sub-blocks: drop-one loss increase (a forward per sub-block) | output norm
     heads: Score = "loss"  # heads: greedy search on the calibration loss | output norm summed over layers (Minitron)
-
-    def check(self, at: str) -> None:
-        if self.heads == "joint":  # would silently score the heads by their norms
-            fail(at, "heads", "expected one of 'norm' | 'loss', got 'joint' (joint is for importance.layers)")
 
 
 def _mask_defaults() -> TrainConfig:
