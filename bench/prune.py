@@ -71,7 +71,6 @@ VARIANTS = {
     "activation:c32": ["data.calibration_batches=32"],
     "activation:loss-heads-c32": ["importance.layers=loss", "importance.heads=loss", "data.calibration_batches=32"],
     "activation:loss-heads-c64": ["importance.layers=loss", "importance.heads=loss", "data.calibration_batches=64"],
-    "activation:loss-heads-c64": ["importance.layers=loss", "importance.heads=loss", "data.calibration_batches=64"],
 }
 # The plain activation arm is pinned to the norm scores whatever the recipe's default: its cached runs keep meaning it.
 ARM_PINS = {"activation": ["importance.layers=norm", "importance.heads=norm"]}
