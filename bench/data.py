@@ -133,16 +133,29 @@ def _peaks() -> dict:
     return {"peak_rss_mb": _status_mb("self", "VmHWM"), "worker_peak_rss_mb": WorkerRSS.peak}
 
 
+def _children_cpu() -> float:
+    """CPU seconds of the worker processes waited for so far (the pool is joined when a command returns)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def job_limit(a: dict) -> dict:
-    """The floor under every command: read the blocks and parse every line, nothing else."""
-    from cpmctl.data.textio import parse_line, read_blocks, resolve_inputs
+    """The floor under every command: read the blocks and parse every line, nothing else. "records": parse_line
+    (json, the whole record: what filter and pack need); "texts": document_texts (the text only, orjson when
+    installed: what dedup and vocab read)."""
+    from cpmctl.data.textio import document_texts, parse_line, read_blocks, resolve_inputs
 
     start, cpu = time.perf_counter(), time.process_time()
     nbytes = docs = 0
     for index, shard in enumerate(resolve_inputs([a["input"]])):
         for block in read_blocks(shard, index):
             nbytes += len(block.data)
-            docs += sum(parse_line(line, shard.format) is not None for line in block.split())
+            if a.get("mode") == "texts":
+                docs += sum(t.__class__ is str for t in document_texts(block.split(), shard.format))
+            else:
+                docs += sum(parse_line(line, shard.format) is not None for line in block.split())
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {"mb": nbytes / 1e6, "seconds": seconds, "mb_per_s": nbytes / 1e6 / seconds, "cpu_mb_per_s": nbytes / 1e6 / cpu,
             "documents": docs}
@@ -161,14 +174,14 @@ def job_dedup(a: dict) -> dict:
             samples.append((seen[0], round(_rss_mb(), 1)))
             WorkerRSS.sample()
 
-    cpu = time.process_time()
+    cpu, workers_cpu = time.process_time(), _children_cpu()
     r = dedup(shards, output_spec(a["output"], "jsonl", None), a["store"], workers=a["workers"], on_progress=progress)
-    cpu = time.process_time() - cpu
+    cpu, workers_cpu = time.process_time() - cpu, _children_cpu() - workers_cpu
     from cpmctl.data.store import membership_path
 
     sidecar = membership_path(Path(a["store"]))
     return {"mb": r.bytes / 1e6, "seconds": r.seconds, "mb_per_s": r.mb_per_s, "cpu_mb_per_s": r.bytes / 1e6 / cpu,
-            "kept": r.kept, "membership_bytes": sidecar.stat().st_size if sidecar.exists() else 0,
+            "cpu_s": cpu, "workers_cpu_s": workers_cpu, "kept": r.kept, "membership_bytes": sidecar.stat().st_size if sidecar.exists() else 0,
             "duplicates": r.duplicates, "store_paragraphs": r.store_paragraphs, "store_mb": r.store_bytes / 1e6,
             "rss_samples": samples, **_peaks()}
 
@@ -235,27 +248,31 @@ def job_prefill(a: dict) -> dict:
         store.membership  # noqa: B018 - builds it; close() saves the sidecar
     from cpmctl.data.store import membership_path
 
-    return {"paragraphs": count, "seconds": filled - start, "rebuild_seconds": time.perf_counter() - filled,
+    rebuilt = time.perf_counter()
+    os.sync()  # the store just written is flushed here, not by the next run's first fsync (a store is rarely that new)
+    return {"paragraphs": count, "seconds": filled - start, "rebuild_seconds": rebuilt - filled,
             "mb": Path(a["store"]).stat().st_size / 1e6,
             "membership_bytes": membership_path(Path(a["store"])).stat().st_size}
 
 
 def job_merge(a: dict) -> dict:
-    """The amortised cost dedup pays every MERGE_ROWS new paragraphs: a sorted bulk merge of `recent`."""
+    """The amortised cost dedup pays every merge_rows() new paragraphs (1M, or 1/4 of the store when more): a
+    sorted bulk merge of `recent` into the main table."""
     import numpy as np
 
-    from cpmctl.data.store import MERGE_ROWS, DedupStore
+    from cpmctl.data.store import DedupStore
 
     rng = np.random.default_rng(321)
     with DedupStore.open(a["store"]) as store:
-        hashes = np.sort(rng.integers(-(2**63), 2**63 - 1, size=MERGE_ROWS, dtype=np.int64)).tolist()
+        rows = store.merge_rows()
+        hashes = np.sort(rng.integers(-(2**63), 2**63 - 1, size=rows, dtype=np.int64)).tolist()
         store.conn.execute("BEGIN")
         store.conn.executemany("INSERT OR IGNORE INTO recent(hash) VALUES (?)", ((h,) for h in hashes))
         store.conn.execute("COMMIT")
         start = time.perf_counter()
         store.merge_recent()
         store.checkpoint()
-        return {"rows": MERGE_ROWS, "seconds": time.perf_counter() - start}
+        return {"rows": rows, "seconds": time.perf_counter() - start}
 
 
 def job_filter(a: dict) -> dict:
@@ -264,13 +281,12 @@ def job_filter(a: dict) -> dict:
     from cpmctl.data.textio import output_spec, resolve_inputs
 
     shards = resolve_inputs([a["input"]])
-    cpu = time.process_time()
+    cpu, workers_cpu = time.process_time(), _children_cpu()
     r = run_filter(shards, output_spec(a["output"], "jsonl", None), FilterRecipe(), workers=a["workers"],
                    on_progress=lambda n: WorkerRSS.sample())
-    cpu = time.process_time() - cpu
+    cpu, workers_cpu = time.process_time() - cpu, _children_cpu() - workers_cpu
     return {"mb": r.bytes / 1e6, "seconds": r.seconds, "mb_per_s": r.mb_per_s, "cpu_mb_per_s": r.bytes / 1e6 / cpu,
-            "kept": r.kept,
-            "rejected": sum(r.rejected.values()), **_peaks()}
+            "cpu_s": cpu, "workers_cpu_s": workers_cpu, "kept": r.kept, "rejected": sum(r.rejected.values()), **_peaks()}
 
 
 JOBS = {"limit": job_limit, "dedup": job_dedup, "peer": job_peer, "prefill": job_prefill, "merge": job_merge, "filter": job_filter}
@@ -282,6 +298,16 @@ def run_job(name: str, **kwargs) -> dict:
     if proc.returncode != 0:
         sys.exit(f"job {name} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _two_core_estimate(one: dict, two: dict) -> str:
+    """What --workers 2 would take on 2 otherwise idle cores, from the CPU seconds each process used (robust to
+    other load, unlike the wall-clock ratio): the main process and the workers share the 2 cores, and the main
+    process alone is a floor."""
+    main, workers = two["cpu_s"], two["workers_cpu_s"]
+    est = max(main, (main + workers) / 2)
+    return (f"cpu seconds --workers 2: main {main:.2f} + workers {workers:.2f} (--workers 1: {one['cpu_s']:.2f}); "
+            f"on 2 idle cores about {est:.2f} s = {one['cpu_s'] / est:.2f}x --workers 1 (estimate, not a measurement)")
 
 
 # ----- the benchmark -------------------------------------------------------------------------------------------
@@ -301,9 +327,13 @@ def main(argv=None) -> None:
         print(f"corpus: {info['bytes'] / 1e6:.1f} MB, {info['documents']:,} documents, "
               f"{info['planted_duplicates']:,} planted duplicates ({time.perf_counter() - t:.1f} s); {cores} cores")
 
+        print(f"load average at the start: {os.getloadavg()[0]:.1f} on {cores} cores")
         limit = run_job("limit", input=corpus)
+        texts = run_job("limit", input=corpus, mode="texts")
         print(f"\nlimit (read + parse, no rules, 1 process): {limit['mb_per_s']:.1f} MB/s, "
-              f"{limit['cpu_mb_per_s']:.1f} cpu MB/s; load average now {os.getloadavg()[0]:.1f}")
+              f"{limit['cpu_mb_per_s']:.1f} cpu MB/s for whole records (filter); {texts['mb_per_s']:.1f} MB/s, "
+              f"{texts['cpu_mb_per_s']:.1f} cpu MB/s for the text only (dedup); load average now "
+              f"{os.getloadavg()[0]:.1f}")
 
         print("\n## dedup (fresh store) vs an in-memory set")
         rows = {}
@@ -322,8 +352,9 @@ def main(argv=None) -> None:
         print(f"ratio cpmctl w1 / peer: {one['mb_per_s'] / peer['mb_per_s']:.2f}x;  "
               f"scaling w2 / w1: {two['mb_per_s'] / one['mb_per_s']:.2f}x;  "
               f"store: {one['store_paragraphs']:,} paragraphs, {one['store_mb']:.1f} MB")
-        print(f"dedup w1 / limit: {one['mb_per_s'] / limit['mb_per_s']:.2f} (wall), "
-              f"{one['cpu_mb_per_s'] / limit['cpu_mb_per_s']:.2f} (cpu)")
+        print(_two_core_estimate(one, two))
+        print(f"dedup w1 / limit (text only): {one['mb_per_s'] / texts['mb_per_s']:.2f} (wall), "
+              f"{one['cpu_mb_per_s'] / texts['cpu_mb_per_s']:.2f} (cpu)")
 
         print(f"\n## memory as the store grows (store prefilled with {args.prefill_millions:g}M paragraphs)")
         big = work / "store-big.sqlite"
@@ -342,6 +373,9 @@ def main(argv=None) -> None:
         new_per_mb = one["store_paragraphs"] / one["mb"]
         every_mb = merge["rows"] / new_per_mb
         amortised = every_mb / (every_mb / grown["mb_per_s"] + merge["seconds"])
+        print(f"memory per stored paragraph: membership filter {pre['membership_bytes'] / pre['paragraphs']:.2f} bytes, "
+              f"unmerged paragraphs in memory <= 2.00 (8 bytes each, at most 1/4 of the store), SQLite page "
+              f"cache fixed ({grown['peak_rss_mb']:.0f} MB peak RSS with {pre['paragraphs'] / 1e6:.1f}M stored)")
         print(f"bulk merge of {merge['rows']:,} new paragraphs into the {pre['paragraphs'] / 1e6:.1f}M store: "
               f"{merge['seconds']:.1f} s, once per ~{every_mb:.0f} MB of this corpus's new text")
         print(f"dedup MB/s per core (--workers 1): {one['mb_per_s']:.1f} with an empty store, {grown['mb_per_s']:.1f} "
@@ -355,6 +389,7 @@ def main(argv=None) -> None:
             for w, r in frows.items():
                 print(f"{f'cpmctl --workers {w}':<22} {r['mb_per_s']:>8.1f} {r['cpu_mb_per_s']:>9.1f} {r['seconds']:>8.1f} "
                       f"{r['kept']:>9,} {r['rejected']:>9,} {r['peak_rss_mb']:>12.0f}")
+            print(_two_core_estimate(frows[1], frows[2]))
             same = (work / "filter-w1.jsonl").read_bytes() == (work / "filter-w2.jsonl").read_bytes()
             print(f"identical outputs (w1, w2): {same}; scaling w2 / w1: "
                   f"{frows[2]['mb_per_s'] / frows[1]['mb_per_s']:.2f}x (goal 1.6); w1 / limit "

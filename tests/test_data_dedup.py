@@ -404,3 +404,115 @@ def test_damaged_missing_or_stale_sidecar_is_rebuilt_never_trusted(tmp_path, dam
     warnings.clear()
     run([b], tmp_path / "again.jsonl", store, warn=warnings.append)
     assert warnings == []
+
+
+@pytest.mark.parametrize("crlf", [False, True])
+def test_kept_lines_are_the_input_bytes_in_every_shard_layout(tmp_path, crlf):
+    """Kept lines go out as slices of the block (one write per block): the same bytes and the same shard cuts
+    as line-by-line writes, with blank and malformed lines between, and no newline after the last line."""
+    rng = random.Random(3)
+    pool = [para(i) for i in range(60)]
+    lines = [json.dumps({"text": "\n".join(rng.sample(pool, rng.randint(1, 4))), "n": i}, ensure_ascii=False)
+             for i in range(300)]
+    lines[10:10] = ["", "{bad json"]
+    sep = "\r\n" if crlf else "\n"
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(sep.join(lines).encode())  # no final newline
+    seen, want = set(), []
+    for line in lines:
+        if not line or line.startswith("{bad"):
+            continue
+        hs = {p for p in json.loads(line)["text"].split("\n")}
+        if sum(h in seen for h in hs) >= required_seen(0.7, len(hs)):
+            continue
+        want.append(line.encode() + b"\n")
+        seen |= hs
+    assert 0 < len(want) < 300
+    r = run([src], tmp_path / "out.jsonl", tmp_path / "s.sqlite", chunk_bytes=3_000)
+    assert (tmp_path / "out.jsonl").read_bytes() == b"".join(want) and r.kept == len(want) and r.malformed == 1
+    run([src], tmp_path / "dir", tmp_path / "s2.sqlite", chunk_bytes=3_000, shard_bytes=2_000)
+    manifest = json.loads((tmp_path / "dir" / "manifest.json").read_text())
+    shards, at = [], 0
+    for line in want:  # DocumentWriter.write's rule: a new shard once the current one holds shard_bytes
+        if not shards or shards[-1][1] >= 2_000:
+            shards.append([[], 0])
+        shards[-1][0].append(line)
+        shards[-1][1] += len(line)
+    assert [s["documents"] for s in manifest["shards"]] == [len(s[0]) for s in shards]
+    for info, (part, _) in zip(manifest["shards"], shards):
+        assert (tmp_path / "dir" / info["name"]).read_bytes() == b"".join(part)
+
+
+def test_vectorised_decisions_equal_the_one_by_one_rule():
+    """decide() against the rule itself, on chunks where copies inside the chunk tip the balance either way."""
+    from array import array
+
+    import numpy as np
+
+    from cpmctl.data.dedup import KEPT, HashedChunk, decide
+
+    class Store:  # what decide asks of the store: which hashes it already holds
+        def __init__(self, held):
+            self.held = held
+
+        def known_mask(self, hashes):
+            return np.isin(hashes, np.array(sorted(self.held), dtype=np.int64))
+
+    rng = random.Random(5)
+    unsure = 0
+    for trial in range(60):
+        pool = list(range(rng.randint(5, 40)))
+        held = set(rng.sample(pool, rng.randint(0, len(pool) // 2)))
+        docs = [set(rng.sample(pool, rng.randint(1, min(6, len(pool))))) for _ in range(rng.randint(1, 50))]
+        threshold = rng.choice([0.3, 0.5, 0.7, 1.0])
+        chunk = HashedChunk(bytearray(b"p" * len(docs)), array("I", map(len, docs)),
+                            array("q", [h for d in docs for h in d]))
+        codes, added = decide(chunk, Store(held), threshold)
+        seen, want, new = set(held), [], set()
+        for d in docs:
+            dup = sum(h in seen for h in d) >= required_seen(threshold, len(d))
+            want.append(not dup)
+            if not dup:
+                new |= d - seen
+                seen |= d
+        assert [c == KEPT for c in codes] == want
+        assert added.tolist() == sorted(new)
+        for i, d in enumerate(docs):  # neither the store alone nor every earlier copy counted decides it
+            need, earlier = required_seen(threshold, len(d)), set().union(*docs[:i])
+            unsure += sum(h in held for h in d) < need <= sum(h in held or h in earlier for h in d)
+    assert unsure > 100  # so the one-by-one path ran
+
+
+def test_hash_runs_are_an_exact_set_in_few_sorted_runs():
+    import numpy as np
+
+    from cpmctl.data.membership import HashRuns
+
+    rng = np.random.default_rng(2)
+    runs, held = HashRuns(), set()
+    for size in rng.integers(1, 3000, 80):
+        batch = rng.integers(-(2**63), 2**63 - 1, int(size), dtype=np.int64)
+        runs.add(batch)
+        held.update(batch.tolist())
+        assert len(runs.runs) <= int(np.log2(len(held))) + 1
+    probe = np.concatenate([np.array(sorted(held)[::7]), rng.integers(-(2**63), 2**63 - 1, 5000, dtype=np.int64)])
+    assert runs.contains(probe).tolist() == [h in held for h in probe.tolist()]
+    assert runs.values().tolist() == sorted(held) and len(runs) == len(held)
+
+
+def test_a_version_1_store_is_upgraded_and_gives_the_same_result(tmp_path):
+    a, b = _batches(tmp_path)
+    ref, old = tmp_path / "ref.sqlite", tmp_path / "old.sqlite"
+    for store in (ref, old):
+        run([a], tmp_path / f"{store.stem}-1.jsonl", store)
+    with sqlite3.connect(old) as db:  # what cpmctl wrote before the `pending` table
+        db.execute("DROP TABLE pending")
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'version'")
+    db.close()
+    run([b], tmp_path / "ref-2.jsonl", ref)
+    run([b], tmp_path / "old-2.jsonl", old)
+    assert (tmp_path / "old-2.jsonl").read_bytes() == (tmp_path / "ref-2.jsonl").read_bytes()
+    with sqlite3.connect(old) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()[0] == "2"
+        assert db.execute("SELECT count(*) FROM pending").fetchone()[0] == 0  # moved into `recent` at the end
+    db.close()

@@ -364,3 +364,24 @@ def test_perplexity_rule_in_the_filter_command(tiny_model, tmp_path, capsys):
     assert kept == [t for t, s in zip(texts, ppl) if summary["perplexity"]["low"] <= s <= summary["perplexity"]["high"]]
     assert summary["rejected"]["perplexity"] == 6 - len(kept) and 0 < len(kept) < 6
     assert not list(tmp_path.glob(".filter-spool*"))
+
+
+def test_batch_equals_the_rules_one_by_one_at_random_thresholds():
+    """The vectorised pre-check of the counted rules (DocumentFilter._maybe_rejected) never passes a text a rule
+    rejects, and a text the cleanup or boilerplate rule changes is counted afresh: thresholds drawn near the
+    texts' own ratios, so every rule decides some texts both ways."""
+    import random
+
+    rng = random.Random(7)
+    texts = _varied_texts(400, 4)
+    for _ in range(6):
+        recipe = load_recipe(FilterRecipe, None, [
+            f"min_length.min_chars={rng.randint(0, 60)}", f"chinese_ratio.min_ratio={rng.uniform(0, 0.6):.3f}",
+            f"paragraph_length.min_avg_chars={rng.uniform(0, 12):.2f}", f"symbols.max_symbol_ratio={rng.uniform(0, 0.3):.3f}",
+            f"symbols.max_digit_ratio={rng.uniform(0, 0.3):.3f}",
+            f"symbols.max_ellipsis_paragraph_fraction={rng.choice([-0.1, 0.0, 0.2, 0.5])}",
+            f"boilerplate.max_line_fraction={rng.uniform(0.2, 1):.2f}"])
+        f = DocumentFilter(recipe)
+        got = f.batch(texts)
+        assert got == [_reference(f, t) for t in texts]
+        assert len({g[1] for g in got}) >= 4

@@ -147,3 +147,60 @@ def test_output_spec_guards(tmp_path):
         claim_output(output_spec(tmp_path / "mine", "jsonl", None), "data filter")
     assert (tmp_path / "mine" / "precious.txt").read_text() == "keep"
     assert output_spec(tmp_path / "o.jsonl.gz", "jsonl", None).compression == "gzip"
+
+
+ODD_LINES = [
+    b'{"text": "\xe4\xb8\x80\\n\xe4\xba\x8c", "id": 1}', b'{"text": "a", "text": "b"}\r', b'  {"text": "lead"}',
+    b'{"text": "x"} trailing', b'{"text": NaN}', b'{"n": NaN, "text": "nan elsewhere"}', b'{"text": "\\ud800 lone"}',
+    b'{"text": "\\ud83d\\ude00 pair"}', b'{"text": "\xed\xa0\x80 cesu"}', b'{"text": "\xff bad"}', b'{"text": 5}',
+    b'{"id": 1}', b"[1, 2]", b"", b"   \r", b'\xef\xbb\xbf{"text": "bom"}', '{"text": "utf16"}'.encode("utf-16-le"),
+    b'{"big": 123456789012345678901234567890, "text": "big int"}', b'{"text": "ctl \x01 char"}',
+    b'{"text": "\\u0000 nul"}', b'{"a": ' * 3000 + b"1" + b"}" * 3000, b'{"text": "" }', b'{"text": "\\t\\u3000 "}',
+]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "text"])
+@pytest.mark.parametrize("orjson", [True, False])
+def test_document_texts_equals_parse_line_on_every_odd_line(fmt, orjson, monkeypatch):
+    import cpmctl.data.textio as textio
+    from cpmctl.data.textio import document_texts
+
+    if not orjson:  # the path without the optional accelerator
+        monkeypatch.setattr(textio, "_fast_loads", textio._json_loads)
+
+    def reference(line):
+        try:
+            parsed = parse_line(line, fmt)
+        except MalformedLine as e:
+            return ("malformed", str(e))
+        except RecursionError:
+            return ("recursion",)
+        return None if parsed is None else parsed[0]
+
+    for line in ODD_LINES:
+        try:
+            got = document_texts([line], fmt)[0]
+        except RecursionError:
+            got = ("recursion",)
+        if isinstance(got, MalformedLine):
+            got = ("malformed", str(got))
+        assert got == reference(line), line[:60]
+
+
+def test_a_block_of_a_plain_file_travels_without_its_bytes(tmp_path):
+    import pickle
+
+    from cpmctl.data.textio import read_blocks
+
+    src = tmp_path / "a.jsonl"
+    src.write_bytes(b"".join(b'{"text": "%d"}\n' % i for i in range(500)))
+    blocks = list(read_blocks(resolve_inputs([src])[0], 0, 1000))
+    sent = [pickle.dumps(b) for b in blocks]
+    assert all(len(s) < 300 for s in sent)  # the path, offset and checksum, not the 1 kB of lines
+    assert [pickle.loads(s).data for s in sent] == [b.data for b in blocks]
+    gz = tmp_path / "b.jsonl.gz"
+    gz.write_bytes(gzip.compress(src.read_bytes()))
+    assert pickle.loads(pickle.dumps(next(read_blocks(resolve_inputs([gz])[0], 0, 1000)))).data == blocks[0].data
+    src.write_bytes(src.read_bytes().replace(b'"1"', b'"x"'))  # changed after it was read
+    with pytest.raises(CpmctlError, match="changed while it was being read"):
+        pickle.loads(sent[0]).split()  # in the worker's function: the pool returns the error to the command

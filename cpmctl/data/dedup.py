@@ -23,6 +23,7 @@ import time
 import unicodedata
 from array import array
 from collections import deque
+from itertools import accumulate
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -45,7 +46,7 @@ from cpmctl.data.textio import (
     as_output_line,
     check_readable,
     claim_output,
-    parse_line,
+    document_texts,
     read_blocks,
     read_chunks,
 )
@@ -78,6 +79,7 @@ class HashedChunk:
     paragraphs: int = 0
     malformed: list = field(default_factory=list)  # (line offset in chunk, reason)
     fingerprint: int = 0  # of the chunk's raw bytes, for the journal
+    ends: array = field(default_factory=lambda: array("q"))  # per line: the offset just past its newline
 
 
 _worker_settings: tuple[str, bool] = ("jsonl", False)
@@ -93,30 +95,29 @@ def hash_lines(block: Block) -> HashedChunk:
     lines = block.split()
     status, counts, unsigned = bytearray(len(lines)), array("I"), array("Q")
     chunk = HashedChunk(status, counts, unsigned)
-    h64 = xxhash.xxh3_64_intdigest
-    for i, line in enumerate(lines):
-        try:
-            parsed = parse_line(line, fmt)
-        except MalformedLine as e:
-            status[i] = MALFORMED
-            chunk.malformed.append((i, str(e)))
+    h64, strip, encode = xxhash.xxh3_64_intdigest, str.strip, str.encode
+    for i, text in enumerate(document_texts(lines, fmt)):
+        if text.__class__ is not str:
+            if text is None:
+                status[i] = BLANK
+            else:
+                status[i] = MALFORMED
+                chunk.malformed.append((i, str(text)))
             continue
-        if parsed is None:
-            status[i] = BLANK
-            continue
-        paras = [p for p in (q.strip() for q in parsed[0].split("\n")) if p]
+        paras = list(filter(None, map(strip, text.split("\n"))))  # the stripped, non-empty paragraphs
         if not paras:
             status[i] = EMPTY
             continue
         chunk.paragraphs += len(paras)
         if normalize:
             paras = [n for n in map(normalize_paragraph, paras) if n] or paras
-        distinct = {h64(p.encode("utf-8")) for p in paras}
+        distinct = set(map(h64, map(encode, paras)))  # of their UTF-8 bytes
         status[i] = _HAS_PARAGRAPHS
         counts.append(len(distinct))
         unsigned.extend(distinct)
     # SQLite integers are signed 64-bit: reinterpret the same bits.
     chunk.hashes = array("q", unsigned.tobytes())
+    chunk.ends = array("q", accumulate(len(line) + 1 for line in lines))
     chunk.fingerprint = xxhash.xxh3_64_intdigest(block.data) - (1 << 63)  # = _fingerprint of its lines
     return chunk
 
@@ -151,6 +152,15 @@ class DedupResult:
         d["seconds"] = round(self.seconds, 3)
         return d
 
+    def count_all(self, codes: bytes) -> None:
+        """count() of every code, at C speed."""
+        self.kept += codes.count(KEPT)
+        self.duplicates += codes.count(DUPLICATE)
+        self.empty += codes.count(EMPTY)
+        malformed = codes.count(MALFORMED)
+        self.malformed += malformed
+        self.documents += len(codes) - malformed - codes.count(BLANK)
+
     def count(self, code: int) -> None:
         if code == KEPT:
             self.kept += 1
@@ -164,28 +174,76 @@ class DedupResult:
             self.documents += 1
 
 
-def decide(chunk: HashedChunk, store: DedupStore, threshold: float) -> tuple[bytearray, list[int]]:
-    """Per-line decisions and the hashes to add, exactly as if documents were checked and added one by one."""
-    flat = chunk.hashes.tolist()
-    existing = store.known(np.frombuffer(chunk.hashes, dtype=np.int64))
-    added: set[int] = set()
+def decide(chunk: HashedChunk, store: DedupStore, threshold: float) -> tuple[bytearray, np.ndarray]:
+    """Per-line decisions and the hashes to add (sorted, distinct), exactly as if documents were checked and
+    added one by one. Vectorised: a document is certain when the store alone makes it a duplicate, or when even
+    every earlier copy in this chunk counting as added cannot; only the rest (a paragraph repeated inside the
+    chunk tipping the balance) are decided one by one, in order, against the earlier decisions."""
+    hashes = np.frombuffer(chunk.hashes, dtype=np.int64)
+    counts = np.frombuffer(chunk.counts, dtype=np.uint32).astype(np.int64)
+    doc = np.repeat(np.arange(len(counts)), counts)
+    known = store.known_mask(hashes)
+    order = np.argsort(hashes, kind="stable")  # copies of a hash in document order (distinct within a document)
+    copy = np.zeros(len(hashes), dtype=bool)
+    copy[order[1:]] = hashes[order[1:]] == hashes[order[:-1]]
+    need = _required(threshold, counts)
+    low = np.bincount(doc, weights=known, minlength=len(counts))
+    kept = np.bincount(doc, weights=known | copy, minlength=len(counts)) < need
+    unsure = np.flatnonzero(~kept & (low < need))
+    if len(unsure):
+        _decide_in_order(unsure, kept, hashes, doc, known, copy, order, low, need)
     codes = bytearray(chunk.status)
-    pos = doc = 0
-    counts = chunk.counts
-    for i, s in enumerate(codes):
-        if s != _HAS_PARAGRAPHS:
-            continue
-        n = counts[doc]
-        doc += 1
-        hs = flat[pos : pos + n]
-        pos += n
-        seen = sum(1 for h in hs if h in existing or h in added)
-        if seen >= required_seen(threshold, n):
-            codes[i] = DUPLICATE
-        else:
-            codes[i] = KEPT
-            added.update(hs)
-    return codes, sorted(added - existing)
+    view = np.frombuffer(codes, dtype=np.uint8)
+    view[view == _HAS_PARAGRAPHS] = np.where(kept, KEPT, DUPLICATE)
+    return codes, np.unique(hashes[kept[doc] & ~known])
+
+
+def _required(threshold: float, n: np.ndarray) -> np.ndarray:
+    """required_seen for each of `n`, with the same float arithmetic."""
+    need = threshold * n.astype(np.float64)
+    whole = np.round(need)
+    return np.where(np.abs(need - whole) < 1e-9, whole, np.floor(need) + 1)
+
+
+def _decide_in_order(unsure, kept, hashes, doc, known, copy, order, low, need) -> None:
+    """The documents `unsure` decided one by one: a copied paragraph counts when an earlier kept document of
+    this chunk holds it."""
+    sorted_hashes = hashes[order]
+    first = np.searchsorted(sorted_hashes, hashes, side="left")  # where each hash's copies start in `order`
+    starts = np.concatenate(([0], np.cumsum(np.bincount(doc, minlength=len(kept)))))
+    for d in unsure.tolist():
+        seen = low[d]
+        for i in range(starts[d], starts[d + 1]):
+            if copy[i] and not known[i]:
+                j = first[i]
+                while order[j] != i:  # earlier copies of this hash, in document order
+                    if kept[doc[order[j]]]:
+                        seen += 1
+                        break
+                    j += 1
+        kept[d] = seen < need[d]
+
+
+def write_kept(writer: DocumentWriter, block: Block, ends: array, codes: bytearray) -> None:
+    """The kept lines of `block` to `writer` as as_output_line would give them: runs of kept lines as slices of
+    the block's bytes, in one write (line by line only for a block with carriage returns)."""
+    data = block.data
+    if b"\r" in data:
+        for line, code in zip(block.split(), codes):
+            if code == KEPT:
+                writer.write(as_output_line(line))
+        return
+    keep = np.frombuffer(bytes(codes), dtype=np.uint8) == KEPT
+    if not keep.any():
+        return
+    end = np.frombuffer(ends, dtype=np.int64)
+    start = np.concatenate(([0], end[:-1]))
+    edges = np.diff(np.concatenate(([0], keep.view(np.int8), [0])))
+    firsts, lasts = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
+    out = b"".join([data[a:b] for a, b in zip(start[firsts].tolist(), end[lasts].tolist())])
+    if not out.endswith(b"\n"):  # the input's last line had no newline
+        out += b"\n"
+    writer.write_many(out, np.cumsum(end[keep] - start[keep]))
 
 
 def _fingerprint(lines: list[bytes]) -> int:
@@ -288,6 +346,7 @@ def dedup(
                     raise
                 raise CpmctlError(f"--store {store_path}: disk full while writing it ({e}); every chunk committed "
                                   "before is kept: free some space and rerun to resume") from None
+            store.flush_pending()
             store.checkpoint()
             store.save_membership()
             result.store_paragraphs = store.paragraph_count
@@ -348,10 +407,7 @@ def _dedup_all(shards, store, writer, result, errors, workers, chunk_bytes, on_p
         codes, new_hashes = decide(hashed, store, store.settings.threshold)
         store.commit_batch(record, item.first, item.lines, hashed.fingerprint, bytes(codes), new_hashes,
                            hashed.paragraphs)
-        lines = item.split()
-        for line, code in zip(lines, codes):
-            result.count(code)
-            if code == KEPT:
-                writer.write(as_output_line(line))
+        result.count_all(codes)
+        write_kept(writer, item, hashed.ends, codes)
         result.paragraphs += hashed.paragraphs
         result.new_paragraphs += store.last_inserted

@@ -13,7 +13,9 @@ import math
 import pickle
 import os
 import time
+from array import array
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Callable
 
@@ -79,8 +81,9 @@ def _init_worker(recipe: FilterRecipe, blocklist_words, fmt: str, want_rejected:
 
 
 def filter_block(block: Block) -> dict:
-    """The verdicts of a block of lines, ready to write: {"documents", "kept" (output lines; with the perplexity
-    rule (output line, text, rejected line) triples), "rejected" (rejected lines), "rules" ({rule: count}),
+    """The verdicts of a block of lines, ready to write: {"documents", "kept" (the output lines end to end, one
+    bytes object: one string to pickle; with the perplexity rule a list of (output line, text, rejected line)
+    triples), "kept_ends" (the offset past each kept line), "rejected" (rejected lines), "rules" ({rule: count}),
     "cleaned", "boilerplate_removed", "malformed" [(offset, reason)]}; blank jsonl lines are skipped."""
     check, fmt, want_rejected = _state["filter"], _state["fmt"], _state["want_rejected"]
     source, scored = _state["sources"][block.shard], _state["scored"]
@@ -108,6 +111,9 @@ def filter_block(block: Block) -> dict:
             out["rules"][rule] = out["rules"].get(rule, 0) + 1
             if want_rejected:
                 out["rejected"].append(rejected_line(text, record, rule, reason, where))
+    if not scored:
+        out["kept_ends"] = array("q", accumulate(map(len, out["kept"])))
+        out["kept"] = b"".join(out["kept"])
     return out
 
 
@@ -273,9 +279,8 @@ def run_filter(
                 result.cleaned += out["cleaned"]
                 result.boilerplate_paragraphs_removed += out["boilerplate_removed"]
                 if ppl is None:
-                    result.kept += len(out["kept"])
-                    for line in out["kept"]:
-                        writer.write(line)
+                    result.kept += len(out["kept_ends"])
+                    writer.write_many(out["kept"], out["kept_ends"])
                 else:
                     for line, text, rejected_template in out["kept"]:
                         ppl.add(line, text, rejected_template, emit_scored)

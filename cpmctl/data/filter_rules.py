@@ -9,7 +9,8 @@ run of ASCII letters/digits (punctuation is not a unit).
 
 Each rule is a `*_reason` function of a document's counts. The `check_*` functions count one text with regular
 expressions; `DocumentFilter.batch` counts a whole batch at once (data/textstats.py) and runs the exact n-gram
-check only where a bound cannot clear the document, with the same reasons.
+check only where a bound cannot clear the document, with the same reasons. The boilerplate and blocklist
+matchers are in data/filter_text.py.
 """
 
 from __future__ import annotations
@@ -17,14 +18,10 @@ from __future__ import annotations
 import re
 import unicodedata
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
-from cpmctl import CpmctlError
 from cpmctl.data.recipe import (
-    BlocklistRule,
-    BoilerplateRule,
     ChineseRatioRule,
     FilterRecipe,
     MinLengthRule,
@@ -33,7 +30,9 @@ from cpmctl.data.recipe import (
     SymbolRule,
     traditional_converter,
 )
+from cpmctl.data.filter_text import Blocklist, Boilerplate, _uncased, load_blocklist, trie_regex  # noqa: F401
 from cpmctl.data.textstats import (
+    CASED,
     CJK,
     CJK_CHARS,
     CLEAN,
@@ -47,6 +46,7 @@ from cpmctl.data.textstats import (
     WORD_STAND_INS,
     WS,
     WS_OTHER,
+    COUNTED,
     class_counts,
     repetition_certain,
 )
@@ -90,12 +90,6 @@ def _already_clean(text: str) -> bool:
                 or "\n " in text or "\n\n" in text)
 
 
-def _uncased(text: str) -> bool:
-    """No character with a case: a case-insensitive regex matches such a text exactly as the case-sensitive one
-    does (and the latter is several times faster in Python's re)."""
-    return text.lower() == text and text.upper() == text
-
-
 @lru_cache(maxsize=8)  # several rules ask for the same document's count
 def visible_chars(text: str) -> int:
     return len(text) - sum(len(m) for m in _WHITESPACE.findall(text))
@@ -104,41 +98,6 @@ def visible_chars(text: str) -> int:
 def units(text: str) -> list[str]:
     """Gopher's "words" for Chinese: each CJK character, each run of ASCII letters/digits; no punctuation."""
     return _UNITS.findall(text)
-
-
-def trie_regex(words: list[str]) -> re.Pattern:
-    """One regex matching any of `words`, built as a prefix trie so matching costs O(text) rather than
-    O(text x words) (Python's re does not merge a plain alternation)."""
-    trie: dict = {}
-    for w in words:
-        node = trie
-        for ch in w:
-            node = node.setdefault(ch, {})
-        node[""] = True
-
-    def build(node: dict) -> str:
-        end = "" in node
-        branches = [re.escape(ch) + build(child) for ch, child in sorted(node.items()) if ch != ""]
-        if not branches:
-            return ""
-        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
-        return f"(?:{body})?" if end else body
-
-    return re.compile(build(trie), re.IGNORECASE)
-
-
-def load_blocklist(path: str | Path) -> list[str]:
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise CpmctlError(f"blocklist.file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise CpmctlError(f"{path}: blocklist is not UTF-8 (byte {e.start})") from None
-    words = [w.strip() for w in lines if w.strip() and not w.lstrip().startswith("#")]
-    if not words:
-        raise CpmctlError(f"{path}: blocklist has no words")
-    return words
 
 
 # ----- rules: each returns None (pass) or a one-line reason, from the document's counts ----------------------------
@@ -174,7 +133,9 @@ def symbols_reason(symbols: int, digits: int, visible: int, paragraphs: int, ell
 
 
 def paragraph_repetition_reason(paras: list[str], rule: RepetitionRule) -> str | None:
-    if len(set(paras)) == len(paras):
+    if len(set(paras)) == len(paras):  # no duplicate: both shares are 0
+        if rule.max_duplicate_paragraph_fraction >= 0 and rule.max_duplicate_paragraph_char_fraction >= 0:
+            return None
         dup_paras = dup_chars = 0
     else:
         seen: set[str] = set()
@@ -186,7 +147,7 @@ def paragraph_repetition_reason(paras: list[str], rule: RepetitionRule) -> str |
             seen.add(p)
     if dup_paras / len(paras) > rule.max_duplicate_paragraph_fraction:
         return f"duplicate paragraphs {dup_paras / len(paras):.2f} > {rule.max_duplicate_paragraph_fraction}"
-    total = sum(len(p) for p in paras) or 1
+    total = sum(map(len, paras)) or 1
     if dup_chars / total > rule.max_duplicate_paragraph_char_fraction:
         return f"characters in duplicate paragraphs {dup_chars / total:.2f} > {rule.max_duplicate_paragraph_char_fraction}"
     return None
@@ -304,57 +265,6 @@ def ngram_repetition_reason(text: str, rule: RepetitionRule) -> str | None:
     return None
 
 
-class Boilerplate:
-    def __init__(self, rule: BoilerplateRule):
-        self.rule = rule
-        phrases = [p.lower() for p in rule.phrases if p]
-        self.phrases = trie_regex(phrases) if phrases else None
-        self.patterns = [re.compile(p, re.IGNORECASE) for p in rule.patterns]
-        # The same expressions without IGNORECASE, for texts without cased characters (see _uncased).
-        self.phrases_cs = re.compile(self.phrases.pattern) if phrases else None
-        self.patterns_cs = [re.compile(p) for p in rule.patterns]
-
-    def is_boilerplate(self, paragraph: str, uncased: bool = False, phrases: bool = True) -> bool:
-        """`phrases=False`: the caller knows no phrase occurs in the paragraph."""
-        if len(paragraph) > self.rule.max_line_chars:
-            return False
-        trie, patterns = (self.phrases_cs, self.patterns_cs) if uncased else (self.phrases, self.patterns)
-        if phrases and trie is not None and trie.search(paragraph):
-            return True
-        for p in patterns:
-            if p.search(paragraph):
-                return True
-        return False
-
-    def apply(self, text: str) -> tuple[str, str | None, int]:
-        """(text with boilerplate paragraphs removed if configured, reason or None, paragraphs removed)."""
-        paras = text.split("\n")
-        uncased = _uncased(text)
-        # The phrases are plain strings: none in the whole text means none in any paragraph.
-        trie = self.phrases_cs if uncased else self.phrases
-        phrases = trie is not None and trie.search(text) is not None
-        flags = [self.is_boilerplate(p, uncased, phrases) for p in paras]
-        hits = sum(flags)
-        if hits and hits / len(paras) >= self.rule.max_line_fraction:
-            return text, f"{hits} of {len(paras)} paragraphs are boilerplate", 0
-        if hits and self.rule.remove_lines:
-            return "\n".join(p for p, f in zip(paras, flags) if not f), None, hits
-        return text, None, 0
-
-
-class Blocklist:
-    def __init__(self, rule: BlocklistRule, words: list[str]):
-        self.rule = rule
-        self.regex = trie_regex([w.lower() for w in words])
-        self.regex_cs = re.compile(self.regex.pattern)
-
-    def check(self, text: str) -> str | None:
-        hits = (self.regex_cs if _uncased(text) else self.regex).findall(text)
-        if len(hits) > self.rule.max_hits:
-            return f"{len(hits)} blocked words (first: {hits[0]!r}) > {self.rule.max_hits}"
-        return None
-
-
 class DocumentFilter:
     """All text rules of a recipe, compiled once (the perplexity rule runs separately, batched on a model)."""
 
@@ -378,11 +288,12 @@ class DocumentFilter:
         return self.batch([text])[0]
 
     def batch(self, texts: list[str]) -> list[tuple[str, str | None, str | None, dict]]:
-        """__call__ for each of `texts`, with the counting done for all of them at once."""
+        """__call__ for each of `texts`, with the counting done for all of them at once (a text the cleanup and the
+        boilerplate rule leave as it is keeps its counts)."""
         out: list = [None] * len(texts)
         counts = class_counts(texts)
-        todo: list[tuple[int, str, dict]] = []
-        for i, (text, clean, other) in enumerate(zip(texts, counts[CLEAN], counts[WS_OTHER])):
+        todo: list[tuple[int, str, dict, bool]] = []
+        for i, (text, clean, other, cased) in enumerate(zip(texts, counts[CLEAN], counts[WS_OTHER], counts[CASED])):
             edits = {"cleaned": False, "boilerplate_removed": 0}
             untouched = clean == 0 and other == 0 and _already_clean(text)
             if self.recipe.cleanup.enabled:
@@ -394,8 +305,10 @@ class DocumentFilter:
             if not text:
                 out[i] = (text, "min_length", "no text", edits)
                 continue
+            # The cleanup only drops or replaces whitespace and control characters, none of them cased.
+            uncased = cased == 0 if self.converter is None else _uncased(text)
             if self.boilerplate is not None:
-                text, reason, removed = self.boilerplate.apply(text)
+                text, reason, removed = self.boilerplate.apply(text, uncased)
                 edits["boilerplate_removed"] = removed
                 if reason:
                     out[i] = (text, "boilerplate", reason, edits)
@@ -403,24 +316,55 @@ class DocumentFilter:
                 if not text:
                     out[i] = (text, "min_length", "no text left after boilerplate removal", edits)
                     continue
-            todo.append((i, text, edits))
-        counts = class_counts([t for _, t, _ in todo])
+            todo.append((i, text, edits, uncased))
+        changed = [j for j, (i, text, _, _) in enumerate(todo) if text is not texts[i]]
+        recount = class_counts([todo[j][1] for j in changed])
+        at = dict(zip(changed, range(len(changed))))
+        kept = {bit: np.array([recount[bit][at[j]] if j in at else counts[bit][i] for j, (i, *_) in enumerate(todo)],
+                              dtype=np.int64) for bit in COUNTED}
+        suspect = self._maybe_rejected([t for _, t, _, _ in todo], kept).tolist()
         repeat = []
-        for j, (i, text, edits) in enumerate(todo):
-            name, reason = self._counted_rules(text, {bit: c[j] for bit, c in counts.items()})
+        for j, (i, text, edits, uncased) in enumerate(todo):
+            name = reason = None
+            if suspect[j]:
+                name, reason = self._counted_rules(text, {bit: int(kept[bit][j]) for bit in COUNTED})
             if reason is None and self.repetition is not None:
                 reason = paragraph_repetition_reason(text.split("\n"), self.repetition)
                 name = "repetition"
                 if reason is None:
                     repeat.append(j)
                     continue
-            out[i] = (text, name, reason, edits) if reason else self._blocklist(text, edits)
+            out[i] = (text, name, reason, edits) if reason else self._blocklist(text, edits, uncased)
         if repeat:
             certain = repetition_certain([todo[j][1] for j in repeat], self.top, self.duplicate)
             for j, sure in zip(repeat, certain):
-                i, text, edits = todo[j]
+                i, text, edits, uncased = todo[j]
                 reason = None if sure else ngram_repetition_reason(text, self.repetition)
-                out[i] = (text, "repetition", reason, edits) if reason else self._blocklist(text, edits)
+                out[i] = (text, "repetition", reason, edits) if reason else self._blocklist(text, edits, uncased)
+        return out
+
+    def _maybe_rejected(self, texts: list[str], c: dict[int, np.ndarray]) -> np.ndarray:
+        """Per text: False when none of the counted rules can reject it, from the same float arithmetic vectorised
+        (True: _counted_rules decides, and words the reason)."""
+        r = self.recipe
+        visible = np.array([len(t) for t in texts], dtype=np.int64) - c[WS]
+        paragraphs = np.array([t.count("\n") for t in texts], dtype=np.int64) + 1
+        out = np.zeros(len(texts), dtype=bool)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for name in self.counted:
+                if name == "min_length":
+                    out |= visible < r.min_length.min_chars
+                elif name == "chinese_ratio":
+                    out |= np.where(visible != 0, c[CJK] / np.where(visible != 0, visible, 1), 0.0) < r.chinese_ratio.min_ratio
+                elif name == "paragraph_length":
+                    avg = visible / paragraphs
+                    out |= (avg < r.paragraph_length.min_avg_chars) | (avg > r.paragraph_length.max_avg_chars)
+                else:
+                    n = np.where(visible != 0, visible, 1)
+                    out |= (c[SYMBOL] / n > r.symbols.max_symbol_ratio) | (c[DIGIT] / n > r.symbols.max_digit_ratio)
+                    if r.symbols.max_ellipsis_paragraph_fraction < 0:  # even no ellipsis is too many
+                        out[:] = True
+                    out |= np.array([("..." in t) or ("…" in t) for t in texts], dtype=bool)  # ellipses: count exactly
         return out
 
     def _counted_rules(self, text: str, c: dict[int, int]) -> tuple[str | None, str | None]:
@@ -440,6 +384,6 @@ class DocumentFilter:
                 return name, reason
         return None, None
 
-    def _blocklist(self, text: str, edits: dict) -> tuple:
-        reason = self.blocklist.check(text) if self.blocklist is not None else None
+    def _blocklist(self, text: str, edits: dict, uncased: bool | None = None) -> tuple:
+        reason = self.blocklist.check(text, uncased) if self.blocklist is not None else None
         return (text, "blocklist" if reason else None, reason, edits)

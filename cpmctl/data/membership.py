@@ -71,14 +71,15 @@ class MembershipFilter:
     # ----- the sidecar ---------------------------------------------------------------------------------------------
     def save(self, path: Path, identity: str, paragraphs: int) -> None:
         """Atomically: a temp file beside `path`, flushed, renamed into place."""
+        words = self.words.astype("<u8", copy=False)  # no copy on a little-endian machine: the file is that memory
         header = {"format": FORMAT, "version": VERSION, "words": len(self.words), "keys": self.keys,
                   "bits_per_key": BITS_PER_KEY, "hashes": HASHES, "store": identity, "paragraphs": paragraphs,
-                  "xxh3_64": xxhash.xxh3_64_hexdigest(self.words.astype("<u8").tobytes())}
+                  "xxh3_64": xxhash.xxh3_64_hexdigest(memoryview(words).cast("B"))}
         tmp = make_temp(path)
         try:
             with open(tmp, "wb") as f:
                 f.write((json.dumps(header) + "\n").encode())
-                f.write(self.words.astype("<u8").tobytes())
+                f.write(memoryview(words).cast("B"))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -93,7 +94,10 @@ class MembershipFilter:
         try:
             with open(path, "rb") as f:
                 line = f.readline(4096)
-                body = f.read()
+                body = bytearray(max(0, os.fstat(f.fileno()).st_size - len(line)))  # read in place: no copy
+                got = f.readinto(body)
+                if got != len(body):  # a file that shrank meanwhile: its check below fails
+                    body = body[:got]
         except FileNotFoundError:
             return None, "missing"
         except OSError as e:
@@ -115,4 +119,41 @@ class MembershipFilter:
             return None, "damaged (unreadable header)"
         if len(body) != 8 * n or xxhash.xxh3_64_hexdigest(body) != header.get("xxh3_64"):
             return None, "damaged (its bits do not match their checksum)"
-        return cls(0, np.frombuffer(body, dtype="<u8").astype(np.uint64), int(header.get("keys", 0))), None
+        return cls(0, np.frombuffer(body, dtype="<u8").astype(np.uint64, copy=False), int(header.get("keys", 0))), None
+
+
+class HashRuns:
+    """An exact set of int64 hashes held as a few sorted arrays (8 bytes a hash, where a Python set costs ~70):
+    the store's paragraphs not yet merged into its main table. A sorted batch is added as a run and merged with
+    the runs not twice its size, so the run sizes at least halve from the first to the last (log2(n) runs) and a
+    hash is copied O(log n) times; a lookup binary-searches every run."""
+
+    def __init__(self):
+        self.runs: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.runs)
+
+    def add(self, hashes: np.ndarray, distinct_sorted: bool = False) -> None:
+        run = np.asarray(hashes, dtype=np.int64) if distinct_sorted else np.unique(np.asarray(hashes, dtype=np.int64))
+        while self.runs and len(self.runs[-1]) < 2 * len(run):
+            run = np.concatenate((self.runs.pop(), run))
+            run.sort(kind="stable")  # two sorted runs: timsort merges them in one linear pass
+        if len(run):
+            self.runs.append(run)
+
+    def contains(self, hashes: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(hashes), dtype=bool)
+        for run in self.runs:
+            at = np.minimum(np.searchsorted(run, hashes), len(run) - 1)
+            found |= run[at] == hashes
+        return found
+
+    def values(self) -> np.ndarray:
+        """All hashes, sorted."""
+        every = np.concatenate(self.runs) if self.runs else np.zeros(0, dtype=np.int64)
+        every.sort(kind="stable")
+        return every
+
+    def clear(self) -> None:
+        self.runs = []

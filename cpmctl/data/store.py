@@ -3,28 +3,32 @@
 Tables
   meta(key, value)      format, version, hash, threshold, normalize, paragraphs (row count kept up to date)
   paragraphs(hash)      signed 64-bit xxh3_64 of each paragraph ever added (the rowid: compact and indexed)
-  recent(hash)          paragraphs added since the last merge; merged into `paragraphs` in sorted bulk when it
-                        holds MERGE_ROWS, because inserting random keys one chunk at a time into a large B-tree
-                        rewrites a page per key (a paragraph is in the store when it is in either table)
+  recent(hash)          earlier runs' paragraphs since the last merge, merged into `paragraphs` in sorted bulk with
+                        `pending` when both hold merge_rows() (MERGE_ROWS, or 1/4 of the store when more: a merge
+                        rewrites the table, so it comes once per 1/4 of growth; random-key inserts a chunk at a
+                        time into a large B-tree would rewrite a page per key)
+  pending(id, hashes)   this run's new paragraphs, per committed chunk one sorted int64 blob (an append, not a B-tree
+                        insert per key), moved into `recent` in one sorted insert when the run ends (a killed run's
+                        rows are read back by the next). A paragraph is in the store when it is in any of the three
   inputs(...)           one row per input file a run has started: path, size, mtime, lines done, complete
   batches(...)          per committed chunk of an input: its line range, a fingerprint of its bytes, one decision
                         byte per line and its paragraph count, so a rerun reproduces earlier decisions exactly
 
-In front of the tables sits a membership filter (data/membership.py, saved beside the store as STORE.membership,
-rebuilt from the tables when missing, stale or damaged): a paragraph it does not know is new without a query. The
-paragraphs of `recent` are also held in memory (at most MERGE_ROWS of them), so what remains for SQLite is the
-filter's positives that are not recent, looked up in sorted batches.
+In front sits a membership filter (data/membership.py, saved beside the store as STORE.membership, rebuilt when
+missing, stale or damaged): a paragraph it does not know is new without a query. `pending` is held in memory as
+sorted int64 runs (membership.HashRuns, 8 bytes a paragraph, at most 1/4 of the store), so SQLite sees only the
+filter's other positives, looked up in sorted batches. Memory: at most ~5 bytes per stored paragraph (filter 1.5-3,
+runs at most 2) beside SQLite's fixed page cache.
 
 Each chunk's paragraphs, decisions and progress are committed in one transaction, so a killed run loses at most
-the chunk in flight. WAL journaling with synchronous=NORMAL survives a killed process; the page cache is fixed,
-so memory stays flat however large the store grows. One run at a time holds the store (an exclusive lock file).
+the chunk in flight. WAL journaling with synchronous=NORMAL survives a killed process. One run at a time holds the
+store (an exclusive lock file).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -34,52 +38,26 @@ from typing import Callable
 import numpy as np
 
 from cpmctl import CpmctlError
-from cpmctl.data.membership import MembershipFilter
+from cpmctl.data.membership import HashRuns, MembershipFilter
+from cpmctl.data.store_schema import (  # noqa: F401 - FORMAT, VERSION, HASH: the store's identity, imported from here
+    DEFAULT_THRESHOLD, FORMAT, HASH, VERSION, DedupSettings, check_settings, configure, create, inspect_file,
+    table_names, upgrade,
+)
 from cpmctl.outputs import lock
 
-FORMAT = "cpmctl-dedup"
-VERSION = 1
-HASH = "xxh3_64"
-DEFAULT_THRESHOLD = 0.7
 CACHE_MB = 128  # SQLite page cache: the bound on the store's memory, whatever its size
 _IN_BATCH = 256  # host parameters per SELECT ... IN: one fixed size, so the prepared statement is reused
 
 
-@dataclass(frozen=True)
-class DedupSettings:
-    threshold: float = DEFAULT_THRESHOLD
-    normalize: bool = False
-
-    def validate(self) -> None:
-        if not 0.0 < self.threshold <= 1.0:
-            raise CpmctlError(f"--threshold must be in (0, 1], got {self.threshold}")
-
-
 MERGE_ROWS = 1_000_000
+MERGE_SHARE = 4  # merge once `recent` + `pending` hold 1/MERGE_SHARE of the store (when that exceeds MERGE_ROWS)
 _PARAMS = ",".join(f"?{i + 1}" for i in range(_IN_BATCH))
 _LOOKUP_SQL = (f"SELECT hash FROM paragraphs WHERE hash IN ({_PARAMS}) "
                f"UNION ALL SELECT hash FROM recent WHERE hash IN ({_PARAMS})")
-_LOOKUP_MAIN_SQL = f"SELECT hash FROM paragraphs WHERE hash IN ({_PARAMS})"
 
 
 def membership_path(store: Path) -> Path:
     return store.with_name(store.name + ".membership")
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS paragraphs (hash INTEGER PRIMARY KEY);
-CREATE TABLE IF NOT EXISTS recent (hash INTEGER PRIMARY KEY);
-CREATE TABLE IF NOT EXISTS inputs (
-    id INTEGER PRIMARY KEY, path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
-    lines INTEGER NOT NULL DEFAULT 0, complete INTEGER NOT NULL DEFAULT 0, started REAL, finished REAL
-);
-CREATE INDEX IF NOT EXISTS inputs_by_path ON inputs(path);
-CREATE TABLE IF NOT EXISTS batches (
-    input INTEGER NOT NULL, first_line INTEGER NOT NULL, lines INTEGER NOT NULL, fingerprint INTEGER NOT NULL,
-    codes BLOB NOT NULL, paragraphs INTEGER NOT NULL, PRIMARY KEY (input, first_line)
-) WITHOUT ROWID;
-"""
-
-
 @dataclass
 class InputRecord:
     id: int
@@ -93,10 +71,11 @@ class DedupStore:
         self.path, self.conn, self._lock, self.settings = path, conn, lock, settings
         self.paragraph_count = int(self._meta().get("paragraphs", 0))
         self.last_inserted = 0
-        self.recent_rows = conn.execute("SELECT count(*) FROM recent").fetchone()[0]
+        self.recent_rows = conn.execute(
+            "SELECT (SELECT count(*) FROM recent) + (SELECT coalesce(sum(length(hashes)), 0) / 8 FROM pending)").fetchone()[0]
         self.warn = warn
         self._membership: MembershipFilter | None = None  # loaded or built on first use
-        self._recent: set[int] | None = None  # the hashes of `recent`, in memory
+        self._recent: HashRuns | None = None  # the hashes of `pending`, in memory
         self._dirty = False  # the filter in memory is newer than its sidecar
 
     # ----- opening -----------------------------------------------------------------------------------------
@@ -113,14 +92,14 @@ class DedupStore:
         if threshold is not None:
             DedupSettings(threshold, bool(normalize)).validate()
         if path.exists() and path.stat().st_size > 0:
-            _inspect(path, threshold, normalize)
+            inspect_file(path, threshold, normalize)
         path.parent.mkdir(parents=True, exist_ok=True)
         lock_fd = lock(path, "--store", "`cpmctl data dedup` run", inside=False)
         try:
             conn = sqlite3.connect(str(path), isolation_level=None, timeout=30)
             try:
-                _configure(conn, cache_mb)
-                existing = _table_names(conn)
+                configure(conn, cache_mb)
+                existing = table_names(conn)
             except sqlite3.DatabaseError as e:
                 conn.close()
                 raise CpmctlError(f"--store {path}: not a usable SQLite database ({e}); is it the right file?") from None
@@ -129,9 +108,10 @@ class DedupStore:
             if not existing:
                 settings = DedupSettings(DEFAULT_THRESHOLD if threshold is None else threshold, bool(normalize))
                 settings.validate()
-                _create(conn, settings)
+                create(conn, settings)
             else:
-                settings = _check_settings(path, conn, threshold, normalize)
+                settings = check_settings(path, conn, threshold, normalize)
+                upgrade(conn)
             return cls(path, conn, lock_fd, settings, warn)
         except BaseException:
             lock_fd.release()
@@ -156,37 +136,48 @@ class DedupStore:
 
     # ----- paragraphs --------------------------------------------------------------------------------------
     def lookup(self, hashes) -> set[int]:
-        """The subset of `hashes` already in the store. Probed in sorted order: neighbouring keys share B-tree
-        pages, which keeps the page cache hot."""
-        hashes = sorted(hashes)
-        found: set[int] = set()
-        for i in range(0, len(hashes), _IN_BATCH):
-            part = hashes[i : i + _IN_BATCH]
-            part += part[:1] * (_IN_BATCH - len(part))  # pad with a repeat: same statement text every time
-            found.update(row[0] for row in self.conn.execute(_LOOKUP_SQL, part))
-        return found
+        """The subset of `hashes` (Python ints) already in the store."""
+        return self.known(np.array(sorted(hashes), dtype=np.int64))
 
     def __contains__(self, h: int) -> bool:
         return bool(self.lookup([h]))
 
     def known(self, hashes: np.ndarray) -> set[int]:
-        """The subset of `hashes` (an int64 array) already in the store, exactly: the membership filter clears most
-        new ones, the in-memory `recent` answers for this run's paragraphs, SQLite (sorted, batched, the main table
-        only) for the rest."""
-        maybe = set(hashes[self.membership.maybe(hashes)].tolist())
-        found = maybe & self.recent
-        rest = sorted(maybe - found)
+        """The subset of `hashes` (an int64 array) already in the store."""
+        return set(hashes[self.known_mask(hashes)].tolist())
+
+    def known_mask(self, hashes: np.ndarray) -> np.ndarray:
+        """Per hash of `hashes` (an int64 array): in the store, exactly. The membership filter clears most new ones,
+        the in-memory runs answer for `pending`, SQLite (sorted, batched, `paragraphs` and `recent`) for the
+        rest."""
+        hashes = np.ascontiguousarray(hashes, dtype=np.int64)
+        mask = self.membership.maybe(hashes)
+        at = np.flatnonzero(mask)
+        if not len(at):
+            return mask
+        maybe = hashes[at]
+        hit = self.recent.contains(maybe)
+        rest = np.unique(maybe[~hit]).tolist()
+        found: list[int] = []
         for i in range(0, len(rest), _IN_BATCH):
             part = rest[i : i + _IN_BATCH]
-            part += part[:1] * (_IN_BATCH - len(part))
-            found.update(row[0] for row in self.conn.execute(_LOOKUP_MAIN_SQL, part))
-        return found
+            part += part[:1] * (_IN_BATCH - len(part))  # pad with a repeat: same statement text every time
+            found.extend(row[0] for row in self.conn.execute(_LOOKUP_SQL, part))
+        if found:
+            hit |= np.isin(maybe, np.array(found, dtype=np.int64))
+        mask[at] = hit
+        return mask
 
     @property
-    def recent(self) -> set[int]:
+    def recent(self) -> HashRuns:
         if self._recent is None:
-            self._recent = {row[0] for row in self.conn.execute("SELECT hash FROM recent")}
+            self._recent = HashRuns()
+            for (blob,) in self.conn.execute("SELECT hashes FROM pending ORDER BY id"):
+                self._recent.add(np.frombuffer(blob, dtype="<i8").astype(np.int64))
         return self._recent
+
+    def merge_rows(self) -> int:
+        return max(MERGE_ROWS, self.paragraph_count // MERGE_SHARE)
 
     # ----- the membership filter -----------------------------------------------------------------------------------
     @property
@@ -211,6 +202,8 @@ class DedupStore:
         built = MembershipFilter(2 * self.paragraph_count)
         while batch := rows.fetchmany(1 << 16):
             built.add(np.fromiter((r[0] for r in batch), dtype=np.int64, count=len(batch)))
+        for (blob,) in self.conn.execute("SELECT hashes FROM pending"):
+            built.add(np.frombuffer(blob, dtype="<i8").astype(np.int64))
         self._membership, self._dirty = built, True
         return built
 
@@ -226,21 +219,40 @@ class DedupStore:
         self._dirty = False
 
     def merge_recent(self) -> None:
-        """Move `recent` into `paragraphs` in key order: each B-tree page is rewritten once per merge, not once
-        per key. One transaction, so a kill leaves either table state intact."""
+        """Move `recent` and `pending` into `paragraphs` in key order: each B-tree page is rewritten once per merge,
+        not once per key. One transaction, so a kill leaves either table state intact."""
+        self._move("paragraphs", "SELECT hash FROM recent", "DELETE FROM recent")
+        self.recent_rows = 0
+        if self._recent is not None:
+            self._recent.clear()
+
+    def flush_pending(self) -> None:
+        """End of a run: this run's `pending` rows into `recent`, in one sorted bulk insert."""
+        if self.conn.execute("SELECT 1 FROM pending LIMIT 1").fetchone():
+            self._move("recent")
+            if self._recent is not None:
+                self._recent.clear()
+
+    def _move(self, table: str, also: str | None = None, clear: str | None = None) -> None:
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("INSERT OR IGNORE INTO paragraphs(hash) SELECT hash FROM recent ORDER BY hash")
-            conn.execute("DELETE FROM recent")
+            if also is not None:
+                conn.execute(f"INSERT OR IGNORE INTO {table}(hash) {also} ORDER BY hash")
+            blobs = [np.frombuffer(b, dtype="<i8") for (b,) in conn.execute("SELECT hashes FROM pending")]
+            if blobs:
+                hashes = np.concatenate(blobs).astype(np.int64)
+                hashes.sort()
+                for i in range(0, len(hashes), 1 << 18):
+                    _insert(conn, table, hashes[i : i + (1 << 18)].tolist())
+            conn.execute("DELETE FROM pending")
+            if clear is not None:
+                conn.execute(clear)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        self.recent_rows = 0
-        if self._recent is not None:
-            self._recent.clear()
 
     # ----- inputs and the decision journal ------------------------------------------------------------------
     def begin_input(self, path: Path) -> InputRecord:
@@ -271,20 +283,22 @@ class DedupStore:
         ]
 
     def commit_batch(self, record: InputRecord, first_line: int, lines: int, fingerprint: int, codes: bytes,
-                     new_hashes: list[int], paragraphs: int) -> None:
-        """One transaction: the chunk's new paragraphs, its decisions and the input's progress."""
+                     new_hashes: np.ndarray, paragraphs: int) -> None:
+        """One transaction: the chunk's new paragraphs (sorted, distinct, none in the store yet: an int64 array), its
+        decisions and the input's progress."""
         if first_line != record.lines:
             raise CpmctlError(f"{record.path}: chunk at line {first_line + 1} does not follow the {record.lines} "
                               "lines already committed")
         conn = self.conn
         # Into the filter first: a failed commit leaves it with extra hashes (harmless), never without one.
-        self.membership.add(np.array(new_hashes, dtype=np.int64))
+        new_hashes = np.ascontiguousarray(new_hashes, dtype=np.int64)
+        self.membership.add(new_hashes)
         self._dirty = True
         conn.execute("BEGIN IMMEDIATE")
         try:
-            before = conn.total_changes
-            _insert_recent(conn, new_hashes)
-            self.last_inserted = conn.total_changes - before
+            if len(new_hashes):
+                conn.execute("INSERT INTO pending(hashes) VALUES (?)", (new_hashes.astype("<i8").tobytes(),))
+            self.last_inserted = len(new_hashes)
             conn.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?)",
                          (record.id, first_line, lines, fingerprint, codes, paragraphs))
             conn.execute("UPDATE inputs SET lines = ? WHERE id = ?", (first_line + lines, record.id))
@@ -298,9 +312,9 @@ class DedupStore:
         self.paragraph_count += self.last_inserted
         self.recent_rows += self.last_inserted
         if self._recent is not None:
-            self._recent.update(new_hashes)
+            self._recent.add(new_hashes, distinct_sorted=True)
         record.lines = first_line + lines
-        if self.recent_rows >= MERGE_ROWS:
+        if self.recent_rows >= self.merge_rows():
             self.merge_recent()
         if self.membership.full:
             self.rebuild_membership()
@@ -326,82 +340,13 @@ class DedupStore:
                 "inputs": inputs[0] or 0, "inputs_complete": inputs[1] or 0, "lines": inputs[2] or 0}
 
 
-def _insert_recent(conn: sqlite3.Connection, hashes: list[int]) -> None:
+def _insert(conn: sqlite3.Connection, table: str, hashes: list[int]) -> None:
     """One statement for the whole batch: SQLite reads the integers from one JSON array (json_each, in SQLite
     since 3.38) at about twice the speed of binding them row by row."""
     if _JSON_EACH:
-        conn.execute("INSERT OR IGNORE INTO recent(hash) SELECT value FROM json_each(?)", (json.dumps(hashes),))
+        conn.execute(f"INSERT OR IGNORE INTO {table}(hash) SELECT value FROM json_each(?)", (json.dumps(hashes),))
     else:
-        conn.executemany("INSERT OR IGNORE INTO recent(hash) VALUES (?)", ((h,) for h in hashes))
+        conn.executemany(f"INSERT OR IGNORE INTO {table}(hash) VALUES (?)", ((h,) for h in hashes))
 
 
 _JSON_EACH = sqlite3.sqlite_version_info >= (3, 38, 0)
-
-
-def _inspect(path: Path, threshold: float | None, normalize: bool | None) -> None:
-    """Read-only checks of an existing file (no journal-mode switch, no lock file): refuse it untouched."""
-    try:
-        conn = sqlite3.connect(f"{Path(os.path.abspath(path)).as_uri()}?mode=ro", uri=True, timeout=30)
-    except sqlite3.Error as e:
-        raise CpmctlError(f"--store {path}: cannot open it read-only ({e})") from None
-    try:
-        try:
-            existing = _table_names(conn)
-        except sqlite3.DatabaseError as e:
-            raise CpmctlError(f"--store {path}: not a usable SQLite database ({e}); is it the right file?") from None
-        if existing and "meta" not in existing:
-            raise CpmctlError(f"--store {path}: a SQLite database but not a cpmctl dedup store")
-        missing = sorted(TABLES - existing) if existing else []
-        if missing:
-            raise CpmctlError(f"--store {path}: a damaged dedup store (no table '{missing[0]}'); restore it from a "
-                              "backup or start a new store")
-        if existing:
-            _check_settings(path, conn, threshold, normalize)
-    finally:
-        conn.close()
-
-
-def _configure(conn: sqlite3.Connection, cache_mb: int) -> None:
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute(f"PRAGMA cache_size=-{cache_mb * 1024}")
-    conn.execute("PRAGMA temp_store=MEMORY")
-
-
-TABLES = set(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
-
-
-def _table_names(conn: sqlite3.Connection) -> set[str]:
-    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-
-
-def _create(conn: sqlite3.Connection, settings) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    for statement in _SCHEMA.strip().split(";"):
-        if statement.strip():
-            conn.execute(statement)
-    meta = {"format": FORMAT, "version": str(VERSION), "hash": HASH, "threshold": repr(settings.threshold),
-            "normalize": "true" if settings.normalize else "false", "paragraphs": "0", "created": str(time.time())}
-    conn.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
-    conn.execute("COMMIT")
-
-
-def _check_settings(path: Path, conn: sqlite3.Connection, threshold: float | None, normalize: bool | None):
-    meta = dict(conn.execute("SELECT key, value FROM meta"))
-    if meta.get("format") != FORMAT:
-        raise CpmctlError(f"--store {path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
-    if int(meta.get("version", 0)) > VERSION:
-        raise CpmctlError(f"--store {path}: version {meta.get('version')} is newer than this cpmctl reads ({VERSION})")
-    if meta.get("hash") != HASH:
-        raise CpmctlError(f"--store {path}: hashes are {meta.get('hash')}, this cpmctl computes {HASH}")
-    try:
-        stored = DedupSettings(float(meta["threshold"]), meta["normalize"] == "true")
-    except (KeyError, ValueError):
-        raise CpmctlError(f"--store {path}: meta table lacks threshold/normalize; not a complete cpmctl store") from None
-    if threshold is not None and abs(threshold - stored.threshold) > 1e-12:
-        raise CpmctlError(f"--store {path}: written with --threshold {stored.threshold}, this run asks {threshold}; "
-                          "use the same settings or a new store")
-    if normalize is not None and bool(normalize) != stored.normalize:
-        raise CpmctlError(f"--store {path}: written with normalize={str(stored.normalize).lower()}, this run asks "
-                          f"{str(bool(normalize)).lower()}; use the same settings or a new store")
-    return stored

@@ -8,8 +8,8 @@ Either may be gzip (.gz) or zstd (.zst) compressed. An input is a file, a direct
 a glob; its files are read in sorted order, so every command sees the documents in one deterministic order.
 
 Inside cpmctl a document's text always separates paragraphs with "\\n"; `<n>` exists only on disk.
-Outputs are written atomically: a file output goes to a temp name and is renamed when complete; a directory output
-(shards part-00000.<ext>, part-00001.<ext>, ...) is built in a temp directory and swapped in when complete.
+Outputs are written atomically (data/textout.py, re-exported here): a file output goes to a temp name and is
+renamed when complete; a directory output (shards part-00000.<ext>, ...) is built in a temp dir and swapped in.
 """
 
 from __future__ import annotations
@@ -26,14 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import xxhash
+
 from cpmctl import CpmctlError
-from cpmctl.io import commit_dir, disk_full_error, make_temp, remove
+from cpmctl.data.textout import (  # noqa: F401 - the output half, re-exported: one module for callers
+    COMPRESSION_EXTENSIONS, FORMAT_EXTENSIONS, MANIFEST, DocumentWriter, OutputSpec, ShardInfo, claim_output,
+    extension_for, open_writer, output_spec, split_extension,
+)
 
 FORMATS = ("jsonl", "text")
-FORMAT_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "text", ".text": "text"}
-COMPRESSION_EXTENSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 TEXT_PARAGRAPH_SEP = "<n>"
-MANIFEST = "manifest.json"
 DEFAULT_CHUNK_BYTES = 4 << 20
 
 
@@ -46,22 +48,6 @@ class Shard:
 
 class MalformedLine(ValueError):
     """A line that is not a document (bad JSON, no string `text`, bad UTF-8); skipped and counted or fatal."""
-
-
-# ----- naming --------------------------------------------------------------------------------------------------
-def split_extension(path: str | Path) -> tuple[str | None, str | None]:
-    """(format, compression) from a file name: data.jsonl.gz -> ("jsonl", "gzip"); unknown -> (None, None)."""
-    suffixes = [s.lower() for s in Path(path).suffixes]
-    compression = None
-    if suffixes and suffixes[-1] in COMPRESSION_EXTENSIONS:
-        compression = COMPRESSION_EXTENSIONS[suffixes.pop()]
-    fmt = FORMAT_EXTENSIONS.get(suffixes[-1]) if suffixes else None
-    return fmt, compression
-
-
-def extension_for(fmt: str, compression: str | None) -> str:
-    ext = ".jsonl" if fmt == "jsonl" else ".txt"
-    return ext + {None: "", "gzip": ".gz", "zstd": ".zst"}[compression]
 
 
 def resolve_inputs(specs: list[str | Path], fmt: str = "auto") -> list[Shard]:
@@ -174,14 +160,38 @@ def read_chunks(shard: Shard, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterato
 
 @dataclass
 class Block:
-    """Whole lines of one input as one bytes object: what a worker is sent (one string to pickle, not a list)."""
+    """Whole lines of one input as one bytes object: what a worker is sent (one string to pickle, not a list).
+    A block of an uncompressed file knows where it lies (`source`: path, offset, xxh3_64 of `data`): pickled for a
+    worker it leaves its bytes behind and the worker reads them from the file itself (from the page cache, where
+    the reader just put them), so they cross no pipe; bytes that no longer match are an error, never used (raised
+    by split(), in the work function, so the pool hands it back to the command like any other error)."""
     shard: int  # index of the input in the run
     first: int  # index of its first line in the input
     lines: int
     data: bytes
+    source: tuple | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "data": None} if self.source is not None else self.__dict__
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.data is None:
+            path, offset, size, digest = self.source
+            parts, got = [], 0
+            with open(path, "rb") as f:
+                while got < size and (part := os.pread(f.fileno(), size - got, offset + got)):
+                    parts.append(part)
+                    got += len(part)
+            self.data = b"".join(parts)
+            if xxhash.xxh3_64_intdigest(self.data) != digest:
+                self.__dict__["stale"] = (f"{path}: changed while it was being read (bytes {offset}-{offset + size}); "
+                                          "rerun once it is complete")
 
     def split(self) -> list[bytes]:
         """The lines, without their newline (parse_line and as_output_line read them the same either way)."""
+        if "stale" in self.__dict__:
+            raise CpmctlError(self.__dict__["stale"])
         lines = self.data.split(b"\n")
         if self.data.endswith(b"\n"):
             lines.pop()
@@ -190,7 +200,7 @@ class Block:
 
 def read_blocks(shard: Shard, index: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Block]:
     """Blocks of about `chunk_bytes` of whole lines; a damaged file is a one-line error."""
-    line_no = 0
+    line_no = offset = 0
     with open_binary(shard.path, shard.compression) as f:
         while True:
             with _reading(shard, lambda: line_no):
@@ -200,8 +210,10 @@ def read_blocks(shard: Shard, index: int = 0, chunk_bytes: int = DEFAULT_CHUNK_B
             if not data:
                 return
             n = data.count(b"\n") + (not data.endswith(b"\n"))
-            yield Block(index, line_no, n, data)
+            where = None if shard.compression else (str(shard.path), offset, len(data), xxhash.xxh3_64_intdigest(data))
+            yield Block(index, line_no, n, data, where)
             line_no += n
+            offset += len(data)
 
 
 def check_readable(shards: list[Shard]) -> None:
@@ -249,6 +261,39 @@ def parse_line(line: bytes, fmt: str, strip: bool = False) -> tuple[str, dict | 
     return text.replace(TEXT_PARAGRAPH_SEP, "\n"), None
 
 
+def document_texts(lines: list[bytes], fmt: str) -> list:
+    """Per line, what parse_line gives: the text, None (a blank jsonl line) or the MalformedLine it raises. A jsonl
+    object is parsed with orjson when it is installed (2-3x json's speed, same strings); a line it does not take
+    whole (any error, no string `text`) goes through parse_line, so every result and message is parse_line's."""
+    out: list = []
+    jsonl = fmt == "jsonl"
+    for line in lines:
+        if jsonl and line[:1] == b"{":
+            try:
+                text = _fast_loads(line).get("text")
+                if text.__class__ is str:
+                    out.append(text)
+                    continue
+            except Exception:  # noqa: BLE001 - parse_line decides, and names the reason
+                pass
+        try:
+            parsed = parse_line(line, fmt)
+            out.append(None if parsed is None else parsed[0])
+        except MalformedLine as e:
+            out.append(e)
+    return out
+
+
+def _json_loads(line: bytes):
+    return json.loads(line.decode("utf-8", "surrogatepass"))
+
+
+try:
+    from orjson import loads as _fast_loads
+except ImportError:  # an optional accelerator: json reads the same documents
+    _fast_loads = _json_loads
+
+
 def paragraphs(text: str) -> list[str]:
     """Stripped, non-empty paragraphs."""
     return [p for p in (q.strip() for q in text.split("\n")) if p]
@@ -283,146 +328,6 @@ class LineErrors:
         self.count += 1
         if self.warn is not None and self.count <= self.max_warnings:
             self.warn(f"{where}: skipped, {reason}")
-
-
-# ----- writing -------------------------------------------------------------------------------------------------
-def open_writer(path: Path, compression: str | None):
-    raw = open(path, "wb")
-    if compression == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0), raw
-    if compression == "zstd":
-        import zstandard
-
-        return zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False), raw
-    return raw, raw
-
-
-@dataclass
-class ShardInfo:
-    name: str
-    documents: int = 0
-    bytes: int = 0
-
-
-@dataclass
-class OutputSpec:
-    path: Path
-    format: str
-    compression: str | None
-    is_dir: bool
-
-
-def output_spec(out: str | Path, fmt: str, compression: str | None) -> OutputSpec:
-    """A path with a data extension is one file; anything else is a directory of shards. The format must match.
-    Whether an existing output may be replaced is the output policy's call (cpmctl/outputs.py, `claim_output`)."""
-    path = Path(out)
-    ext_fmt, ext_compression = split_extension(path)
-    if ext_fmt is None:
-        if path.exists() and not path.is_dir():
-            raise CpmctlError(f"--output {path}: exists and is not a directory (name a .jsonl/.txt file or a directory)")
-        return OutputSpec(path, fmt, compression, True)
-    if ext_fmt != fmt:
-        raise CpmctlError(f"--output {path}: the input is {fmt} but the output name says {ext_fmt}")
-    if path.is_dir():
-        raise CpmctlError(f"--output {path}: is a directory")
-    return OutputSpec(path, fmt, ext_compression, False)
-
-
-def claim_output(spec: OutputSpec, command: str, inputs=(), force: bool = False, what: str = "--output"):
-    """The output policy (cpmctl/outputs.py) for a document output: a directory of shards is also this command's
-    own when its manifest.json (of an older cpmctl) says so."""
-    from cpmctl.outputs import claim
-
-    def own_manifest(path: Path) -> bool:
-        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("command") == command.split()[-1]
-
-    return claim(spec.path, command, kind="dir" if spec.is_dir else "file", force=force, inputs=inputs, what=what,
-                 accept=own_manifest)
-
-
-class DocumentWriter:
-    """Writes output lines to a single file or to size-capped shards; nothing is visible until `close()`.
-
-    `abort()` (or an exception) removes everything written; a killed process leaves only dot-named temp files
-    (`.NAME.PID.*.tmp`, removed by the next run). `output`: the outputs.claim() that marks the result as a
-    command's own."""
-
-    def __init__(self, spec: OutputSpec, shard_bytes: int = 512 << 20, output=None):
-        self.spec, self.shard_bytes, self.output = spec, shard_bytes, output
-        self.shards: list[ShardInfo] = []
-        self.documents = 0
-        self.bytes = 0
-        self._file = self._raw = None
-        self.tmp = make_temp(spec.path, directory=spec.is_dir)
-        if not spec.is_dir:
-            self._file, self._raw = open_writer(self.tmp, spec.compression)
-            self.shards.append(ShardInfo(spec.path.name))
-
-    def _next_shard(self) -> None:
-        self._close_file()
-        name = f"part-{len(self.shards):05d}{extension_for(self.spec.format, self.spec.compression)}"
-        self._file, self._raw = open_writer(self.tmp / name, self.spec.compression)
-        self.shards.append(ShardInfo(name))
-
-    def write(self, line: bytes) -> None:
-        try:
-            if self.spec.is_dir and (self._file is None or self.shards[-1].bytes >= self.shard_bytes):
-                self._next_shard()
-            self._file.write(line)
-        except OSError as e:
-            raise disk_full_error(e, self.spec.path, "the output") or e from None
-        shard = self.shards[-1]
-        shard.documents += 1
-        shard.bytes += len(line)
-        self.documents += 1
-        self.bytes += len(line)
-
-    def _close_file(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            if self._raw is not self._file:
-                self._raw.flush()
-                os.fsync(self._raw.fileno())
-                self._raw.close()
-            self._file = self._raw = None
-
-    def close(self, **manifest) -> Path:
-        """Finish and rename into place (an existing output is removed last); a directory gets a manifest.json
-        listing its shards."""
-        try:
-            if self.spec.is_dir and self._file is None:
-                self._next_shard()  # an empty result is still one (empty) shard
-            self._close_file()
-            if self.spec.is_dir:
-                info = {"format": self.spec.format, "compression": self.spec.compression, "documents": self.documents,
-                        "shards": [s.__dict__ for s in self.shards], **manifest}
-                (self.tmp / MANIFEST).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n",
-                                                 encoding="utf-8")
-                if self.output is not None:
-                    self.output.stamp(self.tmp)
-                commit_dir(self.tmp, self.spec.path)
-            else:
-                os.replace(self.tmp, self.spec.path)
-                if self.output is not None:
-                    self.output.stamp()
-        except OSError as e:
-            raise disk_full_error(e, self.spec.path, "the output") or e from None
-        return self.spec.path
-
-    def abort(self) -> None:
-        try:
-            with contextlib.suppress(OSError):  # a full disk fails the close too; the temp goes anyway
-                self._close_file()
-        finally:
-            remove(self.tmp)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.abort()
-        return False
 
 
 def read_jsonl(path: str | Path, what: str = "data file") -> list[tuple[int, dict]]:

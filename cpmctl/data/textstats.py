@@ -1,7 +1,7 @@
 """Character statistics of a whole batch of documents in a few numpy passes, for the filter rules
 (data/filter_rules.py).
 
-Every character is classified once through one 1.1 MB lookup table (whitespace, CJK, symbol, digit, characters the
+Every character is classified once through one 2.2 MB lookup table (whitespace, CJK, symbol, digit, characters the
 cleanup would touch, unit characters, ASCII letters/digits); per-document counts come from one histogram of
 (document, class) pairs. The table is built from the very regular expressions and Unicode categories the rules are
 defined by, so a count here equals the rule's own count (tests/test_data_filters.py checks both on every kind of
@@ -30,28 +30,29 @@ SYMBOL_ASCII = "#*|~^_=<>@[]{}\\`"
 UNIT_CHAR = r"[^\W_A-Za-z0-9]"  # a unit of its own; a run of ASCII letters/digits is one unit too
 WORD_STAND_INS = (0xF0000, 0x100000)  # private-use plane 15: unit_codes' stand-ins for ASCII words
 
-# Bits of the table. The first six are counted per document.
-WS, CJK, SYMBOL, DIGIT, CLEAN, WS_OTHER, UNIT, ALNUM = 1, 2, 4, 8, 16, 32, 64, 128
+# Bits of the table. The first six are counted per document, CASED (a character lower() or upper() changes) too.
+WS, CJK, SYMBOL, DIGIT, CLEAN, WS_OTHER, UNIT, ALNUM, CASED = 1, 2, 4, 8, 16, 32, 64, 128, 256
 COUNTED = (WS, CJK, SYMBOL, DIGIT, CLEAN, WS_OTHER)
 _VALUES_WITH = {bit: np.array([v for v in range(64) if v & bit]) for bit in COUNTED}
 
 
 @lru_cache(maxsize=1)
 def char_classes() -> np.ndarray:
-    """Class bits of every code point (built once per process, ~0.3 s; forked workers inherit it)."""
-    table = np.zeros(0x110000, dtype=np.uint8)
+    """Class bits of every code point (built once per process, ~0.1 s; forked workers inherit it)."""
+    table = np.zeros(0x110000, dtype=np.uint16)
     every = np.arange(0x110000, dtype=np.uint32).tobytes().decode("utf-32-le", "surrogatepass")  # every character
 
-    def mark(pattern: str, bit: int) -> None:
-        for m in re.finditer(f"(?:{pattern})+", every):
+    patterns = {WS: r"\s", CJK: f"[{CJK_CHARS}]", DIGIT: r"\d", CLEAN: f"[\r{LINE_BREAK_CHARS}{CONTROL_CHARS}{HSPACE_CHARS}]",
+                UNIT: UNIT_CHAR}
+    # Above plane 3 (unassigned, tags and private use) none of them matches today: one scan checks that, so the
+    # five scans cover the first 0x40000 code points only (and all of them if that check ever fails).
+    high = 0x40000
+    if re.search(f"[\\s\\w\r{LINE_BREAK_CHARS}{CONTROL_CHARS}{HSPACE_CHARS}{CJK_CHARS}]", every[high:]):  # \w: \d, units
+        high = 0x110000
+    for bit, pattern in patterns.items():  # what `\s` (visible_chars) skips, CJK, digits, what the cleanup edits, units
+        for m in re.finditer(f"(?:{pattern})+", every[:high]):
             table[m.start() : m.end()] |= bit
-
-    mark(r"\s", WS)  # what `\s` (visible_chars) skips
-    mark(f"[{CJK_CHARS}]", CJK)
-    mark(r"\d", DIGIT)
-    mark(f"[\r{LINE_BREAK_CHARS}{CONTROL_CHARS}{HSPACE_CHARS}]", CLEAN)
-    table[ord(" ")] &= 0xFF ^ CLEAN  # one space is left as it is; two in a row are caught by a substring test
-    mark(UNIT_CHAR, UNIT)
+    table[ord(" ")] &= 0xFFFF ^ CLEAN  # one space is left as it is; two in a row are caught by a substring test
     table[WORD_STAND_INS[0] : WORD_STAND_INS[1]] |= UNIT
     for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789":
         table[ord(c)] |= ALNUM
@@ -63,6 +64,10 @@ def char_classes() -> np.ndarray:
     other = ((table & WS) != 0) & ((table & CLEAN) == 0)
     other[[ord(" "), ord("\n")]] = False
     table[other] |= WS_OTHER  # whitespace the cleanup keeps but a paragraph strip removes
+    for at in range(0, 0x110000, 256):  # blocks with no cased character are cleared by two whole-string calls
+        block = every[at : at + 256]
+        if block.lower() != block or block.upper() != block:
+            table[at : at + 256][np.array([c.lower() != c or c.upper() != c for c in block])] |= CASED
     return table
 
 
@@ -79,13 +84,16 @@ def _doc_of(starts: np.ndarray) -> np.ndarray:
 
 
 def class_counts(texts: list[str]) -> dict[int, list[int]]:
-    """Per text, how many of its characters carry each bit of COUNTED: {bit: [count per text]}."""
+    """Per text, how many of its characters carry each bit of COUNTED and CASED: {bit: [count per text]}."""
     if not texts:
-        return {bit: [] for bit in COUNTED}
+        return {bit: [] for bit in (*COUNTED, CASED)}
     codes, starts = encode(texts)
-    key = _doc_of(starts) * 64 + (char_classes()[codes] & 63)
-    hist = np.bincount(key, minlength=len(texts) * 64).reshape(len(texts), 64)
-    return {bit: hist[:, _VALUES_WITH[bit]].sum(axis=1).tolist() for bit in COUNTED}
+    cls = char_classes()[codes]
+    doc = _doc_of(starts)
+    hist = np.bincount(doc * 64 + (cls & 63), minlength=len(texts) * 64).reshape(len(texts), 64)
+    counts = {bit: hist[:, _VALUES_WITH[bit]].sum(axis=1).tolist() for bit in COUNTED}
+    counts[CASED] = np.bincount(doc[(cls & CASED) != 0], minlength=len(texts)).tolist()
+    return counts
 
 
 # ----- repetition bounds -----------------------------------------------------------------------------------------
@@ -112,6 +120,17 @@ class Units:
         self.docs = len(texts)
         cls = char_classes()[codes]
         is_al = (cls & ALNUM) != 0
+        if not is_al.any():  # no ASCII letters or digits (much Chinese text): every unit is one character
+            pos = np.flatnonzero(cls & UNIT)
+            is_unit = np.append((cls & UNIT) != 0, False)  # one past the end: an index for empty last texts
+            self.count = np.add.reduceat(is_unit, starts[:-1], dtype=np.int64) if self.docs else starts[:0]
+            self.count[starts[:-1] == starts[1:]] = 0  # reduceat reads one element for an empty text
+            self.doc = np.repeat(np.arange(self.docs), self.count)
+            self.code = codes[pos].astype(np.uint64)
+            self.length = np.ones(len(pos), dtype=np.int64)
+            self.chars = np.maximum(self.count, 1)
+            self.longest = (self.count > 0).astype(np.int64)
+            return
         firsts, lasts = starts[:-1][np.diff(starts) > 0], starts[1:][np.diff(starts) > 0] - 1
         prev_al = np.concatenate(([False], is_al[:-1]))
         prev_al[firsts] = False  # a run of ASCII never continues into the next text
@@ -140,6 +159,13 @@ class Units:
         if is_run.any():
             np.maximum.at(self.longest, self.doc[is_run], self.length[is_run])
 
+    @property
+    def doc_bits(self) -> np.ndarray:
+        """12 low bits of each unit's document, in the top bits of a uint32 key."""
+        if getattr(self, "_doc_bits", None) is None:
+            self._doc_bits = (self.doc & 0xFFF).astype(np.uint32) << np.uint32(20)
+        return self._doc_bits
+
     def gram_runs(self, hashes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(document, occurrences) of each distinct n-gram of each text, from `hashes` (the n-gram hash at each
         start). Keys keep 12 bits of the document and 20 of the hash: two n-grams sharing a key are counted
@@ -147,10 +173,10 @@ class Units:
         m = len(hashes)
         doc = self.doc[:m]
         valid = doc == self.doc[n - 1 : n - 1 + m]
-        mixed = (hashes[valid] * _MIX) >> np.uint64(44)
-        keys = np.sort(((doc[valid].astype(np.uint64) & np.uint64(0xFFF)) << np.uint64(20) | mixed).astype(np.uint32))
+        mixed = ((hashes[valid] * _MIX) >> np.uint64(44)).astype(np.uint32)
+        keys = np.sort(self.doc_bits[:m][valid] | mixed)
         first = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
-        occurrences = np.diff(np.append(first, len(keys)))
+        occurrences = np.diff(first, append=len(keys))
         # The 12 document bits name the text only up to multiples of 4096: map each run to the texts it can be.
         run_doc_low = (keys[first] >> np.uint32(20)).astype(np.int64)
         return run_doc_low, occurrences
