@@ -20,7 +20,8 @@ Modes: greedy (batch 1), beam (batch 1, --beam-size beams), batch (greedy, --bat
 HF needs no padding); --quantize adds the same rows for cpmctl's int8 modes (cpmctl/generate/quant.py; HF has no int8
 peer, so their ratio is to HF fp32) and each one's speed-up over the model dtype: int8 (weight-only block linears),
 int8-dynamic (int8 activations too, fbgemm), int8-dynamic-head (and the tied head), and, measured only here,
-int8+head (weight-only blocks and a weight-only int8 head). Before timing, each int8 mode's quality against the
+int8+head (weight-only blocks and a weight-only int8 head), and int4 (weight-only, groups of 128 inputs,
+cpmctl/generate/int4.py). Before timing, each quantized mode's quality against the
 model dtype: teacher-forced over --quality-tokens random tokens (max |logit diff|, relative logit error, top-1
 agreement, perplexity) and the fraction of greedy ids equal to the model dtype's, on the bench model and on a small
 model trained for --quality-train steps on a Markov chain (random weights give nearly flat logits, where any
@@ -61,6 +62,7 @@ from cpmctl.model.tokenizer import BOS, EOS  # noqa: E402
 
 
 INT8_MODES = ("int8", "int8-dynamic", "int8-dynamic-head", "int8+head")
+QUANT_MODES = INT8_MODES + ("int4",)
 GREEDY_PROMPTS, GREEDY_TOKENS = 4, 32  # the quality check's greedy decoding
 
 
@@ -76,8 +78,8 @@ def parse_args():
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--batch", type=int, default=8, help="Prompts decoded together in the `batch` mode.")
     p.add_argument("--modes", default="greedy,beam,batch")
-    p.add_argument("--quantize", default="none," + ",".join(INT8_MODES),
-                   help=f"Comma-separated: none (the model dtype), {', '.join(INT8_MODES)}.")
+    p.add_argument("--quantize", default="none," + ",".join(QUANT_MODES),
+                   help=f"Comma-separated: none (the model dtype), {', '.join(QUANT_MODES)}.")
     p.add_argument("--quality-train", type=int, default=100,
                    help="Steps of the trained model of the quality check (0: random weights only).")
     p.add_argument("--quality-tokens", type=int, default=256,
@@ -255,7 +257,7 @@ def main():
         elif q == "int8+head":  # weight-only int8 blocks and head: the head in aten._weight_int8pack_mm too
             models[q] = quantize_model(copy.deepcopy(ours))
             use_int8_head(models[q], activations=False)
-        elif q in INT8_MODES:
+        elif q in QUANT_MODES:
             models[q] = quantize_model(copy.deepcopy(ours), q)
         else:
             raise SystemExit(f"unknown --quantize {q}")
@@ -469,12 +471,12 @@ def report(args, mode, texts, n, rows, best, bandwidth, per_token, fp_bytes, cpu
         if cpu_clock:
             print(f"    CPU time: {row['cpu_fraction_of_bound']:.2f} of the bound, ratio {row['cpu_time_ratio']:.2f}x, "
                   f"decode {row['cpu_decode_ratio']:.2f}x")
-        quantized = name in INT8_MODES
+        quantized = name in QUANT_MODES
         if quantized and args.dtype in best.result:
             row["same_ids_as_" + args.dtype] = round(same_ids_fraction(best.result[name], best.result[args.dtype]), 3)
         equal = f"; {row['same_ids_as_' + args.dtype]:.3f} of them equal to {args.dtype}'s" if quantized and (
             "same_ids_as_" + args.dtype) in row else ""
-        note = "same ids" if same else (f"ids differ (int8 rounds{equal})" if quantized else "IDS DIFFER")
+        note = "same ids" if same else (f"ids differ ({name} rounds{equal})" if quantized else "IDS DIFFER")
         print(f"    tokens {produced}/{new_tokens}: {note}")
         if not same and not quantized and name != "fp32":
             print("    half precision: the two round differently, so long paths may part; in fp32 they must not")

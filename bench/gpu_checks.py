@@ -29,6 +29,11 @@ The checks, in order (a check whose inputs failed is skipped; the last ones run 
 - bench_generate (issue 17): bench/generate.py batch-1 greedy in bf16 against the bandwidth bound and HF.
 - bench_memory_3b (issue 17): bench/memory.py --config 3b --dtype fp16 --limit 4: cpmctl's streaming against
   accelerate's dispatch_model at the same limit, peak below the limit.
+- int4_decode (issue 17, GPU item 3): `--quantize int4` on CUDA, on a small random model (dims multiples of 128):
+  greedy ids of the CUDA int4 model against the CPU int4 path's (the same weights; the two kernels sum in another
+  order, so a few ids may part), teacher-forced max |logit diff|, batch-1 tokens/s (int4 in fp32 and bf16, bf16
+  without int4), streamed int4 ids against resident int4 (must be equal) with the peak under the limit, and the
+  planner's 10b plan at 4 GB in fp16 (int8 and int4).
 
 --small swaps every config for a tiny one (the mini ladder, short rows, a few steps) so the whole script runs on a
 CPU in minutes; its numbers only show that the plumbing works.
@@ -71,6 +76,8 @@ def settings(small: bool, device: str) -> dict:
             bench_gen_dims=["--dim-model", "64", "--num-layers", "2", "--num-heads", "2", "--dim-head", "32",
                             "--dim-ff", "128", "--vocab-size", "2000"], bench_gen_workload="8:6",
             memory_config="mini-3b", memory_dtype="fp32", memory_limit=0.014, memory_new_tokens=4,
+            int4_dims=dict(vocab_size=2000, dim_model=128, dim_ff=256, num_layers=3, num_heads=2, dim_head=64),
+            int4_new_tokens=6,
         )
     return dict(
         vocab_size=30720,
@@ -84,6 +91,8 @@ def settings(small: bool, device: str) -> dict:
                         "--dim-ff", "5120", "--vocab-size", "30720"], bench_gen_workload="32:128",
         memory_config="3b", memory_dtype="fp16" if device.startswith("cuda") else "fp32", memory_limit=4.0,
         memory_new_tokens=16,
+        int4_dims=dict(vocab_size=30720, dim_model=1024, dim_ff=2560, num_layers=8, num_heads=8, dim_head=128),
+        int4_new_tokens=32,
     )
 
 
@@ -438,6 +447,14 @@ class Checks:
             record["cpmctl_over_accelerate"] = round(ours["tokens_per_s"] / peer["tokens_per_s"], 3)
         return record
 
+    def int4_decode(self, t):
+        payload = {"device": self.args.device, "dims": self.s["int4_dims"], "new_tokens": self.s["int4_new_tokens"],
+                   "work": str(self.work / "int4")}
+        record = worker_result(require_ok(self.worker("int4_decode", "int4", payload, t)))
+        if record.get("errors"):  # the parts that ran are kept; the check reads failed
+            record["failed"] = "; ".join(f"{k}: {v}" for k, v in record["errors"].items())
+        return record
+
     def keep(self, src: Path, name: str, patterns: list[str]) -> None:
         """Copy a run's small files (reports, metrics) into OUT/artifacts/NAME, keeping their relative paths."""
         for pattern in patterns:
@@ -468,6 +485,7 @@ class Checks:
             ("generate_limit_half", self.generate_limit("half"), 120, 30, ["model_init"]),
             ("bench_generate", self.bench_generate, 180, 60, []),
             ("bench_memory_3b", self.bench_memory, 240, 90, []),
+            ("int4_decode", self.int4_decode, 90, 30, []),
             ("train_sdpa_compile", self.train_bench("sdpa", True), 240, 120, []),
             ("train_flex_compile", self.train_bench("flex", True), 240, 120, []),
         ]
@@ -681,7 +699,132 @@ def worker_generate(p: dict) -> dict:
     return out
 
 
-WORKERS = {"env": worker_env, "data": worker_data, "generate": worker_generate}
+def worker_int4(p: dict) -> dict:
+    """int4 on `device` against the CPU int4 path, from the same random weights (</s> never wins: exactly
+    new_tokens tokens). Each part is recorded on its own: a failure is noted and the next part runs."""
+    import copy
+
+    import torch
+
+    from cpmctl.generate.decode import greedy
+    from cpmctl.generate.offload import load_offloaded
+    from cpmctl.generate.plan import GB, plan_memory
+    from cpmctl.generate.quant import quantize_model
+    from cpmctl.model.ant import build_model
+    from cpmctl.model.checkpoint import save_native
+    from cpmctl.model.config import CPMAntConfig, resolve_config
+    from cpmctl.model.generation_config import GenerationConfig
+    from cpmctl.model.inputs import build_inputs
+    from cpmctl.model.tokenizer import BOS, EOS
+
+    device = torch.device(p["device"])
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    config = CPMAntConfig(**p["dims"], half=False)
+    base = build_model(config, seed=0).eval()
+    with torch.no_grad():
+        base.input_embedding.weight[EOS].zero_()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [[BOS] + torch.randint(10, config.vocab_size, (16,), generator=gen).tolist() for _ in range(4)]
+    n = p["new_tokens"]
+    cfg = GenerationConfig(decode="greedy", max_new_tokens=n)
+    out, errors = {"dims": p["dims"], "new_tokens": n}, {}
+
+    def part(name, fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - recorded, the other parts still run
+            errors[name] = f"{type(e).__name__}: {e}"[:300]
+
+    models = {}
+
+    def cpu_vs_device():
+        models["cpu"] = quantize_model(copy.deepcopy(base), "int4")
+        models["device"] = quantize_model(copy.deepcopy(base).to(device), "int4")
+        ids = {k: greedy(m, build_inputs(m, prompts), cfg) for k, m in models.items()}
+        pairs = [(a, b) for r, s in zip(ids["device"], ids["cpu"]) for a, b in zip(r, s)]
+        out["ids_equal_cpu_fraction"] = round(sum(a == b for a, b in pairs) / max(len(pairs), 1), 4)
+        out["first_step_ids_equal_cpu"] = all(r[0] == s[0] for r, s in zip(ids["device"], ids["cpu"]))
+        models["ids"] = ids["device"]
+        row = [BOS] + torch.randint(10, config.vocab_size, (128,), generator=gen).tolist()
+        logits = {}
+        with torch.no_grad():
+            for k in ("cpu", "device"):
+                m = models[k]
+                x = build_inputs(m, [row])
+                logits[k] = m(x["input"], x["segment"], x["context"], x["span"])[0].float().cpu()
+            exact = base(*(build_inputs(base, [row])[k] for k in ("input", "segment", "context", "span")))[0]
+        out["max_logit_diff_device_vs_cpu"] = round((logits["device"] - logits["cpu"]).abs().max().item(), 5)
+        out["relative_error_cpu_int4_vs_fp32"] = round(((logits["cpu"] - exact).norm() / exact.norm()).item(), 4)
+        out["top1_agree_device_vs_cpu"] = round(
+            (logits["device"].argmax(-1) == logits["cpu"].argmax(-1)).float().mean().item(), 4)
+
+    def speed():
+        one = build_inputs(base, prompts[:1])
+        variants = {"int4_fp32": models.get("device")}
+        bf16 = copy.deepcopy(base).to(device=device, dtype=torch.bfloat16)
+        variants["bf16"] = bf16
+        variants["int4_bf16"] = quantize_model(copy.deepcopy(bf16), "int4")
+        for name, m in variants.items():
+            if m is None:
+                continue
+            x = {k: v.to(device) for k, v in one.items()}
+            greedy(m, x, cfg)  # warm-up
+            best = float("inf")
+            for _ in range(2):
+                sync()
+                start = time.perf_counter()
+                greedy(m, x, cfg)
+                sync()
+                best = min(best, time.perf_counter() - start)
+            out[f"tokens_per_s_{name}"] = round(n / best, 2)
+
+    def streamed():
+        ckpt = save_native(base, Path(p["work"]) / "ckpt")
+        shape = dict(batch_rows=4, prefill_length=config.prompt_length + 17,
+                     capacity=config.prompt_length + 17 + n + 3)
+        full = plan_memory(config, device_type=device.type, dtype=torch.float32, budget=None, quantize="int4",
+                           **shape)
+        budget = full.minimum_bytes + full.block_bytes[0]  # two buffers, the other blocks streamed
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        offloaded = load_offloaded(ckpt, device=device, budget=budget, quantize="int4", **shape)
+        try:
+            ids = greedy(offloaded.model, build_inputs(offloaded.model, prompts), cfg)
+            out["streamed_blocks"] = len(offloaded.plan.streamed)
+            if "ids" in models:
+                out["streamed_ids_equal_resident"] = ids == models["ids"]
+            if cuda:
+                sync()
+                out["streamed_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / MIB, 1)
+                out["streamed_peak_within_limit"] = torch.cuda.max_memory_allocated(device) <= budget
+            out["streamed_limit_mib"] = round(budget / MIB, 1)
+        finally:
+            offloaded.close()
+
+    def plan_10b():
+        c10 = resolve_config("10b")
+        for q in ("int8", "int4"):
+            plan = plan_memory(c10, device_type="cuda", dtype=torch.float16, budget=4 * GB, quantize=q,
+                               batch_rows=1, prefill_length=c10.prompt_length + 128,
+                               capacity=c10.prompt_length + 128 + 100 + 3)
+            out[f"plan_10b_4gb_{q}"] = {"resident": len(plan.resident), "streamed": len(plan.streamed),
+                                        "block_mb": round(plan.block_bytes[0] / 1e6, 2),
+                                        "blocks_gb": round(sum(plan.block_bytes) / 1e9, 3),
+                                        "fixed_gb": round(plan.fixed_bytes / 1e9, 3),
+                                        "streamed_gb_per_step": round(plan.streamed_bytes / 1e9, 3),
+                                        "charged_gb": round(plan.charged_bytes / 1e9, 3)}
+
+    for name, fn in (("cpu_vs_device", cpu_vs_device), ("speed", speed), ("streamed", streamed),
+                     ("plan_10b", plan_10b)):
+        part(name, fn)
+    if errors:
+        out["errors"] = errors
+    return out
+
+
+WORKERS = {"env": worker_env, "data": worker_data, "generate": worker_generate, "int4": worker_int4}
 
 
 # ----- main ---------------------------------------------------------------------------------------------------
@@ -712,6 +855,8 @@ def summary_line(name: str, r: dict) -> str:
         "generate_limit_half": ("limit_gb", "decode_steps_per_s", "streamed_gb_s", "h2d_pinned_gb_s",
                                 "streamed_over_h2d_pinned", "peak_mib", "peak_within_limit"),
         "bench_memory_3b": ("cpmctl_over_accelerate", "ids_vs_resident"),
+        "int4_decode": ("ids_equal_cpu_fraction", "max_logit_diff_device_vs_cpu", "tokens_per_s_int4_bf16",
+                        "tokens_per_s_bf16", "streamed_ids_equal_resident", "streamed_peak_within_limit", "errors"),
     }
     if name.startswith("train_"):
         keys[name] = ("cpmctl_tokens_per_s", "mfu")

@@ -171,7 +171,7 @@ def test_plan_generation_is_plan_memory_of_the_generation_shape():
     assert plan.torch_dtype == torch.float32
     greedy = GenerationConfig(decode="greedy")
     for kwargs, message in [
-        (dict(quantize="int4"), "--quantize must be one of int8"),
+        (dict(quantize="int2"), "--quantize must be one of int8"),
         (dict(batch_size=0), "--batch-size must be >= 1, got 0"),
         (dict(batch_size=0, batch_option="--batch-rows"), "--batch-rows must be >= 1, got 0"),
         (dict(decoding=GenerationConfig(max_new_tokens=0)), "--max-new-tokens must be >= 1"),

@@ -50,7 +50,8 @@ def generate(
                                        "KV cache and activations; blocks that do not fit stream (docs/memory.md)."),
     quantize: str = typer.Option(None, "--quantize", help="int8: weight-only int8 linears (per-channel "
                                   "scales); int8-dynamic: int8 activations too (per token; CPU, all blocks resident); "
-                                  "int8-dynamic-head: also the output head (docs/memory.md)."),
+                                  "int8-dynamic-head: also the output head; int4: weight-only int4 linears (groups of 128 inputs, "
+                                  "CPU and CUDA, streams too) (docs/memory.md)."),
     json_out: bool = typer.Option(False, "--json", help='One {"prompt", "text", "token_ids"} object per prompt, in input '
                                   'order, with the input line\'s other fields.'),
 ):

@@ -40,7 +40,7 @@ def info(
     memory_limit: float = typer.Option(None, "--memory-limit", help="Print the memory plan for this many GB."),
     device: str = typer.Option("auto", "--device", help="Plan for: cpu, cuda or auto."),
     dtype: str = typer.Option(None, "--dtype", help="fp32, bf16, fp16 (default: fp16 on cuda for half configs)."),
-    quantize: str = typer.Option(None, "--quantize", help="Plan with int8 linears."),
+    quantize: str = typer.Option(None, "--quantize", help="Plan with quantized linears: int8 or int4."),
     batch_rows: int = typer.Option(1, "--batch-rows", help="Plan: rows decoded together (batch x beam)."),
     prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="Plan: prompt length in tokens."),
     max_new_tokens: int = typer.Option(100, "--max-new-tokens", help="Plan: tokens to generate."),

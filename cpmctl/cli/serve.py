@@ -33,7 +33,7 @@ _Device = typer.Option("auto", "--device", help="cpu, cuda or auto.")
 _Dtype = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (GPU).")
 _MemoryLimit = typer.Option(None, "--memory-limit", help="GB of device memory for weights, KV cache and activations; "
                             "blocks that do not fit stream (docs/memory.md).")
-_Quantize = typer.Option(None, "--quantize", help="int8: weight-only int8 linears; int8-dynamic (-head): int8 activations too, CPU, all resident (docs/memory.md).")
+_Quantize = typer.Option(None, "--quantize", help="int8: weight-only int8 linears; int8-dynamic (-head): int8 activations too, CPU, all resident; int4: weight-only int4 linears, groups of 128 (docs/memory.md).")
 
 
 def _load(model_path, adapter, vocab, device, dtype, memory_limit, quantize, limits, name=None):

@@ -30,10 +30,12 @@ from cpmctl.generate.plan import (
     format_blocks,
     layout_bytes,
     plan_memory,
+    staging_per_weight,
 )
+from cpmctl.generate.int4 import pack_int4, quantize_int4
 from cpmctl.generate.quant import (
-    check_int8_support,
     check_quantize_name,
+    check_quantize_support,
     quantize_weight,
     replace_linears,
     scale_dtype,
@@ -68,31 +70,48 @@ class MemoryLedger:
 
 
 # ----- producing a block's tensors -----------------------------------------------------------------------------
+QUANTIZED_SUFFIXES = ("_int8", "_int4")  # weight_int8 / weight_int4: one checkpoint weight, quantized
+COMPANIONS = (".scale", ".scales_zeros")  # produced with their quantized weight
+
+
+def _stem(name: str) -> str:
+    """The checkpoint name of a layout entry: project_q.weight_int4 -> project_q.weight."""
+    for suffix in QUANTIZED_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def block_tensors(ckpt: MappedCheckpoint, layer: int, layout: list[LayoutEntry], dtype: torch.dtype,
-                  ledger: MemoryLedger | None = None, release: bool = True
+                  ledger: MemoryLedger | None = None, release: bool = True, pack_device: torch.device | str = "cpu"
                   ) -> Iterator[tuple[LayoutEntry, torch.Tensor]]:
     """(entry, tensor) for every tensor of block `layer`: folded from the mapping into `dtype`, and quantized to
-    int8 + scales where the layout asks for it (from the folded `dtype` weight, as quantize_model does).
+    int8 + scales, or int4 packed for `pack_device`'s kernel (on that device) + scales and zeros, where the layout
+    asks for it (from the folded `dtype` weight, as quantize_model does).
 
-    While a tensor is produced and consumed, its fp32 temporaries are charged to `ledger` as staging. With
+    While a tensor is produced and consumed, its temporaries are charged to `ledger` as staging. With
     `release`, its mapped pages leave the process once consumed (loading); streaming keeps them mapped, as page
     cache the OS may reclaim, so that the next step does not fault them in again."""
     by_name = {e.name: e for e in layout}
+    int4 = any(e.name.endswith(".weight_int4") for e in layout)
     for entry in layout:
-        if entry.name.endswith(".scale"):
-            continue  # produced with its weight_int8
-        int8 = entry.name.endswith(".weight_int8")
-        stem = entry.name[: -len("_int8")] if int8 else entry.name
+        if entry.name.endswith(COMPANIONS):
+            continue  # produced with its quantized weight
+        stem = _stem(entry.name)
         key = f"{BLOCK_PREFIX}.{layer}.{stem}"
-        staged = ckpt.raw(key).numel() * 4 * 2
+        staged = ckpt.raw(key).numel() * staging_per_weight("int4" if int4 else None)
         if ledger is not None:
             ledger.charge("staging", staged)
         try:
-            if int8:
+            if entry.name.endswith(".weight_int8"):
                 scale_entry = by_name[stem[: -len(".weight")] + ".scale"]
                 q, scale = quantize_weight(ckpt.folded(key, dtype), scale_entry.dtype)
                 yield entry, q
                 yield scale_entry, scale
+            elif entry.name.endswith(".weight_int4"):
+                codes, scales_zeros = quantize_int4(ckpt.folded(key, dtype))
+                yield entry, pack_int4(codes, pack_device)
+                yield by_name[stem[: -len(".weight")] + ".scales_zeros"], scales_zeros
             else:
                 yield entry, ckpt.folded(key, dtype)
         finally:
@@ -103,9 +122,8 @@ def block_tensors(ckpt: MappedCheckpoint, layer: int, layout: list[LayoutEntry],
 
 
 def block_keys(layer: int, layout: list[LayoutEntry]) -> list[str]:
-    """Checkpoint keys of a block's layout (an int8 weight and its scale come from one key)."""
-    stems = [e.name[: -len("_int8")] if e.name.endswith(".weight_int8") else e.name
-             for e in layout if not e.name.endswith(".scale")]
+    """Checkpoint keys of a block's layout (a quantized weight and its scales come from one key)."""
+    stems = [_stem(e.name) for e in layout if not e.name.endswith(COMPANIONS)]
     return [f"{BLOCK_PREFIX}.{layer}.{stem}" for stem in stems]
 
 
@@ -129,12 +147,15 @@ class PinnedHostStore:
     """CUDA: each streamed block packed once, in its buffer layout, in pinned host memory (the one host copy of
     these weights); a transfer is one asynchronous copy of the block's bytes."""
 
-    def __init__(self, ckpt: MappedCheckpoint, layers: list[int], layouts: dict, dtype: torch.dtype):
+    def __init__(self, ckpt: MappedCheckpoint, layers: list[int], layouts: dict, dtype: torch.dtype,
+                 device: torch.device):
         self.packed: dict[int, torch.Tensor] = {}
         for layer in layers:
             flat = torch.empty(layout_bytes(layouts[layer]), dtype=torch.uint8, pin_memory=True)
             views = buffer_views(flat, layouts[layer])
-            for (entry, t), view in zip(block_tensors(ckpt, layer, layouts[layer], dtype), views):
+            # int4 packs in the GPU's layout, on the GPU (one weight at a time), then comes back to the host copy.
+            tensors = block_tensors(ckpt, layer, layouts[layer], dtype, pack_device=device)
+            for (entry, t), view in zip(tensors, views):
                 view.copy_(t)
             self.packed[layer] = flat
 
@@ -305,7 +326,7 @@ def load_planned(
     on_progress: Callable[[str], None] | None = None,
 ) -> OffloadedModel:
     """Load a native or original checkpoint lazily on `device` as `plan` says (from plan_generation, or
-    plan_memory for an exact shape), in the plan's dtype, int8 linears where it is quantized.
+    plan_memory for an exact shape), in the plan's dtype, int8 / int4 linears where it is quantized.
 
     Fixed weights and resident blocks are folded tensor by tensor onto the device; streamed blocks go to pinned
     host memory (CUDA) or stay in the mapped file (CPU).
@@ -316,8 +337,9 @@ def load_planned(
     dtype = plan.torch_dtype
     ckpt = MappedCheckpoint(path)
     config = ckpt.config
-    int8_act = scale_dtype(device, dtype) if plan.quantize else None
-    layouts = {i: block_layout(config, i, dtype, int8_act) for i in range(config.num_layers)}
+    int8_act = scale_dtype(device, dtype, plan.quantize) if plan.quantize else None
+    layouts = {i: block_layout(config, i, dtype, int8_act, plan.quantize, device.type)
+               for i in range(config.num_layers)}
     # A plan sized for another config would overrun its buffers: the block sizes must be this checkpoint's.
     if [layout_bytes(layouts[i]) for i in range(config.num_layers)] != plan.block_bytes:
         raise CpmctlError(f"{path}: the memory plan was made for another model config")
@@ -326,7 +348,7 @@ def load_planned(
     model = build_model(config, device="meta", dtype=dtype)
     if int8_act is not None:
         for block in model.encoder.layers:
-            replace_linears(block, int8_act, quantize_now=False)
+            replace_linears(block, int8_act, quantize_now=False, quantize=plan.quantize, device_type=device.type)
     for key in ckpt.keys():
         if not key.startswith(BLOCK_PREFIX + "."):
             t = _to_device(ckpt.folded(key, dtype), ckpt, device)
@@ -335,7 +357,7 @@ def load_planned(
             ledger.charge("fixed", t.numel() * t.element_size())
     for layer in plan.resident:
         block = model.encoder.layers[layer]
-        for entry, t in block_tensors(ckpt, layer, layouts[layer], dtype, ledger):
+        for entry, t in block_tensors(ckpt, layer, layouts[layer], dtype, ledger, pack_device=device):
             t = _to_device(t, ckpt, device)
             _set_tensor(block, entry.name, t)
             ledger.charge("resident", t.numel() * t.element_size())
@@ -344,7 +366,7 @@ def load_planned(
     streamer = None
     if plan.streamed:
         if device.type == "cuda":
-            store = PinnedHostStore(ckpt, plan.streamed, layouts, dtype)
+            store = PinnedHostStore(ckpt, plan.streamed, layouts, dtype, device)
         else:
             store = MappedStore(ckpt, layouts, dtype, ledger)
         streamer = BlockStreamer(model, plan, store, layouts, device, ledger)
@@ -371,7 +393,7 @@ def load_offloaded(
     check_quantize_name(quantize)
     config = MappedCheckpoint.read_config(path)
     if quantize:
-        check_int8_support(device, dtype)
+        check_quantize_support(quantize, device, dtype)
     plan = plan_memory(config, device_type=device.type, dtype=dtype, budget=budget, quantize=quantize,
                        batch_rows=batch_rows, prefill_length=prefill_length, capacity=capacity)
     return load_planned(path, plan, device=device, on_progress=on_progress)
@@ -388,7 +410,7 @@ def _normalized(device: torch.device | str) -> torch.device:
 def describe_plan(plan: MemoryPlan) -> str:
     """One line for stderr: what stays, what streams, what it costs."""
     limit = f" of {plan.budget / GB:.3g} GB" if plan.budget is not None else ""
-    return (f"memory plan ({plan.device_type}{', int8' if plan.quantize else ''}): "
+    return (f"memory plan ({plan.device_type}{f', {plan.quantize}' if plan.quantize else ''}): "
             f"{len(plan.resident)} blocks resident, {len(plan.streamed)} streamed "
             f"({format_blocks(plan.streamed)}) through {plan.num_slots} buffers; "
             f"{plan.charged_bytes / GB:.3g} GB{limit}")

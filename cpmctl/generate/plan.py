@@ -2,7 +2,8 @@
 
 What is counted (bytes, from the config alone; nothing is loaded):
 - fixed weights: the embeddings (the tied output head included), the position-bias table, the final norm;
-- each transformer block's weights, as laid out in a streaming buffer (int8 + scales when quantized);
+- each transformer block's weights, as laid out in a streaming buffer (int8 + scales, or packed int4 + scales and
+  zeros, when quantized: generate/int4.py);
 - streaming buffers: two rotating buffers the size of the largest streamed block (one when two do not fit:
   no overlap, but it still runs);
 - on an accelerator, the KV cache (keys and values of every attention layer for rows x capacity) and the peak
@@ -26,7 +27,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from cpmctl import CpmctlError
-from cpmctl.generate.quant import check_int8_support, check_quantize_name, int8_kernel, replace_linears, scale_dtype
+from cpmctl.generate.int4 import check_int4_model
+from cpmctl.generate.quant import (
+    check_quantize_name,
+    check_quantize_support,
+    int8_kernel,
+    replace_linears,
+    scale_dtype,
+)
 from cpmctl.model.ant import TransformerBlock
 from cpmctl.model.config import CPMAntConfig
 from cpmctl.model.generation_config import GenerationConfig
@@ -57,16 +65,18 @@ class LayoutEntry:
     nbytes: int
 
 
-def block_layout(config: CPMAntConfig, layer: int, dtype: torch.dtype,
-                 int8_act: torch.dtype | None) -> list[LayoutEntry]:
-    """The tensors of block `layer` (parameters and int8 buffers), each at an aligned offset of a flat buffer.
+def block_layout(config: CPMAntConfig, layer: int, dtype: torch.dtype, int8_act: torch.dtype | None,
+                 quantize: str | None = "int8", device_type: str = "cpu") -> list[LayoutEntry]:
+    """The tensors of block `layer` (parameters and quantized buffers), each at an aligned offset of a flat buffer.
+    `int8_act`: the kernel's activation dtype, None = not quantized; `quantize` "int4" lays out Int4Linears,
+    packed for `device_type` (the packed shapes differ by device, not the bytes).
 
     Built from a meta-device TransformerBlock, so the layout always matches the modules the executor binds.
     """
     with torch.device("meta"):
         block = TransformerBlock(config, layer).to(dtype)
     if int8_act is not None:
-        replace_linears(block, int8_act, quantize_now=False)
+        replace_linears(block, int8_act, quantize_now=False, quantize=quantize, device_type=device_type)
     entries, offset = [], 0
     for name, t in list(block.named_parameters()) + list(block.named_buffers()):
         nbytes = t.numel() * t.element_size()
@@ -119,10 +129,16 @@ def activation_bytes(config: CPMAntConfig, dtype: torch.dtype, rows: int, prefil
     return max(forward_peak(prefill, prefill), forward_peak(1, capacity)) + loop
 
 
-def staging_bytes(config: CPMAntConfig) -> int:
+def staging_per_weight(quantize: str | None) -> int:
+    """Bytes of temporaries per weight while one tensor is folded (and quantized): two fp32 copies; int4 adds its
+    uint8 codes and the int32 codes the CPU packing takes (generate/int4.py: ~9 at the peak, 10 charged)."""
+    return 10 if quantize == "int4" else 8
+
+
+def staging_bytes(config: CPMAntConfig, quantize: str | None = None) -> int:
     """CPU device: the fp32 temporaries of folding (and quantizing) the largest tensor read from the mapping."""
     d, ff, inner = config.dim_model, config.dim_ff, config.num_heads * config.dim_head
-    return 2 * max(ff * d, inner * d) * 4
+    return max(ff * d, inner * d) * staging_per_weight(quantize)
 
 
 @dataclass
@@ -197,8 +213,11 @@ def plan_memory(
     """Decide resident vs streamed blocks for `budget` bytes (see the module docstring for what is counted)."""
     if device_type not in ("cuda", "cpu"):
         raise CpmctlError(f"memory planning supports cuda and cpu devices, not '{device_type}'")
-    int8_act = scale_dtype(device_type, dtype) if quantize else None  # int8 weights in every mode
-    blocks = [layout_bytes(block_layout(config, i, dtype, int8_act)) for i in range(config.num_layers)]
+    if quantize == "int4":
+        check_int4_model(config)
+    int8_act = scale_dtype(device_type, dtype, quantize) if quantize else None  # int8 (or int4) weights in every mode
+    blocks = [layout_bytes(block_layout(config, i, dtype, int8_act, quantize, device_type))
+              for i in range(config.num_layers)]
     plan = MemoryPlan(
         device_type=device_type,
         dtype=str(dtype).replace("torch.", ""),
@@ -211,12 +230,12 @@ def plan_memory(
         block_bytes=blocks,
         cache_bytes=kv_cache_bytes(config, dtype, batch_rows, capacity),
         activation_bytes=activation_bytes(config, dtype, batch_rows, prefill_length, capacity, int8_act is not None,
-                                          int8_act is not None and int8_kernel(device_type) == "dequant"),
+                                          quantize not in (None, "int4") and int8_kernel(device_type) == "dequant"),
         workspace_bytes=CUDA_WORKSPACE if device_type == "cuda" else 0,
     )
     streamable = [i for i in range(config.num_layers) if blocks[i] > 0]
     if device_type == "cpu" and streamable:
-        plan.staging_bytes = staging_bytes(config)
+        plan.staging_bytes = staging_bytes(config, quantize)
     base = _base_bytes(plan)
     plan.minimum_bytes = base + (max(blocks[i] for i in streamable) if streamable else 0)
     if budget is None:
@@ -312,7 +331,7 @@ def plan_generation(
 ) -> MemoryPlan:
     """The plan of decoding prompts of these token counts (`<s>` included, the prompt slots not), `batch_size` at a
     time, with `decoding`: the one place where `generate --memory-limit/--quantize` and `model info --memory-limit`
-    check their inputs (quantize name, shape, the limit against the device, int8 support, in that order) before
+    check their inputs (quantize name, shape, the limit against the device, kernel support, in that order) before
     sizing with plan_memory. `batch_option` is the flag named when the batch is out of range (`model info` plans
     for --batch-rows rows: greedy, so rows = batch)."""
     check_quantize_name(quantize)
@@ -325,7 +344,7 @@ def plan_generation(
     decoding.validate()
     budget = memory_limit_bytes(memory_limit_gb, device)
     if quantize:
-        check_int8_support(device, dtype)
+        check_quantize_support(quantize, device, dtype)
     rows, prefill, capacity = generation_shape(config, list(prompt_tokens), batch_size, decoding.decode,
                                                decoding.beam_size, decoding.max_new_tokens)
     return plan_memory(config, device_type=device.type, dtype=dtype, budget=budget, quantize=quantize,
@@ -343,7 +362,7 @@ def plan_table(plan: MemoryPlan) -> list[tuple[str, str]]:
     """Human rows of a plan (label, value) for `model info`."""
     gb = human_bytes
     rows = [
-        ("device", f"{plan.device_type} ({plan.dtype}{', int8 linears' if plan.quantize else ''})"),
+        ("device", f"{plan.device_type} ({plan.dtype}{f', {plan.quantize} linears' if plan.quantize else ''})"),
         ("memory limit", gb(plan.budget) if plan.budget is not None else "none"),
         ("resident blocks", f"{len(plan.resident)}: {format_blocks(plan.resident)}"),
         ("streamed blocks", f"{len(plan.streamed)}: {format_blocks(plan.streamed)}"),

@@ -20,6 +20,9 @@ reduce_range: activations take 7 bits (128 levels). fbgemm quantizes the whole i
 scale; dividing each row by its own max |x| first, and multiplying the output row back, makes that scale per token.
 `int8-dynamic-head` also computes the tied output head's logits that way (the embedding lookup stays exact: the
 embedding matrix is kept as it is, beside its int8 copy).
+
+`int4` (weight-only, group-wise, CPU and CUDA) lives in generate/int4.py; replace_linears and the support checks
+here dispatch to it.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cpmctl import CpmctlError
+from cpmctl.generate.int4 import ACT_DTYPE as INT4_ACT_DTYPE
+from cpmctl.generate.int4 import Int4Linear, check_int4_model, check_int4_support
 
-QUANTIZE_CHOICES = ("int8", "int8-dynamic", "int8-dynamic-head")
+QUANTIZE_CHOICES = ("int8", "int8-dynamic", "int8-dynamic-head", "int4")
 DYNAMIC_CHOICES = ("int8-dynamic", "int8-dynamic-head")  # int8 activations too: CPU, fbgemm
 KERNELS = ("int8pack", "dequant")  # dequant: int8 -> model dtype per call, then the dense matmul (GPU fallback)
 K_MULTIPLE = 16
@@ -51,8 +56,11 @@ def int8_kernel(device: torch.device | str) -> str:
     return kernel if kernel in KERNELS else "int8pack"
 
 
-def scale_dtype(device: torch.device | str, compute_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the kernel wants for activations and scales: bf16 on the CPU (its fast path), else the model's."""
+def scale_dtype(device: torch.device | str, compute_dtype: torch.dtype, quantize: str | None = "int8") -> torch.dtype:
+    """The dtype the kernel wants for activations and scales: bf16 on the CPU (its fast path), else the model's;
+    int4: bf16 everywhere."""
+    if quantize == "int4":
+        return INT4_ACT_DTYPE
     return torch.bfloat16 if torch.device(device).type == "cpu" else compute_dtype
 
 
@@ -116,17 +124,23 @@ class Int8Linear(nn.Module):
 
 
 def block_linear_names(block: nn.Module) -> list[str]:
-    """Qualified names of the nn.Linear modules inside a transformer block (the ones int8 replaces)."""
+    """Qualified names of the nn.Linear modules inside a transformer block (the ones int8 / int4 replace)."""
     return [name for name, m in block.named_modules() if isinstance(m, nn.Linear)]
 
 
-def replace_linears(block: nn.Module, act_dtype: torch.dtype, quantize_now: bool) -> None:
-    """Swap every nn.Linear of `block` for an Int8Linear: quantized from its weight, or empty (meta) for loading."""
+def replace_linears(block: nn.Module, act_dtype: torch.dtype, quantize_now: bool, quantize: str | None = "int8",
+                    device_type: str | None = None) -> None:
+    """Swap every nn.Linear of `block` for an Int8Linear (an Int4Linear with quantize="int4", packed for
+    `device_type`, default the weight's device): quantized from its weight, or empty (meta) for loading."""
     for name in block_linear_names(block):
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
         linear = getattr(parent, child)
-        if quantize_now:
+        if quantize == "int4":
+            new = (Int4Linear.from_linear(linear) if quantize_now else
+                   Int4Linear(linear.in_features, linear.out_features, device=linear.weight.device,
+                              device_type=device_type))
+        elif quantize_now:
             new = Int8Linear.from_linear(linear, act_dtype)
         else:
             new = Int8Linear(linear.in_features, linear.out_features, act_dtype, device=linear.weight.device)
@@ -160,6 +174,14 @@ def check_int8_support(device: torch.device | str, compute_dtype: torch.dtype) -
         ) from None
 
 
+def check_quantize_support(quantize: str, device: torch.device | str, compute_dtype: torch.dtype) -> None:
+    """The kernel check of `quantize` on `device`: int4's or int8's."""
+    if quantize == "int4":
+        check_int4_support(device)
+    else:
+        check_int8_support(device, compute_dtype)
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, quantize: str = "int8") -> nn.Module:
     """Quantize the block linears of a fully loaded (resident) model in place (`quantize`: a QUANTIZE_CHOICES)."""
@@ -168,10 +190,12 @@ def quantize_model(model: nn.Module, quantize: str = "int8") -> nn.Module:
     dtype = model.input_embedding.weight.dtype
     if is_dynamic(quantize):
         check_dynamic_support(quantize, device)
-    check_int8_support(device, dtype)
-    act = scale_dtype(device, dtype)
+    check_quantize_support(quantize, device, dtype)
+    if quantize == "int4":
+        check_int4_model(model.config)
+    act = scale_dtype(device, dtype, quantize)
     for block in model.encoder.layers:
-        replace_linears(block, act, quantize_now=True)
+        replace_linears(block, act, quantize_now=True, quantize=quantize)
     return use_int8_activations(model, quantize) if is_dynamic(quantize) else model
 
 
