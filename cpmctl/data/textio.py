@@ -242,8 +242,7 @@ def parse_line(line: bytes, fmt: str, strip: bool = False) -> tuple[str, dict | 
         if not line.strip():
             return None
         try:
-            utf8 = line[:1] == b"{" and line[1:2] != b"\0"  # what json.loads(bytes) would guess, decoded at once
-            record = json.loads(line.decode("utf-8", "surrogatepass") if utf8 else line)
+            record = _load_record(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             reason = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else f"not UTF-8: {e.reason}"
             raise MalformedLine(f"not valid JSON ({reason})") from None
@@ -259,6 +258,24 @@ def parse_line(line: bytes, fmt: str, strip: bool = False) -> tuple[str, dict | 
         raise MalformedLine(f"not UTF-8 (byte {e.start})") from None
     text = text.strip() if strip else text.rstrip("\r\n")
     return text.replace(TEXT_PARAGRAPH_SEP, "\n"), None
+
+
+_PLAIN = (str, int, bool, type(None))
+
+
+def _load_record(line: bytes):
+    """The JSON value of a jsonl line: orjson's when it takes the line whole and every value is a string, an int, a
+    bool or null (then it is json's: same values, keys in the same order; orjson reads an integer beyond 64 bits as a
+    float, so a record with floats or nested values is left to json), else json's, with its errors."""
+    if line[:1] == b"{":
+        try:
+            record = _fast_loads(line)
+            if record.__class__ is dict and all(v.__class__ in _PLAIN for v in record.values()):
+                return record
+        except Exception:  # noqa: BLE001 - json decides, and names the reason
+            pass
+    utf8 = line[:1] == b"{" and line[1:2] != b"\0"  # what json.loads(bytes) would guess, decoded at once
+    return json.loads(line.decode("utf-8", "surrogatepass") if utf8 else line)
 
 
 def document_texts(lines: list[bytes], fmt: str) -> list:
