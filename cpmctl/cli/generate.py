@@ -5,8 +5,8 @@ Decoding flags default to None and override GenerationConfig(), whose dataclass 
 from __future__ import annotations
 
 import contextlib
-import time
 import sys
+import time
 from pathlib import Path
 
 import torch
