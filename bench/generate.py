@@ -52,6 +52,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cpmctl.generate.decode import beam_search, greedy  # noqa: E402
+from cpmctl.generate.packed import PackedLinear, pack_linears, packing_applies  # noqa: E402
 from cpmctl.generate.quant import quantize_model, use_int8_head  # noqa: E402
 from cpmctl.model.ant import build_model, param_counts  # noqa: E402
 from cpmctl.model.checkpoint import convert, save_native  # noqa: E402
@@ -79,7 +80,8 @@ def parse_args():
     p.add_argument("--batch", type=int, default=8, help="Prompts decoded together in the `batch` mode.")
     p.add_argument("--modes", default="greedy,beam,batch")
     p.add_argument("--quantize", default="none," + ",".join(QUANT_MODES),
-                   help=f"Comma-separated: none (the model dtype), {', '.join(QUANT_MODES)}.")
+                   help=f"Comma-separated: none (the model dtype, as generate loads it: oneDNN-packed linears on "
+                        f"the CPU), blas (the same through torch.mm), {', '.join(QUANT_MODES)}.")
     p.add_argument("--quality-train", type=int, default=100,
                    help="Steps of the trained model of the quality check (0: random weights only).")
     p.add_argument("--quality-tokens", type=int, default=256,
@@ -156,7 +158,7 @@ def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: every parameter and buffer of the blocks and the final norm (fp32
     or int8 + scales), and the tied head (the whole input embedding). The embedding lookups and the position-bias
     table read a few rows only and are left out."""
-    head = getattr(model, "output_head_int8", None)  # an int8 head replaces the embedding in the logits product
+    head = getattr(model, "output_head", None)  # an int8 or packed head replaces the embedding in the logits product
     head_tensors = list(head.buffers()) if head is not None else [model.input_embedding.weight]
     seen, total = set(), 0
     for t in list(model.encoder.parameters()) + list(model.encoder.buffers()) + head_tensors:
@@ -180,15 +182,29 @@ class Bandwidth:
         self.copy_target = torch.empty_like(self.matrix)
         self.nbytes = self.matrix.numel() * self.matrix.element_size()
         self.device = device
+        # The same product through oneDNN's packed layout (what generation uses on the CPU): the faster of the two
+        # kernels is the bound's bandwidth.
+        self.packed = PackedLinear(self.matrix) if packing_applies(device, dtype) else None
         self.best = Best()
 
     def probe(self):
         self.best.run("gemv", lambda: F.linear(self.vector, self.matrix), self.device)
+        if self.packed is not None:
+            self.best.run("gemv-onednn", lambda: self.packed(self.vector), self.device)
         self.best.run("read", lambda: self.matrix.sum(), self.device)
         self.best.run("copy", lambda: self.copy_target.copy_(self.matrix), self.device)
 
+    def kernels(self) -> str:
+        """' (BLAS x, oneDNN y)' where both gemv kernels were probed."""
+        if "gemv-onednn" not in self.best.wall:
+            return ""
+        blas, onednn = (self.nbytes / self.best.wall[n] / 1e9 for n in ("gemv", "gemv-onednn"))
+        return f" (BLAS {blas:.2f}, oneDNN {onednn:.2f})"
+
     def rate(self, name: str, clock: str = "wall") -> float:
-        seconds = (self.best.wall if clock == "wall" else self.best.cpu)[name]
+        """Bytes per second of probe `name`; "gemv" is the faster of the BLAS and the oneDNN products."""
+        times = self.best.wall if clock == "wall" else self.best.cpu
+        seconds = min(times[n] for n in (name, name + "-onednn") if n in times)
         moved = 2 * self.nbytes if name == "copy" else self.nbytes
         return moved / seconds
 
@@ -252,8 +268,13 @@ def main():
     hf = hf.to(device).eval()
     models = {}
     for q in args.quantize.split(","):
-        if q == "none":
+        if q == "none":  # as `cpmctl generate` loads it: on the CPU, the linears in oneDNN's packed layout
             models[args.dtype] = ours
+            if packing_applies(device, dtype):
+                models[args.dtype] = copy.deepcopy(ours)
+                pack_linears(models[args.dtype])
+        elif q == "blas":  # the linears through torch.mm (the BLAS), as CPMCTL_CPU_LINEAR=blas
+            models[args.dtype + "-blas"] = ours
         elif q == "int8+head":  # weight-only int8 blocks and head: the head in aten._weight_int8pack_mm too
             models[q] = quantize_model(copy.deepcopy(ours))
             use_int8_head(models[q], activations=False)
@@ -419,7 +440,7 @@ def report(args, mode, texts, n, rows, best, bandwidth, per_token, fp_bytes, cpu
     new_tokens = sum(len(r) for r in hf_ids)
     gemv = bandwidth.rate("gemv")
     print(f"\n{mode} (batch {len(texts)}{f', {args.beam_size} beams' if mode == 'beam' else ''}), prompt "
-          f"{len(texts[0])} tokens, {n} new: bandwidth gemv {gemv / 1e9:.2f} GB/s, read "
+          f"{len(texts[0])} tokens, {n} new: bandwidth gemv {gemv / 1e9:.2f} GB/s{bandwidth.kernels()}, read "
           f"{bandwidth.rate('read') / 1e9:.2f} GB/s, copy {bandwidth.rate('copy') / 1e9:.2f} GB/s (wall, best of run)")
 
     def figures(name, clock):

@@ -1,10 +1,10 @@
 """`cpmctl generate` as a core call: the prompts (a text, stdin, or a JSONL file), the model and vocabulary loaded
 for them, and decoding them `batch_size` at a time.
 
-Two ways to load: the plain one (load_model, with an optional unmerged LoRA adapter), and, with a memory limit or
-int8 linears, the lazy one: the prompts are tokenized first, plan_generation sizes the plan for them, and
-load_planned follows it (offload.py). Either way the vocabulary is the one beside the checkpoint unless given,
-and its size must be the model's.
+Two ways to load: the plain one (load_model, with an optional unmerged LoRA adapter; on the CPU the linears then
+run in oneDNN's packed layout, packed.py), and, with a memory limit or int8 / int4 linears, the lazy one: the
+prompts are tokenized first, plan_generation sizes the plan for them, and load_planned follows it (offload.py).
+Either way the vocabulary is the one beside the checkpoint unless given, and its size must be the model's.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from cpmctl.device import resolve_device, resolve_dtype
 from cpmctl.generate.decode import GenerationResult, encode_prompt, generate
 from cpmctl.model.mapped import MappedCheckpoint
 from cpmctl.generate.offload import OffloadedModel, load_planned
+from cpmctl.generate.packed import pack_linears, packing_applies
 from cpmctl.generate.plan import MemoryPlan, plan_generation
 from cpmctl.generate.quant import check_dynamic_support, is_dynamic, use_int8_activations
 from cpmctl.model.ant import CPMAnt
@@ -117,7 +118,10 @@ def load_with_policy(model_path: str | Path, *, device: torch.device, dtype: tor
     if not planned:
         # The weights first: a missing or damaged checkpoint is named before its vocabulary.
         model, _ = load_model_with_adapter(model_path, adapter, device=device, dtype=dtype)
-        return LoadedForGeneration(model, load_tokenizer(model_path, vocab, vocab_size=model.config.vocab_size))
+        tokenizer = load_tokenizer(model_path, vocab, vocab_size=model.config.vocab_size)
+        if adapter is None and packing_applies(device, dtype):  # an unmerged adapter's peft layers stay as they are
+            pack_linears(model)
+        return LoadedForGeneration(model, tokenizer)
     if adapter is not None:
         raise CpmctlError("--adapter cannot be combined with --memory-limit or --quantize: merge the adapter first")
     config = MappedCheckpoint.read_config(model_path)

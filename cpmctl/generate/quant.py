@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import types
 import warnings
 
 import torch
@@ -39,6 +38,7 @@ from torch import nn
 from cpmctl import CpmctlError
 from cpmctl.generate.int4 import ACT_DTYPE as INT4_ACT_DTYPE
 from cpmctl.generate.int4 import Int4Linear, check_int4_model, check_int4_support
+from cpmctl.generate.packed import use_output_head
 
 QUANTIZE_CHOICES = ("int8", "int8-dynamic", "int8-dynamic-head", "int4")
 DYNAMIC_CHOICES = ("int8-dynamic", "int8-dynamic-head")  # int8 activations too: CPU, fbgemm
@@ -268,11 +268,6 @@ class DynamicInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel=fbgemm linear_dynamic"
 
 
-def _int8_head_logits(self, h: torch.Tensor) -> torch.Tensor:
-    """CPMAnt.logits with the tied head's product in int8 (bound to the model by use_int8_head)."""
-    return self.output_head_int8(h)
-
-
 def use_int8_head(model: nn.Module, activations: bool = True) -> None:
     """Compute the logits with an int8 copy of the tied head; the embedding matrix stays for the input lookup.
     `activations=False`: the weight-only kernel instead (bench/generate.py measures it; it is no faster)."""
@@ -283,8 +278,7 @@ def use_int8_head(model: nn.Module, activations: bool = True) -> None:
         act = scale_dtype(weight.device, weight.dtype)
         head = Int8Linear(weight.shape[1], weight.shape[0], act, device=weight.device)
         head.weight_int8, head.scale = quantize_weight(weight, act)
-    model.output_head_int8 = head
-    model.logits = types.MethodType(_int8_head_logits, model)  # an instance attribute shadows CPMAnt.logits
+    use_output_head(model, head)
 
 
 def check_dynamic_support(quantize: str, device: torch.device | str, streamed: bool = False) -> None:
