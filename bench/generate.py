@@ -52,7 +52,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cpmctl.generate.decode import beam_search, greedy  # noqa: E402
-from cpmctl.generate.packed import PackedLinear, pack_linears, packing_applies  # noqa: E402
+from cpmctl.generate.packed import PackedLinear, pack_linears, packing_applies, use_output_head  # noqa: E402
 from cpmctl.generate.quant import quantize_model, use_int8_head  # noqa: E402
 from cpmctl.model.ant import build_model, param_counts  # noqa: E402
 from cpmctl.model.checkpoint import convert, save_native  # noqa: E402
@@ -280,6 +280,8 @@ def main():
             use_int8_head(models[q], activations=False)
         elif q in QUANT_MODES:
             models[q] = quantize_model(copy.deepcopy(ours), q)
+            if q != "int8-dynamic-head" and packing_applies(device, dtype):  # generate's fp32 head, packed on the CPU
+                use_output_head(models[q], PackedLinear(models[q].input_embedding.weight))
         else:
             raise SystemExit(f"unknown --quantize {q}")
     cpu_clock = device.type == "cpu"

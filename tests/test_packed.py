@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cpmctl import CpmctlError
-from cpmctl.generate.decode import beam_search, greedy
+from cpmctl.generate.decode import beam_search, encode_prompt, greedy
 from cpmctl.generate.packed import ENV, PackedLinear, pack_linears, packing_applies
 from cpmctl.model.ant import build_model
 from cpmctl.model.generation_config import GenerationConfig
@@ -107,3 +107,39 @@ def test_packing_applies_only_to_cpu_float_models(monkeypatch):
     assert packing_applies("cpu", torch.bfloat16)
     assert not packing_applies("cpu", torch.float16)
     assert not packing_applies("meta", torch.float32)
+
+
+def test_the_planner_counts_the_head_copies(monkeypatch):
+    from cpmctl.generate.plan import plan_memory
+
+    monkeypatch.delenv(ENV, raising=False)
+    config = tiny_config(VOCAB)
+    free = plan_memory(config, device_type="cpu", dtype=torch.float32, budget=None)
+    head = config.vocab_size * config.dim_model * 4
+    assert (free.output_head, free.head_bytes) == ("onednn", head)
+    assert free.weight_bytes == free.fixed_bytes + head + sum(free.block_bytes)
+    # never part of the minimum: a limited plan streams rather than packs the head
+    limited = plan_memory(config, device_type="cpu", dtype=torch.float32, budget=free.minimum_bytes)
+    assert limited.output_head is None and limited.head_bytes == 0 and limited.minimum_bytes == free.minimum_bytes
+    int8 = plan_memory(config, device_type="cpu", dtype=torch.float32, budget=None, quantize="int8-dynamic-head")
+    assert (int8.output_head, int8.head_bytes) == ("int8", config.vocab_size * (config.dim_model + 4))
+    monkeypatch.setenv(ENV, "blas")
+    assert plan_memory(config, device_type="cpu", dtype=torch.float32, budget=None).output_head is None
+
+
+def test_quantized_generation_packs_the_fp32_head(tmp_path, tiny_vocab, monkeypatch):
+    from cpmctl.generate.batch import prepare_generation
+    from cpmctl.generate.quant import quantize_model
+    from cpmctl.model.checkpoint import save_native
+    from cpmctl.model.tokenizer import CPMAntTokenizer
+
+    monkeypatch.delenv(ENV, raising=False)
+    model = build_model(tiny_config(CPMAntTokenizer(tiny_vocab).vocab_size), seed=16).eval()
+    ckpt = save_native(model, tmp_path / "ckpt", vocab=tiny_vocab)
+    cfg = GenerationConfig(decode="greedy", max_new_tokens=6)
+    run = prepare_generation(ckpt, cfg, prompt="今天天气", device="cpu", quantize="int8")
+    assert run.plan.output_head == "onednn" and isinstance(run.loaded.model.output_head, PackedLinear)
+    [result] = run.results()
+    reference = quantize_model(copy.deepcopy(model), "int8")
+    inputs = build_inputs(reference, [encode_prompt(run.loaded.tokenizer, "今天天气")])
+    assert result.token_ids == greedy(reference, inputs, cfg)[0]

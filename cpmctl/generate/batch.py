@@ -22,7 +22,7 @@ from cpmctl.device import resolve_device, resolve_dtype
 from cpmctl.generate.decode import GenerationResult, encode_prompt, generate
 from cpmctl.model.mapped import MappedCheckpoint
 from cpmctl.generate.offload import OffloadedModel, load_planned
-from cpmctl.generate.packed import pack_linears, packing_applies
+from cpmctl.generate.packed import PackedLinear, pack_linears, packing_applies, use_output_head
 from cpmctl.generate.plan import MemoryPlan, plan_generation
 from cpmctl.generate.quant import check_dynamic_support, is_dynamic, use_int8_activations
 from cpmctl.model.ant import CPMAnt
@@ -132,6 +132,8 @@ def load_with_policy(model_path: str | Path, *, device: torch.device, dtype: tor
     offloaded = load_planned(model_path, plan, device=device)
     if is_dynamic(plan.quantize):  # the loaded int8 weights, now with int8 activations
         use_int8_activations(offloaded.model, plan.quantize)
+    if plan.output_head == "onednn":  # the head's fp32 / bf16 product in oneDNN's packed layout (plan counts the copy)
+        use_output_head(offloaded.model, PackedLinear(offloaded.model.input_embedding.weight))
     return LoadedForGeneration(offloaded.model, tokenizer, plan, offloaded)
 
 

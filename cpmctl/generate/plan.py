@@ -2,6 +2,9 @@
 
 What is counted (bytes, from the config alone; nothing is loaded):
 - fixed weights: the embeddings (the tied output head included), the position-bias table, the final norm;
+- a copy of the output head where the logits are computed from one (`output_head`): int8 with int8-dynamic-head
+  (its int8 bytes and scales; fbgemm's packed copy pads the columns, which is not counted), and oneDNN's packed
+  layout on the CPU when there is no limit (generate/packed.py; the dtype's bytes; never part of the minimum);
 - each transformer block's weights, as laid out in a streaming buffer (int8 + scales, or packed int4 + scales and
   zeros, when quantized: generate/int4.py);
 - streaming buffers: two rotating buffers the size of the largest streamed block (one when two do not fit:
@@ -28,6 +31,7 @@ import torch
 
 from cpmctl import CpmctlError
 from cpmctl.generate.int4 import check_int4_model
+from cpmctl.generate.packed import packing_applies
 from cpmctl.generate.quant import (
     check_quantize_name,
     check_quantize_support,
@@ -161,6 +165,8 @@ class MemoryPlan:
     activation_bytes: int = 0
     workspace_bytes: int = 0
     minimum_bytes: int = 0
+    output_head: str | None = None  # the head copy the logits use: "int8" (int8-dynamic-head), "onednn", or none
+    head_bytes: int = 0
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -169,8 +175,8 @@ class MemoryPlan:
 
     @property
     def weight_bytes(self) -> int:
-        """Weights on the device at once: fixed + resident blocks + the streaming buffers."""
-        return self.fixed_bytes + sum(self.block_bytes[i] for i in self.resident) + self.num_slots * self.slot_bytes
+        """Weights on the device at once: fixed + head copy + resident blocks + the streaming buffers."""
+        return self.fixed_bytes + self.head_bytes + sum(self.block_bytes[i] for i in self.resident) + self.num_slots * self.slot_bytes
 
     @property
     def charged_bytes(self) -> int:
@@ -195,8 +201,8 @@ class MemoryPlan:
 def _base_bytes(plan: MemoryPlan) -> int:
     """Everything charged except resident blocks and buffers."""
     if plan.device_type == "cpu":
-        return plan.fixed_bytes + plan.staging_bytes
-    return plan.fixed_bytes + plan.cache_bytes + plan.activation_bytes + plan.workspace_bytes
+        return plan.fixed_bytes + plan.head_bytes + plan.staging_bytes
+    return plan.fixed_bytes + plan.head_bytes + plan.cache_bytes + plan.activation_bytes + plan.workspace_bytes
 
 
 def plan_memory(
@@ -233,6 +239,8 @@ def plan_memory(
                                           quantize not in (None, "int4") and int8_kernel(device_type) == "dequant"),
         workspace_bytes=CUDA_WORKSPACE if device_type == "cuda" else 0,
     )
+    if quantize == "int8-dynamic-head":
+        plan.output_head, plan.head_bytes = "int8", config.vocab_size * (config.dim_model + 4)
     streamable = [i for i in range(config.num_layers) if blocks[i] > 0]
     if device_type == "cpu" and streamable:
         plan.staging_bytes = staging_bytes(config, quantize)
@@ -240,6 +248,8 @@ def plan_memory(
     plan.minimum_bytes = base + (max(blocks[i] for i in streamable) if streamable else 0)
     if budget is None:
         plan.resident = streamable
+        if plan.output_head is None and packing_applies(device_type, dtype):  # no limit to keep: the faster head
+            plan.output_head, plan.head_bytes = "onednn", config.vocab_size * config.dim_model * dtype_bytes(dtype)
         return plan
     if budget < plan.minimum_bytes:
         raise CpmctlError(
@@ -368,6 +378,7 @@ def plan_table(plan: MemoryPlan) -> list[tuple[str, str]]:
         ("streamed blocks", f"{len(plan.streamed)}: {format_blocks(plan.streamed)}"),
         ("streaming buffers", f"{plan.num_slots} x {gb(plan.slot_bytes)}"),
         ("fixed weights", gb(plan.fixed_bytes)),
+        *([(f"output head copy ({plan.output_head})", gb(plan.head_bytes))] if plan.output_head else []),
         ("weights on device", gb(plan.weight_bytes)),
         ("streamed per step", gb(plan.streamed_bytes)),
         (f"KV cache ({plan.batch_rows} rows x {plan.capacity})", gb(plan.cache_bytes)),
