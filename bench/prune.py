@@ -71,6 +71,11 @@ VARIANTS = {
     "activation:c32": ["data.calibration_batches=32"],
     "activation:loss-heads-c32": ["importance.layers=loss", "importance.heads=loss", "data.calibration_batches=32"],
     "activation:loss-heads-c64": ["importance.layers=loss", "importance.heads=loss", "data.calibration_batches=64"],
+    # The same searches scored by KL(full || candidate) of the next-token distributions instead of the loss change.
+    "activation:kl": ["importance.layers=kl", "importance.heads=kl", "data.calibration_batches=32"],
+    "activation:kl-layers": ["importance.layers=kl", "importance.heads=loss", "data.calibration_batches=32"],
+    "learned:init-kl": ["gates.init=activation", "importance.layers=kl", "importance.heads=kl",
+                        "data.calibration_batches=32"],
 }
 # The plain activation arm is pinned to the norm scores whatever the recipe's default: its cached runs keep meaning it.
 ARM_PINS = {"activation": ["importance.layers=norm", "importance.heads=norm"]}

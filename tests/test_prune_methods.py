@@ -1,7 +1,7 @@
 """Selection methods of `cpmctl prune`: activation importance (Minitron) and drop-one importance recomputed by hand,
 `method: activation` through the CLI to the exact target counts (with `importance.layers: loss` too), the
 importance options read and checked from a recipe, log_alpha started from the importance, distillation in
-recovery."""
+recovery; the KL variants (`importance.layers / heads: kl`) recomputed by hand too."""
 
 from __future__ import annotations
 
@@ -150,6 +150,38 @@ def test_drop_one_scores_match_a_hand_computation(setup):
     assert float(scores["attention"].abs().max()) > 1e-4  # a score that can tell sub-blocks apart
 
 
+def _hand_kl(full, cut, batches) -> float:
+    """Mean KL(p_full || p_cut) = sum_v p (log p - log q) over the target positions, from the full logits."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            mask = b["target"] != -100
+            logp, logq = (torch.log_softmax(m(b["input"], b["segment"], b["context"], b["span"])[mask].float(), -1)
+                          for m in (full, cut))
+            total += float((logp.exp() * (logp - logq)).sum())
+            count += int(mask.sum())
+    return total / count
+
+
+def test_kl_drop_one_scores_match_a_hand_computation(setup):
+    root, n = setup
+    model = build_model(tiny_config(n, num_layers=3, num_heads=4, dim_ff=48,
+                                    mask_modules=[[False, False], [False, True], [False, False]]), seed=5).eval()
+    reader = PackedReader(PackedDataset(root / "data"), 4, seed=2)
+    batches = [reader.next_batch() for _ in range(2)]
+    assert any(bool((b["target"] == -100).any()) for b in batches)  # positions without a target are left out
+    scores = drop_one_scores(model, ["attention", "ffn"], batches, "kl")
+    assert scores["attention"].shape == (3,) and scores["ffn"].shape == (2,)
+    assert all(b.attention_gate is None and b.ffn_gate is None for b in model.encoder.layers)  # gates cleared
+    for kind, layers in (("attention", [0, 1, 2]), ("ffn", [0, 2])):
+        for j, i in enumerate(layers):
+            cut = copy.deepcopy(model)
+            setattr(cut.encoder.layers[i], "self_att" if kind == "attention" else "ffn", None)
+            hand = _hand_kl(model, cut, batches)
+            assert float(scores[kind][j]) == pytest.approx(hand, rel=1e-4, abs=1e-6), (kind, i)
+    assert float(torch.cat([scores["attention"], scores["ffn"]]).min()) > 0  # a KL: positive for a real change
+
+
 def _without_heads(model, dropped: list[int], dh: int = 16):
     """A copy whose heads `dropped` are removed in every layer: their attention_out columns zeroed."""
     cut = copy.deepcopy(model)
@@ -179,6 +211,15 @@ def test_greedy_head_search_matches_a_hand_computation(setup):
     assert sorted(torch.topk(scores, 2).indices.tolist()) == kept
     assert all(b.self_att.self_attention.head_gate is None for b in model.encoder.layers)  # gates cleared
 
+    # score "kl": the same searches by the KL from the full model's predictions
+    alone = [_hand_kl(model, _without_heads(model, [i for i in range(4) if i != j]), batches) for j in range(4)]
+    assert int(greedy_head_scores(model, batches, 1, "kl").argmax()) == min(range(4), key=lambda j: alone[j])
+    kept = [0, 1, 2, 3]
+    for _ in range(2):
+        kept.remove(min(kept, key=lambda j: _hand_kl(model, _without_heads(model, [i for i in range(4) if i not in kept]
+                                                                           + [j]), batches)))
+    assert sorted(torch.topk(greedy_head_scores(model, batches, 2, "kl"), 2).indices.tolist()) == kept
+
 
 def test_importance_options_are_read_and_checked_from_a_recipe(tmp_path):
     default = load_prune_recipe(None).importance
@@ -192,8 +233,10 @@ def test_importance_options_are_read_and_checked_from_a_recipe(tmp_path):
     assert (recipe.importance.layers, recipe.importance.heads) == ("norm", "loss")
     with pytest.raises(CpmctlError) as e:
         load_prune_recipe(path, ["importance.layers=grad"])
-    assert str(e.value).startswith("importance.layers: expected one of 'norm' | 'loss', got 'grad'")
+    assert str(e.value).startswith("importance.layers: expected one of 'norm' | 'loss' | 'kl', got 'grad'")
     assert "\n" not in str(e.value)
+    recipe = load_prune_recipe(path, ["importance.layers=kl", "importance.heads=kl"])
+    assert (recipe.importance.layers, recipe.importance.heads) == ("kl", "kl")
 
 
 def test_default_importance_keeps_the_top_drop_one_sub_blocks_and_the_greedy_heads(setup, capsys, tmp_path):

@@ -13,6 +13,10 @@ Loss-based importance, computed with the model's gates (no weights change):
   output norm says how much a sub-block writes into the residual stream, not how much the model needs it.
 - `importance.heads: loss` (greedy search): the kept heads are chosen by the calibration loss of the model with
   only those heads, removing (or, when fewer than half are kept, adding) one head index at a time.
+- `importance.layers / heads: kl`: the same two searches, each candidate scored by the mean KL(p_full || p_candidate)
+  of the next-token distributions (temperature 1) over the target positions instead of the loss change: the
+  expected loss change under the full model's own predictions, without the sampled labels' noise, and the teacher
+  recovery distils toward. Batches outer, candidates inner: one batch's full-model log-probs held at a time.
 
 The scores have the shapes of the stage's gates (StageMasks), so they feed the same top-k selection
 (`baselines.activation_selection`) and can initialise log_alpha (`StageMasks.init_from_scores`).
@@ -23,9 +27,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 from cpmctl.data.packed_format import PackedReader
 from cpmctl.model.ant import CPMAnt
+from cpmctl.model.inputs import IGNORE
 from cpmctl.prune.gates import clear_gates
 from cpmctl.train.objectives import token_losses
 
@@ -88,50 +94,75 @@ def activation_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, t
 
 def importance_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, torch.Tensor]],
                       targets: dict[str, int], layers: str = "norm", heads: str = "norm") -> dict[str, torch.Tensor]:
-    """The activation importance of `kinds`; with layers="loss" the sub-blocks scored by their drop-one loss
-    increase, with heads="loss" the heads by the greedy loss search (`greedy_head_scores`, needs the target)."""
+    """The activation importance of `kinds`; with layers="loss" / "kl" the sub-blocks scored by their drop-one
+    loss increase / KL, with heads="loss" / "kl" the heads by the greedy search (`greedy_head_scores`, needs the
+    target)."""
     scores = activation_scores(model, kinds, batches)
     sub_blocks = [k for k in kinds if k in ("attention", "ffn")]
-    if layers == "loss" and sub_blocks:
-        scores.update(drop_one_scores(model, sub_blocks, batches))
-    if heads == "loss" and "heads" in kinds:
-        scores["heads"] = greedy_head_scores(model, batches, targets["heads"])
+    if layers in ("loss", "kl") and sub_blocks:
+        scores.update(drop_one_scores(model, sub_blocks, batches, layers))
+    if heads in ("loss", "kl") and "heads" in kinds:
+        scores["heads"] = greedy_head_scores(model, batches, targets["heads"], heads)
     return scores
 
 
-def calibration_loss(model: CPMAnt, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Token-weighted LM loss of the model, with whatever gates are set, over the calibration batches."""
-    device = model.input_embedding.weight.device
-    total, count = 0.0, 0
-    for batch in batches:
-        losses, _ = token_losses(model, {k: v.to(device) for k, v in batch.items()})  # no copy when already there
-        total += float(losses.double().sum())
-        count += losses.numel()
-    return total / max(count, 1)
+def _target_log_probs(model: CPMAnt, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(targets, vocab) fp32 next-token log-probs at the target positions, the output head run only there."""
+    hidden = model(batch["input"], batch["segment"], batch["context"], batch["span"], return_hidden=True)
+    return torch.log_softmax(model.logits(hidden[batch["target"] != IGNORE]).float(), dim=-1)
 
 
 @torch.no_grad()
-def drop_one_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per attention / FFN sub-block: calibration loss with that sub-block alone removed (gate 0) minus the loss of
-    the whole model. Larger = more needed; negative = the model is better without it."""
+def candidate_values(model: CPMAnt, batches: list[dict[str, torch.Tensor]], candidates: list,
+                     score: str) -> list[float]:
+    """Per candidate (a function that sets the model's gates; they are cleared after it), token-weighted over the
+    target positions of the batches: the LM loss (score "loss") or KL(p_full || p_candidate) of the next-token
+    distributions, p_full the model without gates ("kl"). Batches outer, candidates inner: one batch's full-model
+    log-probs are held at a time (a forward per batch more than the candidates', none for "loss")."""
+    totals, count = [0.0] * len(candidates), 0
+    for batch in batches:
+        full = _target_log_probs(model, batch) if score == "kl" else None
+        for c, set_gates in enumerate(candidates):
+            set_gates()
+            try:
+                if full is None:
+                    totals[c] += float(token_losses(model, batch)[0].double().sum())
+                else:
+                    totals[c] += float(F.kl_div(_target_log_probs(model, batch), full, reduction="sum",
+                                                log_target=True).double())
+            finally:
+                clear_gates(model)
+        count += int((batch["target"] != IGNORE).sum())
+    return [t / max(count, 1) for t in totals]
+
+
+@torch.no_grad()
+def drop_one_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, torch.Tensor]],
+                    score: str = "loss") -> dict[str, torch.Tensor]:
+    """Per attention / FFN sub-block, with that sub-block alone removed (gate 0): the calibration loss minus the
+    loss of the whole model (score "loss"), or the KL from the whole model's predictions ("kl"). Larger = more
+    needed; a negative loss score = the model is better without it."""
     config = model.config
     blocks = model.encoder.layers
     device = model.input_embedding.weight.device
-    scores = {}
+    for kind in kinds:
+        if kind not in ("attention", "ffn"):
+            raise ValueError(f"drop-one importance is not defined for {kind}")
+
+    def drop(i: int, kind: str):
+        return lambda: setattr(blocks[i], f"{kind}_gate", torch.zeros((), device=device))
+
+    has = {"attention": config.has_attention, "ffn": config.has_ffn}
+    layers = {k: [i for i in range(config.num_layers) if has[k](i)] for k in kinds}
+    candidates = [drop(i, k) for k in kinds for i in layers[k]]
     with _scoring(model, batches) as batches:
-        base = calibration_loss(model, batches)
-        for kind in kinds:
-            row = []
-            if kind in ("attention", "ffn"):
-                has = config.has_attention if kind == "attention" else config.has_ffn
-                for i in range(config.num_layers):
-                    if has(i):
-                        setattr(blocks[i], f"{kind}_gate", torch.zeros((), device=device))
-                        row.append(calibration_loss(model, batches) - base)
-                        setattr(blocks[i], f"{kind}_gate", None)
-            else:
-                raise ValueError(f"drop-one importance is not defined for {kind}")
-            scores[kind] = torch.tensor(row, dtype=torch.float32)
+        values = candidate_values(model, batches, candidates + ([lambda: None] if score == "loss" else []), score)
+    if score == "loss":
+        values = [v - values[-1] for v in values[:-1]]  # minus the whole model's loss
+    scores, at = {}, 0
+    for kind in kinds:
+        scores[kind] = torch.tensor(values[at:at + len(layers[kind])], dtype=torch.float32)
+        at += len(layers[kind])
     return scores
 
 
@@ -149,45 +180,45 @@ def _scoring(model: CPMAnt, batches: list[dict[str, torch.Tensor]]):
         model.train(was_training)
 
 
-@torch.no_grad()
-def loss_with_heads(model: CPMAnt, batches: list[dict[str, torch.Tensor]], keep: list[int]) -> float:
-    """Calibration loss with only the heads `keep` (the same indices in every layer: the head mask is shared)."""
-    device = model.input_embedding.weight.device
-    gate = torch.zeros(model.config.num_heads, device=device)
-    gate[keep] = 1
-    for block in model.encoder.layers:
-        if block.self_att is not None:
-            block.self_att.self_attention.head_gate = gate
-    try:
-        return calibration_loss(model, batches)
-    finally:
-        clear_gates(model)
+def _keep_heads(model: CPMAnt, keep: list[int]):
+    """A candidate of the head search: only the heads `keep` (the same in every layer: the head mask is shared)."""
+    def set_gates():
+        gate = torch.zeros(model.config.num_heads, device=model.input_embedding.weight.device)
+        gate[keep] = 1
+        for block in model.encoder.layers:
+            if block.self_att is not None:
+                block.self_att.self_attention.head_gate = gate
+    return set_gates
 
 
 @torch.no_grad()
-def greedy_head_scores(model: CPMAnt, batches: list[dict[str, torch.Tensor]], k: int) -> torch.Tensor:
-    """Heads chosen by the calibration loss of the pruned model itself, one at a time: keeping k of h heads,
-    from all heads remove, h - k times, the one whose removal leaves the lowest loss (k >= h / 2); or from none
-    add, k times, the one whose addition gives the lowest loss (k < h / 2). Drop-one scores alone would keep the
-    heads that matter most next to all the others, not the ones that do best on their own (4 -> 1 heads).
-    min(k, h - k) rounds of at most h forwards. Scores: the k chosen heads above the others (top-k = the search)."""
+def greedy_head_scores(model: CPMAnt, batches: list[dict[str, torch.Tensor]], k: int,
+                       score: str = "loss") -> torch.Tensor:
+    """Heads chosen by the calibration loss (score "loss") or the KL from the whole model ("kl") of the pruned
+    model itself, one at a time: keeping k of h heads, from all heads remove, h - k times, the one whose removal
+    leaves the lowest value (k >= h / 2); or from none add, k times, the one whose addition gives the lowest
+    (k < h / 2). Drop-one scores alone would keep the heads that matter most next to all the others, not the ones
+    that do best on their own (4 -> 1 heads). min(k, h - k) rounds of at most h forwards (one more per batch and
+    round for "kl"). Scores: the k chosen heads above the others (top-k = the search)."""
     h = model.config.num_heads
     scores = torch.zeros(h)
+
+    def best(tried: list[int], keep) -> int:  # the tried head whose candidate head set scores lowest
+        values = candidate_values(model, batches, [_keep_heads(model, keep(j)) for j in tried], score)
+        return min(zip(values, tried))[1]
+
     with _scoring(model, batches) as batches:
         if 2 * k >= h:  # backward: removed first = lowest score
             kept = list(range(h))
             for step in range(h - k):
-                losses = {j: loss_with_heads(model, batches, [i for i in kept if i != j]) for j in kept}
-                drop = min(kept, key=lambda j: (losses[j], j))
+                drop = best(kept, lambda j: [i for i in kept if i != j])
                 scores[drop] = step - h
                 kept.remove(drop)
             scores[kept] = 1.0
         else:  # forward: added first = highest score
             kept = []
             for step in range(k):
-                rest = [j for j in range(h) if j not in kept]
-                losses = {j: loss_with_heads(model, batches, kept + [j]) for j in rest}
-                add = min(rest, key=lambda j: (losses[j], j))
+                add = best([j for j in range(h) if j not in kept], lambda j: kept + [j])
                 scores[add] = h - step
                 kept.append(add)
             scores[[j for j in range(h) if j not in kept]] = -1.0

@@ -12,7 +12,8 @@ from cpmctl.train.recipe import TrainConfig
 
 Method = Literal["learned", "activation", "magnitude", "random"]  # hard-concrete masks | the baselines (no mask phase)
 GateInit = Literal["constant", "activation"]  # log_alpha start: N(init_mean, init_std) | ranked activation importance
-Score = Literal["norm", "loss"]  # mean activation norm | calibration loss increase when the structure alone is dropped
+Score = Literal["norm", "loss", "kl"]  # mean activation norm | calibration loss increase when the structure alone is
+# dropped | KL(full || without it) of the next-token distributions (the same searches)
 
 
 @dataclass
