@@ -455,7 +455,8 @@ def test_vectorised_decisions_equal_the_one_by_one_rule():
         def __init__(self, held):
             self.held = held
 
-        def known_mask(self, hashes):
+        def known_mask(self, hashes, ascending=False):
+            assert not ascending or (np.diff(hashes) >= 0).all()
             return np.isin(hashes, np.array(sorted(self.held), dtype=np.int64))
 
     rng = random.Random(5)

@@ -80,6 +80,8 @@ class HashedChunk:
     malformed: list = field(default_factory=list)  # (line offset in chunk, reason)
     fingerprint: int = 0  # of the chunk's raw bytes, for the journal
     ends: array = field(default_factory=lambda: array("q"))  # per line: the offset just past its newline
+    order: bytes = b""  # int64 positions that sort `hashes` (stable), computed here so the writer does not
+    copy: bytes = b""  # per hash, bool: an earlier document of the chunk holds the same hash
 
 
 _worker_settings: tuple[str, bool] = ("jsonl", False)
@@ -117,9 +119,19 @@ def hash_lines(block: Block) -> HashedChunk:
         unsigned.extend(distinct)
     # SQLite integers are signed 64-bit: reinterpret the same bits.
     chunk.hashes = array("q", unsigned.tobytes())
+    sort_copies(chunk)
     chunk.ends = array("q", accumulate(len(line) + 1 for line in lines))
     chunk.fingerprint = xxhash.xxh3_64_intdigest(block.data) - (1 << 63)  # = _fingerprint of its lines
     return chunk
+
+
+def sort_copies(chunk: HashedChunk) -> None:
+    """The chunk's sort order and repeated hashes (the part of the decisions that needs no store), filled in."""
+    hashes = np.frombuffer(chunk.hashes, dtype=np.int64)
+    order = np.argsort(hashes, kind="stable")  # copies of a hash in document order (distinct within a document)
+    copy = np.zeros(len(hashes), dtype=bool)
+    copy[order[1:]] = hashes[order[1:]] == hashes[order[:-1]]
+    chunk.order, chunk.copy = order.astype(np.int64).tobytes(), copy.tobytes()
 
 
 # ----- writer side: decide in order --------------------------------------------------------------------------
@@ -182,10 +194,13 @@ def decide(chunk: HashedChunk, store: DedupStore, threshold: float) -> tuple[byt
     hashes = np.frombuffer(chunk.hashes, dtype=np.int64)
     counts = np.frombuffer(chunk.counts, dtype=np.uint32).astype(np.int64)
     doc = np.repeat(np.arange(len(counts)), counts)
-    known = store.known_mask(hashes)
-    order = np.argsort(hashes, kind="stable")  # copies of a hash in document order (distinct within a document)
-    copy = np.zeros(len(hashes), dtype=bool)
-    copy[order[1:]] = hashes[order[1:]] == hashes[order[:-1]]
+    if len(chunk.order) != 8 * len(hashes):
+        sort_copies(chunk)
+    order = np.frombuffer(chunk.order, dtype=np.int64)
+    copy = np.frombuffer(chunk.copy, dtype=bool)
+    in_order = hashes[order]
+    known = np.empty(len(hashes), dtype=bool)
+    known[order] = store.known_mask(in_order, ascending=True)  # sorted lookups: cache-friendly binary searches
     need = _required(threshold, counts)
     low = np.bincount(doc, weights=known, minlength=len(counts))
     kept = np.bincount(doc, weights=known | copy, minlength=len(counts)) < need
@@ -195,7 +210,14 @@ def decide(chunk: HashedChunk, store: DedupStore, threshold: float) -> tuple[byt
     codes = bytearray(chunk.status)
     view = np.frombuffer(codes, dtype=np.uint8)
     view[view == _HAS_PARAGRAPHS] = np.where(kept, KEPT, DUPLICATE)
-    return codes, np.unique(hashes[kept[doc] & ~known])
+    return codes, _distinct(in_order[(kept[doc] & ~known)[order]])
+
+
+def _distinct(ascending: np.ndarray) -> np.ndarray:
+    """np.unique of an already sorted array, in one pass."""
+    if len(ascending) < 2:
+        return ascending
+    return ascending[np.concatenate(([True], ascending[1:] != ascending[:-1]))]
 
 
 def _required(threshold: float, n: np.ndarray) -> np.ndarray:
@@ -208,8 +230,11 @@ def _required(threshold: float, n: np.ndarray) -> np.ndarray:
 def _decide_in_order(unsure, kept, hashes, doc, known, copy, order, low, need) -> None:
     """The documents `unsure` decided one by one: a copied paragraph counts when an earlier kept document of
     this chunk holds it."""
-    sorted_hashes = hashes[order]
-    first = np.searchsorted(sorted_hashes, hashes, side="left")  # where each hash's copies start in `order`
+    n = len(hashes)
+    place = np.empty(n, dtype=np.int64)
+    place[order] = np.arange(n)  # where each hash lies in sorted order
+    run_start = np.maximum.accumulate(np.where(copy[order], 0, np.arange(n)))  # its first copy, there
+    first = run_start[place]  # where each hash's copies start in `order`
     starts = np.concatenate(([0], np.cumsum(np.bincount(doc, minlength=len(kept)))))
     for d in unsure.tolist():
         seen = low[d]
@@ -385,6 +410,8 @@ def _counted(block: Block, result: DedupResult, on_progress) -> Block:
 
 def _dedup_all(shards, store, writer, result, errors, workers, chunk_bytes, on_progress) -> None:
     records: dict[int, InputRecord] = {}
+    total = sum(_size(shard) for shard in shards)
+    decided = 0  # bytes of the blocks decided so far
     stream = _work(shards, store, records, result, chunk_bytes, on_progress)
     settings = (shards[0].format, store.settings.normalize)
     for item, hashed in ordered_map(hash_lines, stream, workers, _init_worker, settings):
@@ -411,3 +438,13 @@ def _dedup_all(shards, store, writer, result, errors, workers, chunk_bytes, on_p
         write_kept(writer, item, hashed.ends, codes)
         result.paragraphs += hashed.paragraphs
         result.new_paragraphs += store.last_inserted
+        decided += len(item.data)
+        # This run's rate of new paragraphs so far, projected over what is left (compressed inputs: an underestimate).
+        store.expected_new = result.new_paragraphs * max(0, total - decided) // max(1, decided)
+
+
+def _size(shard: Shard) -> int:
+    try:
+        return os.path.getsize(shard.path)
+    except OSError:
+        return 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpmctl import CpmctlError
+from cpmctl.data.background import BackgroundFile
 from cpmctl.io import commit_dir, disk_full_error, make_temp, remove
 
 FORMAT_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "text", ".text": "text"}
@@ -108,13 +109,13 @@ class DocumentWriter:
         self._file = self._raw = None
         self.tmp = make_temp(spec.path, directory=spec.is_dir)
         if not spec.is_dir:
-            self._file, self._raw = open_writer(self.tmp, spec.compression)
+            self._open(self.tmp)
             self.shards.append(ShardInfo(spec.path.name))
 
     def _next_shard(self) -> None:
         self._close_file()
         name = f"part-{len(self.shards):05d}{extension_for(self.spec.format, self.spec.compression)}"
-        self._file, self._raw = open_writer(self.tmp / name, self.spec.compression)
+        self._open(self.tmp / name)
         self.shards.append(ShardInfo(name))
 
     def write(self, line: bytes) -> None:
@@ -148,14 +149,21 @@ class DocumentWriter:
         shard.documents, shard.bytes = shard.documents + n, shard.bytes + len(data)
         self.documents, self.bytes = self.documents + n, self.bytes + len(data)
 
+    def _open(self, path: Path) -> None:
+        stream, self._raw = open_writer(path, self.spec.compression)
+        self._file = BackgroundFile(stream)  # the kernel copy (or compression) overlaps the caller's next block
+
     def _close_file(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            if self._raw is not self._file:
-                self._raw.flush()
-                os.fsync(self._raw.fileno())
-                self._raw.close()
-            self._file = self._raw = None
+        if self._file is None:
+            return
+        file, raw, self._file, self._raw = self._file, self._raw, None, None
+        try:
+            file.close()
+            if raw is not file.target:
+                raw.flush()
+                os.fsync(raw.fileno())
+        finally:
+            raw.close()  # also after a failed write: no descriptor left open
 
     def close(self, **manifest) -> Path:
         """Finish and rename into place (an existing output is removed last); a directory gets a manifest.json
