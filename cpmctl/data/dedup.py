@@ -33,6 +33,7 @@ import xxhash
 from cpmctl import CpmctlError
 import numpy as np
 
+from cpmctl.data.membership import distinct_sorted
 from cpmctl.data.parallel import InOrder, ordered_map
 from cpmctl.data.store import CACHE_MB, DedupStore, InputRecord
 from cpmctl.data.textio import (
@@ -80,7 +81,7 @@ class HashedChunk:
     malformed: list = field(default_factory=list)  # (line offset in chunk, reason)
     fingerprint: int = 0  # of the chunk's raw bytes, for the journal
     ends: array = field(default_factory=lambda: array("q"))  # per line: the offset just past its newline
-    order: bytes = b""  # int64 positions that sort `hashes` (stable), computed here so the writer does not
+    order: bytes = b""  # int64 positions that sort `hashes` (stable): sorted by the worker, not the one writer
     copy: bytes = b""  # per hash, bool: an earlier document of the chunk holds the same hash
 
 
@@ -210,14 +211,7 @@ def decide(chunk: HashedChunk, store: DedupStore, threshold: float) -> tuple[byt
     codes = bytearray(chunk.status)
     view = np.frombuffer(codes, dtype=np.uint8)
     view[view == _HAS_PARAGRAPHS] = np.where(kept, KEPT, DUPLICATE)
-    return codes, _distinct(in_order[(kept[doc] & ~known)[order]])
-
-
-def _distinct(ascending: np.ndarray) -> np.ndarray:
-    """np.unique of an already sorted array, in one pass."""
-    if len(ascending) < 2:
-        return ascending
-    return ascending[np.concatenate(([True], ascending[1:] != ascending[:-1]))]
+    return codes, distinct_sorted(in_order[(kept[doc] & ~known)[order]])
 
 
 def _required(threshold: float, n: np.ndarray) -> np.ndarray:

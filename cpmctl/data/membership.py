@@ -122,6 +122,13 @@ class MembershipFilter:
         return cls(0, np.frombuffer(body, dtype="<u8").astype(np.uint64, copy=False), int(header.get("keys", 0))), None
 
 
+def distinct_sorted(ascending: np.ndarray) -> np.ndarray:
+    """np.unique of an already sorted array, in one pass."""
+    if len(ascending) < 2:
+        return ascending
+    return ascending[np.concatenate(([True], ascending[1:] != ascending[:-1]))]
+
+
 class HashRuns:
     """An exact set of int64 hashes held as a few sorted arrays (8 bytes a hash, where a Python set costs ~70):
     the store's paragraphs not yet merged into its main table. A sorted batch is added as a run and merged with

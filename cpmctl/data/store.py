@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 
 from cpmctl import CpmctlError
-from cpmctl.data.membership import HashRuns, MembershipFilter
+from cpmctl.data.membership import HashRuns, MembershipFilter, distinct_sorted
 from cpmctl.data.store_schema import (  # noqa: F401 - FORMAT, VERSION, HASH: the store's identity, imported from here
     DEFAULT_THRESHOLD, FORMAT, HASH, VERSION, DedupSettings, check_settings, configure, create, inspect_file,
     table_names, upgrade,
@@ -163,10 +163,7 @@ class DedupStore:
             return mask
         maybe = hashes[at]
         hit = self.recent.contains(maybe)
-        rest = maybe[~hit]
-        if len(rest) > 1:
-            rest = rest[np.concatenate(([True], rest[1:] != rest[:-1]))]
-        rest = rest.tolist()
+        rest = distinct_sorted(maybe[~hit]).tolist()
         found: list[int] = []
         for i in range(0, len(rest), _IN_BATCH):
             part = rest[i : i + _IN_BATCH]
