@@ -433,8 +433,9 @@ def _dedup_all(shards, store, writer, result, errors, workers, chunk_bytes, on_p
         result.paragraphs += hashed.paragraphs
         result.new_paragraphs += store.last_inserted
         decided += len(item.data)
-        # This run's rate of new paragraphs so far, projected over what is left (compressed inputs: an underestimate).
-        store.expected_new = result.new_paragraphs * max(0, total - decided) // max(1, decided)
+        # This run's rate of new paragraphs per decided byte, projected over the input not read yet (replayed parts
+        # count as read; compressed inputs: an underestimate).
+        store.expected_new = result.new_paragraphs * max(0, total - result.bytes) // max(1, decided)
 
 
 def _size(shard: Shard) -> int:
