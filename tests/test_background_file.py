@@ -56,7 +56,7 @@ def test_a_write_error_on_the_thread_is_raised_to_the_caller_and_the_target_clos
     assert target.closed_by_us and len(target.result) <= 100
 
 
-def test_a_full_disk_fails_the_dedup_output_with_nothing_left_behind(tmp_path, monkeypatch):
+def test_a_full_disk_fails_the_document_output_with_nothing_left_behind(tmp_path, monkeypatch):
     from cpmctl import CpmctlError
     from cpmctl.data import textout
     from cpmctl.data.textio import output_spec

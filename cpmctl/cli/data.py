@@ -51,9 +51,10 @@ def tokenize(
 @contextlib.contextmanager
 def byte_progress(shards, label: str):
     """A progress bar over input bytes on stderr (a spinner-like bar when inputs are compressed)."""
+    from cpmctl.data.textio import input_bytes
     from cpmctl.progress import byte_bar
 
-    total = None if any(s.compression for s in shards) else sum(s.path.stat().st_size for s in shards)
+    total = input_bytes(shards)
     with byte_bar(total, label) as advance:
         yield advance
 

@@ -1,10 +1,10 @@
 """A file whose writes happen on a thread: the one ordered writer of `data dedup` and `data filter` hands its output
 bytes over and goes on deciding the next block while the kernel copies them into the page cache (or zlib / zstd
-compresses them; both release the GIL). Measured in bench/data.py: writing the kept 70% of 1 GB took 1.6 of the 7.3
-CPU seconds of dedup's main process.
+compresses them; both release the GIL). Profiled on bench/data.py's 1 GB corpus: writing the kept 70% took 1.6 of
+the 7.3 seconds of dedup's main process.
 
 Small writes are gathered into pieces of at least PIECE bytes; at most QUEUED pieces wait, so memory stays bounded.
-An error on the thread (a full disk) is raised, as the same exception, by the next write, flush or close. The thread
+An error on the thread (a full disk) is raised, as the same exception, by the next write, drain or close. The thread
 starts on the first write, so a process pool forked before it (data/parallel.py) copies no running thread."""
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ from cpmctl.data.textio import (
     check_readable,
     claim_output,
     document_texts,
+    input_bytes,
     read_blocks,
     read_chunks,
 )
@@ -404,7 +405,7 @@ def _counted(block: Block, result: DedupResult, on_progress) -> Block:
 
 def _dedup_all(shards, store, writer, result, errors, workers, chunk_bytes, on_progress) -> None:
     records: dict[int, InputRecord] = {}
-    total = sum(_size(shard) for shard in shards)
+    total = input_bytes(shards) or 0  # compressed inputs: no projection, the filter grows by doubling
     decided = 0  # bytes of the blocks decided so far
     stream = _work(shards, store, records, result, chunk_bytes, on_progress)
     settings = (shards[0].format, store.settings.normalize)
@@ -434,12 +435,5 @@ def _dedup_all(shards, store, writer, result, errors, workers, chunk_bytes, on_p
         result.new_paragraphs += store.last_inserted
         decided += len(item.data)
         # This run's rate of new paragraphs per decided byte, projected over the input not read yet (replayed parts
-        # count as read; compressed inputs: an underestimate).
+        # count as read).
         store.expected_new = result.new_paragraphs * max(0, total - result.bytes) // max(1, decided)
-
-
-def _size(shard: Shard) -> int:
-    try:
-        return os.path.getsize(shard.path)
-    except OSError:
-        return 0

@@ -4,9 +4,10 @@ Tables
   meta(key, value)      format, version, hash, threshold, normalize, paragraphs (row count kept up to date)
   paragraphs(hash)      signed 64-bit xxh3_64 of each paragraph ever added (the rowid: compact and indexed)
   recent(hash)          unmerged paragraphs of earlier runs as stores before 2026-12 kept them (now only read and
-                        emptied), merged into `paragraphs` in sorted bulk with `pending` when both hold merge_rows() (MERGE_ROWS, or 1/4 of the store when more: a merge
-                        rewrites the table, so it comes once per 1/4 of growth; random-key inserts a chunk at a
-                        time into a large B-tree would rewrite a page per key)
+                        emptied), merged into `paragraphs` in sorted bulk with `pending` when both hold
+                        merge_rows() (MERGE_ROWS, or 1/4 of the store when more: a merge rewrites the table, so it
+                        comes once per 1/4 of growth; random-key inserts a chunk at a time into a large B-tree
+                        would rewrite a page per key)
   pending(id, hashes)   the paragraphs added since the last merge: per committed chunk one sorted int64 blob (an
                         append, not a B-tree insert per key), rewritten as one blob when a run ends, read back into
                         memory by the next run. A paragraph is in the store when it is in any of the three

@@ -225,6 +225,13 @@ def _newlines(data: bytes) -> int:
     return int(np.count_nonzero(np.frombuffer(data, dtype=np.uint8) == 10))
 
 
+def input_bytes(shards: list[Shard]) -> int | None:
+    """The bytes the shards hold as read (their sizes); None when one is compressed (unknown until read)."""
+    if any(s.compression for s in shards):
+        return None
+    return sum(s.path.stat().st_size for s in shards)
+
+
 def check_readable(shards: list[Shard]) -> None:
     """Fail early, before any output or store write, when a shard cannot even be opened and started."""
     for shard in shards:
