@@ -256,7 +256,7 @@ def job_prefill(a: dict) -> dict:
 
 
 def job_merge(a: dict) -> dict:
-    """The amortised cost dedup pays every merge_rows() new paragraphs (1M, or 1/4 of the store when more): a
+    """The amortised cost dedup pays every merge_rows() new paragraphs (4M, or 1/4 of the store when more): a
     sorted bulk merge of `recent` into the main table."""
     import numpy as np
 

@@ -12,7 +12,7 @@ from cpmctl.data.dedup import dedup
 from cpmctl.data.filter import run_filter
 from cpmctl.data.parallel import InOrder, ordered_map
 from cpmctl.data.recipe import FilterRecipe
-from cpmctl.data.textio import output_spec, read_blocks, read_chunks, resolve_inputs
+from cpmctl.data.textio import InputFile, output_spec, read_blocks, read_chunks, resolve_inputs
 from cpmctl.data.vocab import build_vocab
 
 ASSETS = Path(__file__).resolve().parent.parent / "cpmctl" / "assets" / "corpus"
@@ -95,6 +95,72 @@ def test_dedup_with_two_workers_writes_the_same_bytes_and_store(tmp_path):
         assert again.new_paragraphs == 0 and (tmp_path / f"r{w}.jsonl").read_bytes() == (tmp_path / f"o{w}.jsonl").read_bytes()
     assert outs[1] == outs[2] and outs[1][1] > 0
     assert (tmp_path / "o1.jsonl").read_bytes() == (tmp_path / "o2.jsonl").read_bytes()
+
+
+def test_input_file_blocks_are_cut_where_read_blocks_cuts(tmp_path):
+    """dedup's workers read their own blocks of an InputFile: the same offsets as read_blocks, hence the same
+    journal batches whatever the worker count or the reading path."""
+    src = tmp_path / "a.jsonl"
+    src.write_bytes(b'{"text": "a"}\n\n{"text": "bb"}\r\n' * 50 + b'{"text": "c"}')  # no final newline
+    shard = resolve_inputs([src])[0]
+    for size in (1, 7, 100, 1 << 20):
+        source = InputFile(shard)
+        blocks = list(source.blocks(0, size))
+        expected = list(read_blocks(shard, 0, size))
+        assert [b.source[1:3] for b in blocks] == [(e.source[1], e.source[2]) for e in expected]
+        for b, e in zip(blocks, expected):
+            assert b.data is None and b.first == -1
+            b.load()
+            assert b.data == e.data
+        source.close()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    assert list(InputFile(resolve_inputs([empty])[0]).blocks(0)) == []
+
+
+_CHANGE = {"how": "rewrite"}
+
+
+def _hash_then_change(block):
+    """hash_lines, then the input file changed once its first block is read: as if another program were still
+    writing it (module level: the pool pickles the function by name)."""
+    from cpmctl.data.dedup import hash_lines
+
+    chunk = hash_lines(block)
+    path, offset, size, _ = block.source
+    if offset == 0:
+        data = Path(path).read_bytes()
+        if _CHANGE["how"] == "rewrite":
+            Path(path).write_bytes(data.replace("第".encode(), "弟".encode()))  # same length, other bytes
+        else:
+            with open(path, "r+b") as f:
+                f.truncate(len(data) // 2)
+    return chunk
+
+
+def _with_work(ordered_map, fn):
+    return lambda _fn, *args, **kwargs: ordered_map(fn, *args, **kwargs)
+
+
+def test_dedup_refuses_an_input_that_changes_under_the_workers(tmp_path, monkeypatch):
+    """The writer takes the kept lines from its mapping of the input, the workers hashed their own reads: bytes
+    that differ (or are gone) are a one-line error, and no output appears."""
+    import pytest
+
+    from cpmctl import CpmctlError
+    from cpmctl.data import dedup as dedup_module
+
+    for change in ("rewrite", "truncate"):
+        src = tmp_path / f"{change}.jsonl"
+        src.write_text("".join(json.dumps({"text": f"第{i}段"}, ensure_ascii=False) + "\n" for i in range(3000)),
+                       encoding="utf-8")
+        _CHANGE["how"] = change
+        monkeypatch.setattr(dedup_module, "ordered_map", _with_work(dedup_module.ordered_map, _hash_then_change))
+        out = tmp_path / f"{change}-out.jsonl"
+        with pytest.raises(CpmctlError, match="changed while it was being read"):
+            dedup(resolve_inputs([src]), output_spec(out, "jsonl", None), tmp_path / f"{change}.sqlite", workers=2,
+                  chunk_bytes=4096)
+        assert not out.exists()
 
 
 def test_vocab_with_two_workers_is_the_same(tmp_path):

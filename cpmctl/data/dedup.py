@@ -42,9 +42,11 @@ from cpmctl.data.textio import (
     DocumentWriter,
     LineErrors,
     MalformedLine,
+    InputFile,
     OutputSpec,
     Shard,
     as_output_line,
+    changed_error,
     check_readable,
     claim_output,
     document_texts,
@@ -84,6 +86,7 @@ class HashedChunk:
     ends: array = field(default_factory=lambda: array("q"))  # per line: the offset just past its newline
     order: bytes = b""  # int64 positions that sort `hashes` (stable): sorted by the worker, not the one writer
     copy: bytes = b""  # per hash, bool: an earlier document of the chunk holds the same hash
+    has_cr: bool = False  # a carriage return in the block's bytes (its kept lines are then written one by one)
 
 
 _worker_settings: tuple[str, bool] = ("jsonl", False)
@@ -96,6 +99,7 @@ def _init_worker(fmt: str, normalize: bool) -> None:
 
 def hash_lines(block: Block) -> HashedChunk:
     fmt, normalize = _worker_settings
+    block.load()
     lines = block.split()
     status, counts, unsigned = bytearray(len(lines)), array("I"), array("Q")
     chunk = HashedChunk(status, counts, unsigned)
@@ -124,6 +128,7 @@ def hash_lines(block: Block) -> HashedChunk:
     sort_copies(chunk)
     chunk.ends = array("q", accumulate(len(line) + 1 for line in lines))
     chunk.fingerprint = xxhash.xxh3_64_intdigest(block.data) - (1 << 63)  # = _fingerprint of its lines
+    chunk.has_cr = b"\r" in block.data
     return chunk
 
 
@@ -244,12 +249,12 @@ def _decide_in_order(unsure, kept, hashes, doc, known, copy, order, low, need) -
         kept[d] = seen < need[d]
 
 
-def write_kept(writer: DocumentWriter, block: Block, ends: array, codes: bytearray) -> None:
-    """The kept lines of `block` to `writer` as as_output_line would give them: runs of kept lines as slices of
-    the block's bytes, in one write (line by line only for a block with carriage returns)."""
-    data = block.data
-    if b"\r" in data:
-        for line, code in zip(block.split(), codes):
+def write_kept(writer: DocumentWriter, data: bytes | memoryview, has_cr: bool, ends: array, codes: bytearray) -> None:
+    """The kept lines of a block (`data`: its bytes, or a view of them read back) to `writer` as
+    as_output_line would give them: runs of kept lines as slices, in one write (line by line only for a block
+    with carriage returns)."""
+    if has_cr:
+        for line, code in zip(Block(0, 0, 0, bytes(data)).split(), codes):
             if code == KEPT:
                 writer.write(as_output_line(line))
         return
@@ -376,9 +381,11 @@ def dedup(
     return result
 
 
-def _work(shards: list[Shard], store: DedupStore, records: dict, result: DedupResult, chunk_bytes: int, on_progress):
+def _work(shards: list[Shard], store: DedupStore, records: dict, inputs: dict, result: DedupResult, chunk_bytes: int,
+          on_progress):
     """The stream for all inputs: Blocks to hash in the workers, and InOrder items the writer handles itself
-    in their place: ("replay", shard, first, lines, replay), ("end", shard, record). Fills `records`."""
+    in their place: ("replay", shard, first, lines, replay), ("end", shard, record). Fills `records`, and `inputs`
+    with the InputFile of each uncompressed input read fresh (its blocks carry no bytes: see _decide_all)."""
     for index, shard in enumerate(shards):
         record = records[index] = store.begin_input(shard.path)
         replay = _Replay(store, record, shard)
@@ -390,24 +397,42 @@ def _work(shards: list[Shard], store: DedupStore, records: dict, result: DedupRe
                 else:
                     data = b"".join(lines)
                     yield _counted(Block(index, first, len(lines), data), result, on_progress)
-        else:
+        elif shard.compression:
             for block in read_blocks(shard, index, chunk_bytes):
+                yield _counted(block, result, on_progress)
+        else:
+            try:
+                inputs[index] = source = InputFile(shard)
+            except OSError as e:
+                raise CpmctlError(f"{shard.path}: unreadable ({e.strerror})") from None
+            for block in source.blocks(index, chunk_bytes):
                 yield _counted(block, result, on_progress)
         yield InOrder(("end", index, record))
 
 
 def _counted(block: Block, result: DedupResult, on_progress) -> Block:
-    result.bytes += len(block.data)
+    size = block.source[2] if block.data is None else len(block.data)
+    result.bytes += size
     if on_progress:
-        on_progress(len(block.data))
+        on_progress(size)
     return block
 
 
 def _dedup_all(shards, store, writer, result, errors, workers, chunk_bytes, on_progress) -> None:
     records: dict[int, InputRecord] = {}
+    inputs: dict[int, InputFile] = {}
+    try:
+        _decide_all(shards, store, writer, result, errors, workers, chunk_bytes, on_progress, records, inputs)
+    finally:
+        for source in inputs.values():
+            source.close()
+
+
+def _decide_all(shards, store, writer, result, errors, workers, chunk_bytes, on_progress, records, inputs) -> None:
     total = input_bytes(shards) or 0  # compressed inputs: no projection, the filter grows by doubling
     decided = 0  # bytes of the blocks decided so far
-    stream = _work(shards, store, records, result, chunk_bytes, on_progress)
+    next_line: dict[int, int] = {}  # per InputFile: the first line of its next block
+    stream = _work(shards, store, records, inputs, result, chunk_bytes, on_progress)
     settings = (shards[0].format, store.settings.normalize)
     for item, hashed in ordered_map(hash_lines, stream, workers, _init_worker, settings):
         if isinstance(item, InOrder):
@@ -421,19 +446,30 @@ def _dedup_all(shards, store, writer, result, errors, workers, chunk_bytes, on_p
                     on_progress(nbytes)
             else:
                 store.finish_input(rest[0])
+                if index in inputs:
+                    inputs.pop(index).close()
             continue
         shard = shards[item.shard]
         record = records[item.shard]
-        for offset, reason in hashed.malformed:
-            errors(shard.path, item.first + offset, reason)
+        if item.first < 0:  # an InputFile block: its place comes from the line counts of the blocks before it
+            item.first, item.lines = next_line.get(item.shard, 0), len(hashed.status)
+            next_line[item.shard] = item.first + item.lines
+        data = item.data
+        if data is None:  # hashed by a worker from its own read: written from the same bytes or not at all
+            _, offset, size, _ = item.source
+            data = inputs[item.shard].read(offset, size)
+            if xxhash.xxh3_64_intdigest(data) - (1 << 63) != hashed.fingerprint:
+                raise CpmctlError(changed_error(shard.path, offset, size))
+        for offset_in, reason in hashed.malformed:
+            errors(shard.path, item.first + offset_in, reason)
         codes, new_hashes = decide(hashed, store, store.settings.threshold)
         store.commit_batch(record, item.first, item.lines, hashed.fingerprint, bytes(codes), new_hashes,
                            hashed.paragraphs)
         result.count_all(codes)
-        write_kept(writer, item, hashed.ends, codes)
+        write_kept(writer, data, hashed.has_cr, hashed.ends, codes)
         result.paragraphs += hashed.paragraphs
         result.new_paragraphs += store.last_inserted
-        decided += len(item.data)
+        decided += item.source[2] if item.data is None else len(item.data)
         # This run's rate of new paragraphs per decided byte, projected over the input not read yet (replayed parts
         # count as read).
         store.expected_new = result.new_paragraphs * max(0, total - result.bytes) // max(1, decided)

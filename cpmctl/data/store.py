@@ -50,7 +50,9 @@ CACHE_MB = 128  # SQLite page cache: the bound on the store's memory, whatever i
 _IN_BATCH = 256  # host parameters per SELECT ... IN: one fixed size, so the prepared statement is reused
 
 
-MERGE_ROWS = 1_000_000
+# 4M unmerged paragraphs (32 MB of runs in memory) before the first merge: a 1000 MB run from an empty store
+# merges none instead of twice, and its duplicates of its own paragraphs are found in memory, not in the B-tree.
+MERGE_ROWS = 4_000_000
 MERGE_SHARE = 4  # merge once `recent` + `pending` hold 1/MERGE_SHARE of the store (when that exceeds MERGE_ROWS)
 _PARAMS = ",".join(f"?{i + 1}" for i in range(_IN_BATCH))
 _LOOKUP_SQL = (f"SELECT hash FROM paragraphs WHERE hash IN ({_PARAMS}) "

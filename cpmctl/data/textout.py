@@ -41,7 +41,7 @@ def extension_for(fmt: str, compression: str | None) -> str:
 
 # ----- writing -------------------------------------------------------------------------------------------------
 def open_writer(path: Path, compression: str | None):
-    raw = open(path, "wb")
+    raw = _open_empty(path)
     if compression == "gzip":
         return gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0), raw
     if compression == "zstd":
@@ -49,6 +49,20 @@ def open_writer(path: Path, compression: str | None):
 
         return zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False), raw
     return raw, raw
+
+
+def _open_empty(path: Path):
+    """`path` for writing from its start, without O_TRUNC when it is empty already (the temp file just made for
+    it): on ext4 a truncating open makes the close flush every dirty page of the file (auto_da_alloc), a quarter
+    of a second for a 700 MB output, on the run's critical path."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        if os.fstat(fd).st_size:
+            os.ftruncate(fd, 0)
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @dataclass
