@@ -521,5 +521,5 @@ def test_a_version_1_store_is_upgraded_and_gives_the_same_result(tmp_path):
     assert (tmp_path / "old-2.jsonl").read_bytes() == (tmp_path / "ref-2.jsonl").read_bytes()
     with sqlite3.connect(old) as db:
         assert db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()[0] == "2"
-        assert db.execute("SELECT count(*) FROM pending").fetchone()[0] == 1  # the run's chunks as one blob
+        assert db.execute("SELECT count(*) FROM pending").fetchone()[0] >= 1  # the second run's chunks, unmerged
     db.close()

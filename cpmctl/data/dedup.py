@@ -371,7 +371,6 @@ def dedup(
                     raise
                 raise CpmctlError(f"--store {store_path}: disk full while writing it ({e}); every chunk committed "
                                   "before is kept: free some space and rerun to resume") from None
-            store.flush_pending()
             store.checkpoint()
             store.save_membership()
             result.store_paragraphs = store.paragraph_count

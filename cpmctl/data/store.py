@@ -9,7 +9,7 @@ Tables
                         comes once per 1/4 of growth; random-key inserts a chunk at a time into a large B-tree
                         would rewrite a page per key)
   pending(id, hashes)   the paragraphs added since the last merge: per committed chunk one sorted int64 blob (an
-                        append, not a B-tree insert per key), rewritten as one blob when a run ends, read back into
+                        append, not a B-tree insert per key; kept as they are when a run ends), read back into
                         memory by the next run. A paragraph is in the store when it is in any of the three
   inputs(...)           one row per input file a run has started: path, size, mtime, lines done, complete
   batches(...)          per committed chunk of an input: its line range, a fingerprint of its bytes, one decision
@@ -235,25 +235,6 @@ class DedupStore:
         self.recent_rows = 0
         if self._recent is not None:
             self._recent.clear()
-
-    def flush_pending(self) -> None:
-        """End of a run: the `pending` rows (one per chunk) rewritten as one sorted blob. They stay unmerged, in
-        memory during the next run too, until the merge moves them into `paragraphs`: each paragraph is inserted
-        into a B-tree once (before, a run's end also inserted them into `recent`: about 0.4 us a paragraph, all of
-        it on the serial tail of the run)."""
-        conn = self.conn
-        if conn.execute("SELECT count(*) FROM pending").fetchone()[0] < 2:
-            return
-        every = self.recent.values()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.execute("DELETE FROM pending")
-            conn.execute("INSERT INTO pending(hashes) VALUES (?)", (every.astype("<i8").tobytes(),))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     def _move(self, table: str, also: str | None = None, clear: str | None = None) -> None:
         conn = self.conn
