@@ -411,7 +411,7 @@ def main(argv=None) -> None:
         every_mb = merge["rows"] / new_per_mb
         amortised = every_mb / (every_mb / grown["mb_per_s"] + merge["seconds"])
         print(f"memory per stored paragraph: membership filter {pre['membership_bytes'] / pre['paragraphs']:.2f} bytes, "
-              f"unmerged paragraphs in memory <= 2.00 (8 bytes each, at most 1/4 of the store), SQLite page "
+              f"unmerged paragraphs in memory <= 2.00 beyond 16M stored (8 bytes each, at most 4M or 1/4 of the store), SQLite page "
               f"cache fixed ({grown['peak_rss_mb']:.0f} MB peak RSS with {pre['paragraphs'] / 1e6:.1f}M stored)")
         print(f"bulk merge of {merge['rows']:,} new paragraphs into the {pre['paragraphs'] / 1e6:.1f}M store: "
               f"{merge['seconds']:.1f} s, once per ~{every_mb:.0f} MB of this corpus's new text")
