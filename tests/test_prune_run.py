@@ -232,3 +232,33 @@ def test_distillation_is_temperature_scaled_kl():
     p = torch.softmax(teacher / t, -1)
     expected = (p * (p.log() - torch.log_softmax(student / t, -1))).sum(-1).mean() * t * t
     torch.testing.assert_close(distillation_kl(student, teacher, t), expected)
+
+
+def test_mask_phase_with_frozen_weights_moves_only_the_gates(setup, capsys, tmp_path, monkeypatch):
+    """gates.train_weights: false: the mask phase leaves every weight bit-identical to the source model's while
+    the gates learn (their log_alpha moves), and the stage still reaches its target."""
+    from cpmctl.prune import pipeline
+
+    root = setup
+    seen = {}
+    original = pipeline.learn_selection
+
+    def spy(stage, model, *args, **kwargs):
+        result = original(stage, model, *args, **kwargs)
+        seen["weights"] = {k: v.detach().clone() for k, v in result["model"].state_dict().items()}
+        seen["requires_grad"] = all(p.requires_grad for p in result["model"].parameters())
+        return result
+
+    monkeypatch.setattr(pipeline, "learn_selection", spy)
+    code, out, err = cli(prune_args(root, "t0", "t1", root / "m0", tmp_path / "f", "mask.steps=4", "recovery.steps=1",
+                                    "gates.lr=0.5", "gates.train_weights=false"), capsys)
+    assert code == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["shape"]["attention_layers_kept"] == 3 and report["shape"]["ffn_layers_kept"] == 2
+    source, _ = load_model(root / "m0")
+    expected = source.state_dict()
+    assert seen["weights"].keys() == expected.keys()
+    assert all(torch.equal(seen["weights"][k], expected[k]) for k in expected)
+    assert seen["requires_grad"]  # unfrozen again for extraction and recovery
+    metrics = [json.loads(line) for line in (tmp_path / "f" / "stage-1-t0-to-t1" / "mask" / "metrics.jsonl").open()]
+    assert len([m for m in metrics if "loss" in m]) >= 4

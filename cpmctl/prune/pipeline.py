@@ -172,11 +172,22 @@ def learn_selection(stage: Stage, model: CPMAnt, source_path: Path, stage_dir: P
                                    recipe.importance.layers, recipe.importance.heads)
         phase.masks.init_from_scores(scores, recipe.gates.init_mean, recipe.gates.init_spread)
     model.to(device)
-    ctx.log_main(f"stage {stage.index}: mask phase ({recipe.mask.steps} steps; gates on {', '.join(stage.kinds)}; "
-                 f"engine {recipe.mask.engine}" + (f" x {engine.world_size})" if engine is not None else ")"))
-    result = train(model, _reader(ctx.data.train, recipe.mask, engine), recipe.mask, stage_dir / "mask",
-                   loss_fn=phase.loss, param_groups=lambda m: phase.param_groups(m, recipe), on_step=phase.on_step,
-                   save_model=_save_model_fn(ctx.vocab), extra_state=phase, resume=True, progress=ctx.progress)
+    frozen = not recipe.gates.train_weights
+    if frozen:
+        if engine is not None:  # DDP and FSDP need a parameter of the model to train
+            raise CpmctlError(f"gates.train_weights: false runs the mask phase on one process; mask.engine is "
+                              f"{recipe.mask.engine}")
+        model.requires_grad_(False)  # no weight gradients at all: the gates learn against the weights as they are
+    ctx.log_main(f"stage {stage.index}: mask phase ({recipe.mask.steps} steps; gates on {', '.join(stage.kinds)}"
+                 + ("; weights frozen" if frozen else "") + f"; engine {recipe.mask.engine}"
+                 + (f" x {engine.world_size})" if engine is not None else ")"))
+    try:
+        result = train(model, _reader(ctx.data.train, recipe.mask, engine), recipe.mask, stage_dir / "mask",
+                       loss_fn=phase.loss, param_groups=lambda m: phase.param_groups(m, recipe), on_step=phase.on_step,
+                       save_model=_save_model_fn(ctx.vocab), extra_state=phase, resume=True, progress=ctx.progress)
+    finally:
+        if frozen:
+            model.requires_grad_(True)
     clear_gates(model)
     if engine is not None:
         model = full_copy(model, engine)  # rank 0: the trained weights gathered from the shards; others: None

@@ -27,6 +27,7 @@ class GateConfig:
     target_warmup: float = 0.2  # fraction of the mask phase over which the target goes from 1 to the final size
     log_alpha_limit: float = 10.0  # log_alpha kept within +-limit: bounds how far a gate can run away
     beta1: float = 0.0  # AdamW momentum of gates and multipliers: with momentum they sail past the target
+    train_weights: bool = True  # false: the mask phase moves only the gates (and multipliers); weights stay frozen
 
     def check(self, at: str) -> None:
         within(self, at, "target_warmup", 0.0, 1.0)
