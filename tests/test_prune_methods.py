@@ -17,7 +17,9 @@ from cpmctl import CpmctlError
 from cpmctl.data.packed_format import PackedDataset, PackedReader, RowRange
 from cpmctl.model.ant import build_model
 from cpmctl.prune.gates import StageMasks
-from cpmctl.prune.importance import activation_scores, calibration_batches, drop_one_scores, greedy_head_scores
+from cpmctl.prune.importance import (
+    activation_scores, calibration_batches, drop_one_scores, greedy_head_scores, importance_scores,
+)
 from cpmctl.prune.recipe import load_prune_recipe
 from cpmctl.prune.targets import KINDS
 from tests.conftest import tiny_config, write_tiny_ladder
@@ -64,6 +66,11 @@ def test_activation_importance_matches_a_hand_computation(setup):
         act = F.gelu(y @ ffn.w_in.w_0.weight[channel]) * (y @ ffn.w_in.w_1.weight[channel])
         assert torch.allclose(scores["channels"][0, channel], act.abs()[real].mean(), rtol=1e-4)
         assert torch.allclose(scores["ffn"][0], block.ffn(h1).norm(dim=-1)[real].mean(), rtol=1e-4)
+        # importance.channels: output: the mean norm of what the channel alone writes, act_j * w_out[:, j].
+        written = (act[..., None] * ffn.w_out.weight[:, channel]).norm(dim=-1)[real].mean()
+        out = importance_scores(model, ["channels"], [batch], {}, channels="output")["channels"]
+        assert torch.allclose(out[0, channel], written, rtol=1e-4)
+        assert not torch.equal(out.argsort(dim=1), scores["channels"].argsort(dim=1))  # another ranking
     assert scores["channels"].shape == (1, 48) and scores["heads"].shape == (4,)
 
 
@@ -237,6 +244,10 @@ def test_importance_options_are_read_and_checked_from_a_recipe(tmp_path):
     assert "\n" not in str(e.value)
     recipe = load_prune_recipe(path, ["importance.layers=kl", "importance.heads=kl"])
     assert (recipe.importance.layers, recipe.importance.heads) == ("kl", "kl")
+    assert recipe.importance.channels == "activation"
+    assert load_prune_recipe(path, ["importance.channels=output"]).importance.channels == "output"
+    with pytest.raises(CpmctlError, match="importance.channels: expected one of 'activation' | 'output'"):
+        load_prune_recipe(path, ["importance.channels=norm"])
 
 
 def test_default_importance_keeps_the_top_drop_one_sub_blocks_and_the_greedy_heads(setup, capsys, tmp_path):

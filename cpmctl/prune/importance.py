@@ -5,7 +5,10 @@ Per structure type, over the predicted-or-context tokens of the calibration rows
 - attention / ffn sub-block: mean L2 norm of the sub-block's output, i.e. of what it adds to the residual stream;
 - head: mean L2 norm of the head's output (its dim_head slice of the input of attention_out), summed over the
   layers, because the head mask is shared by every layer (gates.py);
-- channel: mean |activation| of the FFN's intermediate channel (the input of w_out: gelu(w_0 x) * w_1 x).
+- channel: mean |activation| of the FFN's intermediate channel (the input of w_out: gelu(w_0 x) * w_1 x);
+  `importance.channels: output` multiplies it by the norm of the channel's column of w_out, making it the mean
+  norm of what the channel writes (mean |h_j| * ||w_out[:, j]||, the channel's share of the sub-block's output, as
+  the sub-block score is the norm of the sub-block's output; Wanda's |activation| x |weight|, per channel).
 
 Loss-based importance, computed with the model's gates (no weights change):
 - `importance.layers: loss` (drop-one): a sub-block scores the increase of the calibration LM loss when it alone
@@ -92,12 +95,23 @@ def activation_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, t
     return {k: means[k] for k in kinds}
 
 
+def channel_output_scale(model: CPMAnt) -> torch.Tensor:
+    """(FFN layers, dim_ff): the L2 norm of each channel's column of w_out (folded weights: a constant factor
+    per matrix, which leaves the per-layer ranking as the original weights give it)."""
+    config = model.config
+    return torch.stack([model.encoder.layers[i].ffn.ffn.w_out.weight.detach().float().norm(dim=0).cpu()
+                        for i in range(config.num_layers) if config.has_ffn(i)])
+
+
 def importance_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, torch.Tensor]],
-                      targets: dict[str, int], layers: str = "norm", heads: str = "norm") -> dict[str, torch.Tensor]:
+                      targets: dict[str, int], layers: str = "norm", heads: str = "norm",
+                      channels: str = "activation") -> dict[str, torch.Tensor]:
     """The activation importance of `kinds`; with layers="loss" / "kl" the sub-blocks scored by their drop-one
     loss increase / KL, with heads="loss" / "kl" the heads by the greedy search (`greedy_head_scores`, needs the
-    target)."""
+    target), with channels="output" the channels by the mean norm of their output."""
     scores = activation_scores(model, kinds, batches)
+    if channels == "output" and "channels" in kinds:
+        scores["channels"] = scores["channels"] * channel_output_scale(model)
     sub_blocks = [k for k in kinds if k in ("attention", "ffn")]
     if layers in ("loss", "kl") and sub_blocks:
         scores.update(drop_one_scores(model, sub_blocks, batches, layers))

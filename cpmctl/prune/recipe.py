@@ -12,6 +12,7 @@ from cpmctl.train.recipe import TrainConfig
 
 Method = Literal["learned", "activation", "magnitude", "random"]  # hard-concrete masks | the baselines (no mask phase)
 GateInit = Literal["constant", "activation"]  # log_alpha start: N(init_mean, init_std) | ranked activation importance
+ChannelScore = Literal["activation", "output"]  # mean |h_j| | mean |h_j| x ||w_out[:, j]||: what channel j writes
 Score = Literal["norm", "loss", "kl"]  # mean activation norm | calibration loss increase when the structure alone is
 # dropped | KL(full || without it) of the next-token distributions (the same searches)
 
@@ -63,10 +64,10 @@ class PruneData:
 
 @dataclass
 class ImportanceConfig:
-    """How `method: activation` scores structures (importance.py; bench/prune.py measured loss over norm);
-    channels always by mean |activation|."""
+    """How `method: activation` scores structures (importance.py; bench/prune.py measured loss over norm)."""
     layers: Score = "loss"  # attention / FFN sub-blocks: drop-one loss increase (a forward per sub-block) | output norm
     heads: Score = "loss"  # heads: greedy search on the calibration loss | output norm summed over layers (Minitron)
+    channels: ChannelScore = "activation"  # FFN channels: mean |activation| | the mean norm of the channel's output
 
 
 def _mask_defaults() -> TrainConfig:
