@@ -231,31 +231,26 @@ class DedupStore:
     def merge_recent(self) -> None:
         """Move `recent` and `pending` into `paragraphs` in key order: each B-tree page is rewritten once per merge,
         not once per key. One transaction, so a kill leaves either table state intact."""
-        self._move("paragraphs", "SELECT hash FROM recent", "DELETE FROM recent")
-        self.recent_rows = 0
-        if self._recent is not None:
-            self._recent.clear()
-
-    def _move(self, table: str, also: str | None = None, clear: str | None = None) -> None:
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if also is not None:
-                conn.execute(f"INSERT OR IGNORE INTO {table}(hash) {also} ORDER BY hash")
+            conn.execute("INSERT OR IGNORE INTO paragraphs(hash) SELECT hash FROM recent ORDER BY hash")
             blobs = [np.frombuffer(b, dtype="<i8") for (b,) in conn.execute("SELECT hashes FROM pending")]
             if blobs:
                 hashes = np.concatenate(blobs).astype(np.int64)
                 hashes.sort()
                 for i in range(0, len(hashes), 1 << 18):
-                    _insert(conn, table, hashes[i : i + (1 << 18)].tolist())
+                    _insert(conn, "paragraphs", hashes[i : i + (1 << 18)].tolist())
             conn.execute("DELETE FROM pending")
-            if clear is not None:
-                conn.execute(clear)
+            conn.execute("DELETE FROM recent")
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        self.recent_rows = 0
+        if self._recent is not None:
+            self._recent.clear()
 
     # ----- inputs and the decision journal ------------------------------------------------------------------
     def begin_input(self, path: Path) -> InputRecord:
