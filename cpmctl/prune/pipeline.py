@@ -18,7 +18,6 @@ checkpoint, and starts extraction again from the finished mask phase (extraction
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import shutil
@@ -30,7 +29,7 @@ from typing import Callable
 import torch
 
 from cpmctl import CpmctlError
-from cpmctl.data.packed_format import PackedDataset, PackedReader, RowRange
+from cpmctl.data.packed_format import PackedReader
 from cpmctl.io import atomic_file
 from cpmctl.model.ant import CPMAnt
 from cpmctl.model.checkpoint import VOCAB_FILE, find_vocab, load_model, read_config, save_native, save_original, vocab_beside
@@ -39,8 +38,9 @@ from cpmctl.prune.baselines import activation_selection, magnitude_selection, ra
 from cpmctl.prune.extract import extract
 from cpmctl.prune.gates import Selection, clear_gates
 from cpmctl.prune.importance import calibration_batches, importance_scores
-from cpmctl.prune.mask_phase import MaskPhase, distilled_objective, lm_objective
-from cpmctl.prune.recipe import PruneData, PruneRecipe
+from cpmctl.prune.mask_phase import MaskPhase, distilled_objective
+from cpmctl.prune.recipe import PruneRecipe
+from cpmctl.prune.stage_data import StageData, open_data, train_reader, valid_reader, validation_loss
 from cpmctl.prune.report import kept_summary, plot_survivors
 from cpmctl.prune.targets import Shape, Stage, check_checkpoint_shape, plan_stages, plan_summary
 from cpmctl.device import resolve_device
@@ -49,49 +49,8 @@ from cpmctl.train.engine import Engine, engine_for_world, setup_engine, shard_fr
 from cpmctl.train.engine import is_sharded
 from cpmctl.train.sharded_start import load_sharded
 from cpmctl.outputs import run_dir
-from cpmctl.train.loop import TrainConfig, TrainingInterrupted, evaluate, train
+from cpmctl.train.loop import TrainConfig, TrainingInterrupted, train
 from cpmctl.train.objectives import lm_loss
-
-
-# ----- data ----------------------------------------------------------------------------------------------------
-@dataclass
-class StageData:
-    train: PackedDataset | RowRange
-    valid: PackedDataset | RowRange
-
-
-def open_data(section: PruneData, vocab_size: int, batch_sizes: list[int]) -> StageData:
-    """Training rows and validation rows, checked against the model's vocabulary before any work."""
-    if not section.train:
-        raise CpmctlError("--data: the packed training data directory is required (`cpmctl data pack`)")
-    train_set = PackedDataset(section.train)
-    train_set.check_vocab(vocab_size, "model (--data)")
-    if section.valid:
-        valid_set = PackedDataset(section.valid)
-        valid_set.check_vocab(vocab_size, "model (data.valid)")
-        train_rows: PackedDataset | RowRange = train_set
-    else:
-        n = section.valid_rows
-        if n <= 0 or n >= len(train_set):
-            raise CpmctlError(f"{train_set.path}: {len(train_set)} rows cannot hold out data.valid_rows={n} rows "
-                              "for validation; pass --valid or change data.valid_rows")
-        train_rows = RowRange(train_set, 0, len(train_set) - n)
-        valid_set = RowRange(train_set, len(train_set) - n, len(train_set))
-    need = max(batch_sizes)
-    if len(train_rows) < need:
-        raise CpmctlError(f"{train_set.path}: {len(train_rows)} training rows is fewer than one batch ({need})")
-    if len(valid_set) < 1:
-        raise CpmctlError(f"{section.valid}: no validation rows")
-    return StageData(train_rows, valid_set)
-
-
-def validation_loss(model: CPMAnt, valid_rows, batch_size: int, batches: int) -> float:
-    """Token-weighted LM loss over the first `batches` batches of the validation rows (always the same rows)."""
-    device = model.input_embedding.weight.device
-    reader = PackedReader(valid_rows, min(batch_size, len(valid_rows)), shuffle=False)
-    batches = max(1, min(batches, len(valid_rows) // reader.batch_size))
-    row = evaluate(model, reader, lm_objective, batches, Engine("single", device), contextlib.nullcontext)
-    return float(row["valid_loss"])
 
 
 # ----- one stage -----------------------------------------------------------------------------------------------
@@ -132,19 +91,6 @@ def _save_model_fn(vocab: Path | None):
     return save
 
 
-def _reader(rows, cfg: TrainConfig, engine: Engine | None) -> PackedReader:
-    """This rank's share of each global batch (the whole batch in one process)."""
-    rank, world = (engine.rank, engine.world_size) if engine is not None else (0, 1)
-    return PackedReader(rows, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
-
-
-def _valid_reader(rows, cfg: TrainConfig, engine: Engine | None):
-    if cfg.valid_batches <= 0:
-        return None
-    rank, world = (engine.rank, engine.world_size) if engine is not None else (0, 1)
-    return PackedReader(rows, min(cfg.batch_size, len(rows) // world), shuffle=False, rank=rank, world_size=world)
-
-
 def load_for(path: Path, engine: Engine | None, device, frozen: bool = False) -> CPMAnt:
     """A model for a phase: under fsdp straight into this rank's shards (train/sharded_start.py: no rank holds the
     whole model), otherwise whole on the device. `frozen`: a distillation teacher (no gradients)."""
@@ -182,7 +128,7 @@ def learn_selection(stage: Stage, model: CPMAnt, source_path: Path, stage_dir: P
                  + ("; weights frozen" if frozen else "") + f"; engine {recipe.mask.engine}"
                  + (f" x {engine.world_size})" if engine is not None else ")"))
     try:
-        result = train(model, _reader(ctx.data.train, recipe.mask, engine), recipe.mask, stage_dir / "mask",
+        result = train(model, train_reader(ctx.data.train, recipe.mask, engine), recipe.mask, stage_dir / "mask",
                        loss_fn=phase.loss, param_groups=lambda m: phase.param_groups(m, recipe), on_step=phase.on_step,
                        save_model=_save_model_fn(ctx.vocab), extra_state=phase, resume=True, progress=ctx.progress)
     finally:
@@ -294,7 +240,7 @@ def recover(stage: Stage, extracted_dir: Path, stage_dir: Path, ctx: StageContex
     engine = ctx.phase_engine(cfg)
     pruned = load_for(extracted_dir, engine, ctx.device(cfg, "recovery"))
     ctx.log_main(f"stage {stage.index}: recovery ({cfg.steps} steps; engine {cfg.engine})")
-    valid = _valid_reader(ctx.data.valid, cfg, engine)
+    valid = valid_reader(ctx.data.valid, cfg, engine)
     if valid is not None:  # a validation pass reads each held-out row at most once
         world = engine.world_size if engine is not None else 1
         cfg = dataclasses.replace(cfg, valid_batches=min(cfg.valid_batches,
@@ -304,7 +250,7 @@ def recover(stage: Stage, extracted_dir: Path, stage_dir: Path, ctx: StageContex
     if distill.recovery and source_path is not None:  # distil from the stage's unpruned model (distill.recovery)
         teacher = load_for(source_path, engine, ctx.device(cfg, "recovery"), frozen=True)
         loss_fn = distilled_objective(shard_frozen(teacher, engine) if engine is not None else teacher, distill)
-    result = train(pruned, _reader(ctx.data.train, cfg, engine), cfg, stage_dir / "recovery", loss_fn=loss_fn,
+    result = train(pruned, train_reader(ctx.data.train, cfg, engine), cfg, stage_dir / "recovery", loss_fn=loss_fn,
                    valid=valid, save_model=_save_model_fn(ctx.vocab), resume=True, progress=ctx.progress)
     if engine is not None:
         pruned = full_copy(pruned, engine)
