@@ -1,6 +1,8 @@
 """Data pipeline throughput: `data dedup` and `data filter` on a generated Chinese corpus with planted duplicates.
 
-Measured, each job in its own process (so peak memory is its own):
+Measured, each job in its own process (so peak memory is its own), after `sync` and one read of the corpus (every
+job starts with the corpus in the page cache and no earlier job's writeback pending); outputs are compared by
+digest and then deleted (--keep keeps them):
   limit     reading and parsing the same files with no rules at all: what a single process cannot beat
   dedup     cpmctl's SQLite-backed dedup, --workers 1 and 2, MB/s and peak RSS
   peer      the same dedup with a plain Python set of hashes in memory (same parsing, hashing and decisions): the
