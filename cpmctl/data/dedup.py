@@ -54,7 +54,6 @@ from cpmctl.data.textio import (
 )
 
 
-
 def required_seen(threshold: float, n: int) -> int:
     """The number of already-seen paragraphs (of n) that makes a duplicate: ceil(threshold * n), exact at the
     boundary (7 of 10 at 0.7 is a duplicate) despite binary floating point."""

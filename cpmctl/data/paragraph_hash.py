@@ -26,7 +26,6 @@ def normalize_paragraph(text: str) -> str:
     return _NOT_WORD.sub("", unicodedata.normalize("NFKC", text).casefold())
 
 
-
 @dataclass
 class HashedChunk:
     status: bytearray  # per line: p (has paragraphs), e (empty), m (malformed), b (blank jsonl line)
