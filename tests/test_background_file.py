@@ -86,15 +86,21 @@ def test_a_full_disk_fails_the_document_output_with_nothing_left_behind(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_open_writer_starts_from_empty_without_truncating_open(tmp_path):
+def test_open_writer_starts_from_empty_without_truncating_open(tmp_path, monkeypatch):
     """The temp output is opened without O_TRUNC (on ext4 that makes the close flush the whole file); a file that
     is not empty is still written from its start, nothing of it left."""
-    from cpmctl.data.textout import open_writer
+    import os
 
+    from cpmctl.data import textout
+
+    flags = []
+    real_open = os.open
+    monkeypatch.setattr(textout.os, "open", lambda path, f, *a: flags.append(f) or real_open(path, f, *a))
     for before in (b"", b"old bytes, longer than the new ones\n"):
         path = tmp_path / "out.jsonl"
         path.write_bytes(before)
-        stream, raw = open_writer(path, None)
+        stream, raw = textout.open_writer(path, None)
         stream.write(b"new\n")
         raw.close()
         assert path.read_bytes() == b"new\n"
+    assert len(flags) == 2 and not any(f & os.O_TRUNC for f in flags)

@@ -262,3 +262,8 @@ def test_mask_phase_with_frozen_weights_moves_only_the_gates(setup, capsys, tmp_
     assert seen["requires_grad"]  # unfrozen again for extraction and recovery
     metrics = [json.loads(line) for line in (tmp_path / "f" / "stage-1-t0-to-t1" / "mask" / "metrics.jsonl").open()]
     assert len([m for m in metrics if "loss" in m]) >= 4
+    # DDP and FSDP need a trainable model parameter: refused when the recipe is read, before any work.
+    code, out, err = cli(prune_args(root, "t0", "t1", root / "m0", tmp_path / "g", "gates.train_weights=false",
+                                    "mask.engine=fsdp"), capsys)
+    assert code != 0 and "gates.train_weights: false runs the mask phase in one process" in out + err
+    assert not (tmp_path / "g").exists()

@@ -331,10 +331,9 @@ def _work(shards: list[Shard], store: DedupStore, records: dict, inputs: dict, r
 
 
 def _counted(block: Block, result: DedupResult, on_progress) -> Block:
-    size = block.source[2] if block.data is None else len(block.data)
-    result.bytes += size
+    result.bytes += block.size
     if on_progress:
-        on_progress(size)
+        on_progress(block.size)
     return block
 
 
@@ -389,7 +388,7 @@ def _decide_all(shards, store, writer, result, errors, workers, chunk_bytes, on_
         write_kept(writer, data, hashed.has_cr, hashed.ends, codes)
         result.paragraphs += hashed.paragraphs
         result.new_paragraphs += store.last_inserted
-        decided += item.source[2] if item.data is None else len(item.data)
+        decided += item.size
         # This run's rate of new paragraphs per decided byte, projected over the input not read yet (replayed parts
         # count as read).
         store.expected_new = result.new_paragraphs * max(0, total - result.bytes) // max(1, decided)

@@ -171,6 +171,11 @@ class Block:
     data: bytes | None  # None: read from `source` where it is used (a worker)
     source: tuple | None = None
 
+    @property
+    def size(self) -> int:
+        """Its bytes in the input (known before they are read)."""
+        return self.source[2] if self.data is None else len(self.data)
+
     def __getstate__(self) -> dict:
         return {**self.__dict__, "data": None} if self.source is not None else self.__dict__
 

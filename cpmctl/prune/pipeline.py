@@ -118,11 +118,8 @@ def learn_selection(stage: Stage, model: CPMAnt, source_path: Path, stage_dir: P
                                    recipe.importance.layers, recipe.importance.heads, recipe.importance.channels)
         phase.masks.init_from_scores(scores, recipe.gates.init_mean, recipe.gates.init_spread)
     model.to(device)
-    frozen = not recipe.gates.train_weights
+    frozen = not recipe.gates.train_weights  # one process only: checked by run_prune before any stage
     if frozen:
-        if engine is not None:  # DDP and FSDP need a parameter of the model to train
-            raise CpmctlError(f"gates.train_weights: false runs the mask phase on one process; mask.engine is "
-                              f"{recipe.mask.engine}")
         model.requires_grad_(False)  # no weight gradients at all: the gates learn against the weights as they are
     ctx.log_main(f"stage {stage.index}: mask phase ({recipe.mask.steps} steps; gates on {', '.join(stage.kinds)}"
                  + ("; weights frozen" if frozen else "") + f"; engine {recipe.mask.engine}"
@@ -346,6 +343,9 @@ def run_prune(plan: PrunePlan, recipe: PruneRecipe, *, progress: bool = True, lo
     if engine is not None and force:
         engine.close()
         raise CpmctlError("--force with several processes: remove --out first, or choose a new one")
+    if engine is not None and recipe.method == "learned" and not recipe.gates.train_weights:
+        engine.close()  # DDP and FSDP need a parameter of the model to train
+        raise CpmctlError("gates.train_weights: false runs the mask phase in one process; run without --nproc")
     inputs = [plan.model, plan.vocab, recipe.data.train, recipe.data.valid]
     try:
         is_main = engine is None or engine.is_main

@@ -90,6 +90,10 @@ class PruneRecipe:
     seed: int = 0  # gate noise and random selection
     # mask.engine / recovery.engine: single, or ddp / fsdp under torchrun (`cpmctl prune --nproc N`; docs/distributed.md)
 
+    def check(self, at: str) -> None:
+        if self.method == "learned" and not self.gates.train_weights and self.mask.engine != "single":
+            fail(at, "gates.train_weights", f"false runs the mask phase in one process; mask.engine is {self.mask.engine}")
+
 
 def load_prune_recipe(path: str | Path | None, overrides: list[str] | None = None) -> PruneRecipe:
     return load_recipe(PruneRecipe, path, overrides)
