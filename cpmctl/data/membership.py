@@ -156,11 +156,5 @@ class HashRuns:
             found |= run[at] == hashes
         return found
 
-    def values(self) -> np.ndarray:
-        """All hashes, sorted."""
-        every = np.concatenate(self.runs) if self.runs else np.zeros(0, dtype=np.int64)
-        every.sort(kind="stable")
-        return every
-
     def clear(self) -> None:
         self.runs = []
