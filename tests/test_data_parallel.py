@@ -12,7 +12,8 @@ from cpmctl.data.dedup import dedup
 from cpmctl.data.filter import run_filter
 from cpmctl.data.parallel import InOrder, ordered_map
 from cpmctl.data.recipe import FilterRecipe
-from cpmctl.data.textio import InputFile, output_spec, read_blocks, read_chunks, resolve_inputs
+from cpmctl.data.input_file import InputFile
+from cpmctl.data.textio import output_spec, read_blocks, read_chunks, resolve_inputs
 from cpmctl.data.vocab import build_vocab
 
 ASSETS = Path(__file__).resolve().parent.parent / "cpmctl" / "assets" / "corpus"

@@ -30,6 +30,7 @@ import xxhash
 from cpmctl import CpmctlError
 import numpy as np
 
+from cpmctl.data.input_file import InputFile
 from cpmctl.data.membership import distinct_sorted
 from cpmctl.data.paragraph_hash import (
     _HAS_PARAGRAPHS, BLANK, DUPLICATE, EMPTY, KEPT, MALFORMED, HashedChunk, _init_worker, hash_lines, sort_copies,
@@ -41,7 +42,6 @@ from cpmctl.data.textio import (
     Block,
     DocumentWriter,
     LineErrors,
-    InputFile,
     OutputSpec,
     Shard,
     as_output_line,
