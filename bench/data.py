@@ -25,6 +25,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -51,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--workdir", type=Path, default=None, help="Where the corpus and stores go (default: a temp dir).")
     p.add_argument("--keep", action="store_true", help="Keep the work directory.")
     p.add_argument("--skip-filter", action="store_true")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="Run each --workers 1 / 2 pair this many times, alternating; the table shows the run of median "
+                        "time and the scaling is the median of the pairs' ratios, with every pair's ratio beside it "
+                        "(on a shared machine one pair can be 5%% off either way).")
     p.add_argument("--job", help=argparse.SUPPRESS)
     p.add_argument("--args", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -330,6 +335,24 @@ def run_job(name: str, **kwargs) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _repeated_pairs(run, repeat: int) -> tuple[tuple[dict, dict], list[float]]:
+    """run(workers, i) for workers 1 then 2, `repeat` times: the run of median time for each, and each pair's
+    wall-clock ratio w2 / w1."""
+    ones, twos = [], []
+    for i in range(max(1, repeat)):
+        ones.append(run(1, i))
+        twos.append(run(2, i))
+    ratios = [a["seconds"] / b["seconds"] for a, b in zip(ones, twos)]
+    median = lambda rows: sorted(rows, key=lambda r: r["seconds"])[len(rows) // 2]  # noqa: E731
+    return (median(ones), median(twos)), ratios
+
+
+def _ratios_text(ratios: list[float]) -> str:
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}x"
+    return f"{statistics.median(ratios):.2f}x median of {len(ratios)} pairs ({', '.join(f'{r:.2f}' for r in ratios)})"
+
+
 def _two_core_estimate(one: dict, two: dict) -> str:
     """What --workers 2 would take on 2 otherwise idle cores, from the CPU seconds each process used (robust to
     other load, unlike the wall-clock ratio): the main process and the workers share the 2 cores, and the main
@@ -372,10 +395,16 @@ def main(argv=None) -> None:
         print("\n## dedup (fresh store) vs an in-memory set")
         rows = {}
         digests = []
-        for w in (1, 2):
-            rows[f"cpmctl --workers {w}"] = run_job("dedup", input=corpus, output=work / f"dedup-w{w}.jsonl",
-                                                   store=work / f"store-w{w}.sqlite", workers=w)
-            digests.append(_digest_and_drop(work / f"dedup-w{w}.jsonl", args.keep))
+        def dedup_run(w: int, i: int) -> dict:
+            store = work / f"store-w{w}.sqlite"
+            if i:  # a repeat starts from an empty store too
+                for p in store.parent.glob(store.name + "*"):
+                    p.unlink()
+            r = run_job("dedup", input=corpus, output=work / f"dedup-w{w}.jsonl", store=store, workers=w)
+            digests.append(_digest_and_drop(work / f"dedup-w{w}.jsonl", args.keep and i == args.repeat - 1))
+            return r
+
+        (rows["cpmctl --workers 1"], rows["cpmctl --workers 2"]), dedup_ratios = _repeated_pairs(dedup_run, args.repeat)
         rows["peer: python set"] = run_job("peer", input=corpus, output=work / "peer.jsonl")
         digests.append(_digest_and_drop(work / "peer.jsonl", args.keep))
         print(f"{'run':<22} {'MB/s':>8} {'cpu MB/s':>9} {'seconds':>8} {'kept':>9} {'dups':>9} {'peak RSS MB':>12} "
@@ -387,7 +416,7 @@ def main(argv=None) -> None:
         same = len(set(digests)) == 1
         print(f"identical outputs (w1, w2, peer): {same}")
         print(f"ratio cpmctl w1 / peer: {one['mb_per_s'] / peer['mb_per_s']:.2f}x;  "
-              f"scaling w2 / w1: {two['mb_per_s'] / one['mb_per_s']:.2f}x;  "
+              f"scaling w2 / w1: {_ratios_text(dedup_ratios)};  "
               f"store: {one['store_paragraphs']:,} paragraphs, {one['store_mb']:.1f} MB")
         print(_two_core_estimate(one, two))
         print(f"dedup w1 / limit (text only): {one['mb_per_s'] / texts['mb_per_s']:.2f} (wall), "
@@ -425,16 +454,19 @@ def main(argv=None) -> None:
             print("\n## filter (default recipe)")
             print(f"{'run':<22} {'MB/s':>8} {'cpu MB/s':>9} {'seconds':>8} {'kept':>9} {'rejected':>9} {'peak RSS MB':>12}")
             frows, fdigests = {}, []
-            for w in (1, 2):
-                frows[w] = run_job("filter", input=corpus, output=work / f"filter-w{w}.jsonl", workers=w)
-                fdigests.append(_digest_and_drop(work / f"filter-w{w}.jsonl", args.keep))
+            def filter_run(w: int, i: int) -> dict:
+                r = run_job("filter", input=corpus, output=work / f"filter-w{w}.jsonl", workers=w)
+                fdigests.append(_digest_and_drop(work / f"filter-w{w}.jsonl", args.keep and i == args.repeat - 1))
+                return r
+
+            (frows[1], frows[2]), filter_ratios = _repeated_pairs(filter_run, args.repeat)
             for w, r in frows.items():
                 print(f"{f'cpmctl --workers {w}':<22} {r['mb_per_s']:>8.1f} {r['cpu_mb_per_s']:>9.1f} {r['seconds']:>8.1f} "
                       f"{r['kept']:>9,} {r['rejected']:>9,} {r['peak_rss_mb']:>12.0f}")
             print(_two_core_estimate(frows[1], frows[2]))
-            same = fdigests[0] == fdigests[1]
+            same = len(set(fdigests)) == 1
             print(f"identical outputs (w1, w2): {same}; scaling w2 / w1: "
-                  f"{frows[2]['mb_per_s'] / frows[1]['mb_per_s']:.2f}x (goal 1.6); w1 / limit "
+                  f"{_ratios_text(filter_ratios)} (goal 1.6); w1 / limit "
                   f"{frows[1]['mb_per_s'] / limit['mb_per_s']:.2f} (goal: w1 >= 15 MB/s)")
         print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {cores} cores")
     finally:

@@ -4,10 +4,15 @@ outputs of 1 and 2 workers must be byte-identical, across input-file and block b
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import random
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
+from cpmctl import CpmctlError
 from cpmctl.data.dedup import dedup
 from cpmctl.data.filter import run_filter
 from cpmctl.data.parallel import InOrder, ordered_map
@@ -30,6 +35,66 @@ def test_ordered_map_keeps_order_and_passes_in_order_items_through():
         assert [i for i, _ in got] == items
         assert [r for i, r in got if not isinstance(i, InOrder)] == [x * x for x in range(60)]
         assert all(r is None for i, r in got if isinstance(i, InOrder))
+
+
+def _fail_at_7(x: int) -> int:
+    if x == 7:
+        raise ValueError("seven is bad")
+    return x
+
+
+def _die_at_5(x: int) -> int:
+    if x == 5:
+        os._exit(3)
+    return x
+
+
+def _echo_big(x: bytes) -> bytes:
+    return x * 2
+
+
+def _refuse_to_start() -> None:
+    raise CpmctlError("the worker's setup failed")
+
+
+def _live_workers() -> list:
+    return [p for p in multiprocessing.active_children() if p.name.startswith("cpmctl-worker")]
+
+
+def test_ordered_map_raises_a_workers_error_in_its_place_and_stops_the_workers():
+    got = []
+    with pytest.raises(ValueError, match="seven is bad"):
+        for item, result in ordered_map(_fail_at_7, range(20), 2, window=4):
+            got.append(result)
+    assert got == list(range(7))  # everything before the failing item, in order
+    assert not _live_workers()
+
+
+def test_ordered_map_names_a_worker_that_died():
+    with pytest.raises(CpmctlError, match=r"data worker 1 died \(exit code 3\)"):
+        list(ordered_map(_die_at_5, range(20), 2))
+    assert not _live_workers()
+
+
+def test_ordered_map_reports_a_failed_worker_setup_as_the_error():
+    with pytest.raises(CpmctlError, match="the worker's setup failed"):
+        list(ordered_map(_square, range(5), 2, initializer=_refuse_to_start))
+    assert not _live_workers()
+
+
+def test_ordered_map_moves_items_and_results_larger_than_a_pipe():
+    """Items and answers of several MB both ways (the task send cannot block the consumer: it goes through the
+    sender thread while the worker waits for its answer to be read)."""
+    items = [bytes([i]) * (3 << 20) for i in range(9)]
+    assert [r for _, r in ordered_map(_echo_big, items, 2, window=5)] == [x * 2 for x in items]
+    assert not _live_workers()
+
+
+def test_a_consumer_that_stops_early_leaves_no_worker():
+    stream = ordered_map(_square, range(100), 2)
+    assert next(stream) == (0, 0)
+    stream.close()
+    assert not _live_workers()
 
 
 def test_blocks_hold_the_same_lines_as_chunks(tmp_path):
