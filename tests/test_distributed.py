@@ -1,5 +1,6 @@
 """torch.distributed training on CPU (gloo), 2 processes launched by torchrun: DDP replicas stay identical, FSDP2
-equals single-process training on the same global batch, and a sharded checkpoint resumes exactly.
+equals single-process training on the same global batch, and a sharded checkpoint resumes exactly (also after
+kill -9 of the launcher and its ranks mid-run).
 
 Run as a script (under torchrun) this file is the DDP worker: it trains and saves each rank's parameters.
 """
@@ -185,3 +186,74 @@ def _single_native(data, out, vocab_size) -> Path:
 
 if __name__ == "__main__":
     ddp_worker(sys.argv[1], sys.argv[2])
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under `pid`, from /proc (the launcher's ranks and anything they started)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat[stat.rindex(")") + 2 :].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through /proc")
+def test_fsdp_run_killed_with_sigkill_mid_run_resumes_to_the_same_bits(tmp_path, tiny_vocab):
+    """kill -9 of the launcher and both ranks at a moment nobody chose (saving every step, so most likely during a
+    sharded save), then --resume: the same loss curve and the same final weights as a run never interrupted."""
+    import signal
+    import time
+
+    vocab_size = CPMAntTokenizer(tiny_vocab).vocab_size
+    data = write_synthetic_packed(tmp_path / "data", vocab_size, 48, max_length=80, seed=0, words=40)
+    config = tmp_path / "tiny.json"
+    tiny_config(vocab_size).save(config)
+    common = [f"model.init={config}", f"model.vocab={tiny_vocab}", f"data.train={data}", "train.engine=fsdp",
+              "train.checkpoint_format=sharded", "train.device=cpu", "train.steps=14", "train.batch_size=2",
+              "train.lr=1e-2", "train.schedule=cosine", "train.warmup_steps=1", "train.log_every=1",
+              "train.save_every=1", "train.keep_last=2", "--json"]
+    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    straight = torchrun("-m", "cpmctl", "pretrain", *common, f"out_dir={straight_dir}")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "-m", "cpmctl", "pretrain", *common, f"out_dir={killed_dir}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+    latest = killed_dir / "latest"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and launcher.poll() is None:
+        if latest.exists() and latest.read_text().strip() >= "step-0000005":
+            break
+        time.sleep(0.01)
+    time.sleep(0.3)  # into the next steps: on this machine a step and its save take ~0.2 s, so mid-step or mid-save
+    victims = _descendants(launcher.pid)
+    for pid in [launcher.pid, *victims]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    launcher.wait(30)
+    assert launcher.returncode == -signal.SIGKILL, "the run finished (or failed) before it could be killed"
+    assert not (killed_dir / "final").exists()
+
+    resumed = torchrun("-m", "cpmctl", "pretrain", *common, "--resume", str(killed_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not list(killed_dir.glob(".*.tmp")), "a killed save's temporary was left behind"
+    assert [r["loss"] for r in read_metrics(killed_dir / "metrics.jsonl")] == \
+        [r["loss"] for r in read_metrics(straight_dir / "metrics.jsonl")]
+    _, want = read_checkpoint(straight_dir / "final")
+    _, got = read_checkpoint(killed_dir / "final")
+    assert want.keys() == got.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
