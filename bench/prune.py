@@ -99,6 +99,8 @@ def parse_args():
     p.add_argument("--max-length", type=int, default=64, help="Row length (32 prompt slots included).")
     p.add_argument("--pretrain-steps", type=int, default=600)
     p.add_argument("--pretrain-lr", type=float, default=0.02, help="Peak lr (original convention).")
+    p.add_argument("--base-seed", type=int, default=0,
+                   help="The base model's initialisation and data-order seed (same corpus): bases from several seeds.")
     p.add_argument("--mask-steps", type=int, default=20)
     p.add_argument("--recovery-steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
@@ -156,7 +158,8 @@ def pretrain(args, cache: Path, config: Path, vocab: Path, train: Path, valid: P
     out = cache / "pretrain"
     if not (out / "final" / "config.json").exists():
         cpmctl("pretrain", f"model.init={config}", f"model.vocab={vocab}", f"data.train={train}",
-               f"data.valid={valid}", f"train.steps={args.pretrain_steps}", f"train.batch_size={args.batch_size * 2}",
+               f"data.valid={valid}", f"model.seed={args.base_seed}", f"train.seed={args.base_seed}",
+               f"train.steps={args.pretrain_steps}", f"train.batch_size={args.batch_size * 2}",
                f"train.lr={args.pretrain_lr}", "train.schedule=cosine", f"train.warmup_steps={args.pretrain_steps // 20}",
                "train.min_lr_ratio=0.1", f"train.save_every={args.pretrain_steps}", "train.valid_every=100",
                "train.valid_batches=8", f"train.device={args.device}", f"out_dir={out}", "resume=true",
@@ -262,7 +265,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     key = (f"{args.ladder}-w{args.words}-r{args.train_rows}-l{args.max_length}-p{args.pretrain_steps}"
-           f"-lr{args.pretrain_lr}-b{args.batch_size}")
+           f"-lr{args.pretrain_lr}-b{args.batch_size}" + (f"-s{args.base_seed}" if args.base_seed else ""))
     cache = args.work / key
     cache.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
