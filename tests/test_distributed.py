@@ -249,6 +249,7 @@ def test_fsdp_run_killed_with_sigkill_mid_run_resumes_to_the_same_bits(tmp_path,
 
     # What a rank killed while writing its loss curve leaves (the kill above lands there only sometimes).
     (killed_dir / f".loss_curve.png.{launcher.pid}.x1y2z3w4.tmp").write_bytes(b"half a png")
+    (killed_dir / ".step-0000099.tmp" / "trainer").mkdir(parents=True)  # and a save for a step the resume never saves
     resumed = torchrun("-m", "cpmctl", "pretrain", *common, "--resume", str(killed_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not list(killed_dir.glob(".*.tmp")), "a killed writer's temporary was left behind"

@@ -12,7 +12,7 @@
     out_dir/latest                                   name of the newest complete checkpoint
 
 A checkpoint is written to `.step-XXXXXXX.tmp` and renamed into place, so an interrupted save leaves the previous
-checkpoints untouched. state.pt holds only tensors and plain containers: it is read with weights_only=True.
+checkpoints untouched (and the next save removes it). state.pt holds only tensors and plain containers: it is read with weights_only=True.
 """
 
 from __future__ import annotations
@@ -182,7 +182,10 @@ def save_checkpoint(
     module = unwrap(model)
     ranks = engine.all_gather_object(rank_state)
     if engine.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Any unfinished checkpoint here is a killed run's (the run directory has one writer: its lock), whichever
+        # step it was for: gone before this one is written.
+        for stale in out_dir.glob(".step-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     engine.barrier()
     try:
