@@ -50,9 +50,12 @@ def temp_prefix(path: str | Path) -> str:
 
 
 def make_temp(path: str | Path, directory: bool = False, suffix: str = ".tmp") -> Path:
-    """A new temp file (or directory) beside `path`, named for this process, with the umask's permissions."""
+    """A new temp file (or directory) beside `path`, named for this process, with the umask's permissions. What
+    killed writers of `path` left beside it goes first (sweep), so a file rewritten by a resumed run (a loss curve, a
+    checkpoint pointer) does not keep its killed predecessor's temp for good."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep(path)
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=suffix, dir=path.parent))
     else:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from cpmctl import CpmctlError
-from cpmctl.io import atomic_file, sweep
+from cpmctl.io import atomic_file
 from cpmctl.progress import timestamp
 from cpmctl.train.engine import Engine
 
@@ -75,10 +75,6 @@ class MetricsLog:
             self.rows = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
         self.tracker = open_tracker(logger, path.parent, resume_step) if write else None
         if write:
-            # What writers killed mid-write (kill -9) left beside the run's own files: metrics.jsonl, the loss curve
-            # drawn from its rows, the checkpoint pointer. Only temps of processes that are gone (io.sweep).
-            for name in (path.name, "loss_curve.png", "latest"):
-                sweep(path.parent / name)
             with atomic_file(path) as f:
                 for row in self.rows:
                     f.write(json.dumps(row) + "\n")
