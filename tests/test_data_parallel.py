@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import random
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -72,7 +73,16 @@ def test_ordered_map_raises_a_workers_error_in_its_place_and_stops_the_workers()
 
 def test_ordered_map_names_a_worker_that_died():
     with pytest.raises(CpmctlError, match=r"data worker 1 died \(exit code 3\)"):
-        list(ordered_map(_die_at_5, range(20), 2))
+        list(ordered_map(_die_at_5, range(200), 2))
+    assert not _live_workers()
+
+    def slowly(n):  # items still being sent to the worker after it died: the send fails, not the read
+        for i in range(n):
+            time.sleep(0.005)
+            yield i
+
+    with pytest.raises(CpmctlError, match=r"data worker 1 died \(exit code 3\)"):
+        list(ordered_map(_die_at_5, slowly(120), 2, window=100))
     assert not _live_workers()
 
 

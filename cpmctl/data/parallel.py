@@ -135,7 +135,10 @@ class _Pool:
             if not direct:
                 self._via_sender[worker] += 1
         if direct:
-            self.tasks[worker].send_bytes(payload)
+            try:
+                self.tasks[worker].send_bytes(payload)
+            except OSError:  # its end of the pipe is closed: it died
+                raise self._died(worker) from None
             return
         if self._sender is None:
             self._outbox = queue.SimpleQueue()
@@ -160,12 +163,16 @@ class _Pool:
         try:
             ok, value = pickle.loads(conn.recv_bytes())
         except EOFError:
-            proc.join(1)
-            raise CpmctlError(f"data worker {worker} died (exit code {proc.exitcode}) before it answered") from None
+            raise self._died(worker) from None
         self._unread[worker].popleft()  # it answered, so it has read that task
         if not ok:
             raise value
         return value
+
+    def _died(self, worker: int) -> CpmctlError:
+        proc = self.procs[worker]
+        proc.join(1)
+        return CpmctlError(f"data worker {worker} died (exit code {proc.exitcode}) before it answered")
 
     def close(self, finished: bool) -> None:
         """Stop the workers: asked to when every result came back, killed otherwise (an error, or a consumer
