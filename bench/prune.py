@@ -74,6 +74,9 @@ VARIANTS = {
     # The same searches scored by KL(full || candidate) of the next-token distributions instead of the loss change.
     "activation:kl": ["importance.layers=kl", "importance.heads=kl", "data.calibration_batches=32"],
     "activation:kl-layers": ["importance.layers=kl", "importance.heads=loss", "data.calibration_batches=32"],
+    # The default with the sub-blocks removed one at a time, each round re-scored (greedy) instead of drop-one.
+    "activation:greedy-layers": ["importance.layers=loss", "importance.heads=loss", "data.calibration_batches=32",
+                                 "importance.layer_search=greedy"],
     # The default with channels scored by the mean norm of their output (mean |h_j| x ||w_out[:, j]||).
     "activation:loss-heads-c32-out": ["importance.layers=loss", "importance.heads=loss", "data.calibration_batches=32",
                                       "importance.channels=output"],

@@ -189,6 +189,52 @@ def test_kl_drop_one_scores_match_a_hand_computation(setup):
     assert float(torch.cat([scores["attention"], scores["ffn"]]).min()) > 0  # a KL: positive for a real change
 
 
+def _without_sub_blocks(model, removed):
+    """A copy without the (kind, layer) sub-blocks `removed`: each block an identity residual there."""
+    cut = copy.deepcopy(model)
+    for kind, i in removed:
+        setattr(cut.encoder.layers[i], "self_att" if kind == "attention" else "ffn", None)
+    return cut
+
+
+def test_greedy_sub_block_search_matches_a_hand_search(setup):
+    """layer_search greedy: 2 of 4 attention and 1 of 3 FFN sub-blocks removed one at a time, each round the removal
+    whose copy (with the earlier removals) has the lowest hand-computed loss; the top-k of the scores is that set."""
+    root, n = setup
+    model = build_model(tiny_config(n, num_layers=4, num_heads=4, dim_ff=48,
+                                    mask_modules=[[False, False], [False, True], [False, False], [False, False]]),
+                        seed=7).eval()
+    reader = PackedReader(PackedDataset(root / "data"), 4, seed=3)
+    batches = [reader.next_batch() for _ in range(2)]
+    targets = {"attention": 2, "ffn": 2}
+    scores = importance_scores(model, ["attention", "ffn"], batches, targets, layers="loss", heads="loss",
+                               layer_search="greedy")
+    assert all(b.attention_gate is None and b.ffn_gate is None for b in model.encoder.layers)  # gates cleared
+
+    layers = {"attention": [0, 1, 2, 3], "ffn": [0, 2, 3]}
+    left = {"attention": 2, "ffn": 1}
+    removed = []
+    while any(left.values()):
+        tried = [(k, i) for k in ("attention", "ffn") if left[k] for i in layers[k] if (k, i) not in removed]
+        losses = [_hand_loss(_without_sub_blocks(model, removed + [c]), batches) for c in tried]
+        best = tried[min(range(len(tried)), key=lambda c: losses[c])]
+        assert sorted(losses)[1] - min(losses) > 1e-5  # the hand search's choice is not a tie
+        removed.append(best)
+        left[best[0]] -= 1
+    for kind in ("attention", "ffn"):
+        kept = {layers[kind][j] for j in torch.topk(scores[kind], targets[kind]).indices.tolist()}
+        assert kept == {i for i in layers[kind] if (kind, i) not in removed}, kind
+    order = sorted(removed, key=lambda r: float(scores[r[0]][layers[r[0]].index(r[1])]))
+    assert order == removed  # removed first = lowest score
+
+    # With one removal per kind the search is drop-one's argmin; a norm search is refused when the recipe loads.
+    one = importance_scores(model, ["attention"], batches, {"attention": 3}, layers="loss", layer_search="greedy")
+    drop = drop_one_scores(model, ["attention"], batches)
+    assert int(one["attention"].argmin()) == int(drop["attention"].argmin())
+    with pytest.raises(CpmctlError, match="importance.layer_search: greedy searches by loss or kl"):
+        load_prune_recipe(None, ["importance.layer_search=greedy", "importance.layers=norm"])
+
+
 def _without_heads(model, dropped: list[int], dh: int = 16):
     """A copy whose heads `dropped` are removed in every layer: their attention_out columns zeroed."""
     cut = copy.deepcopy(model)

@@ -89,5 +89,7 @@ def magnitude_selection(model: CPMAnt, kinds: list[str], targets: dict[str, int]
 
 def activation_selection(model: CPMAnt, kinds: list[str], targets: dict[str, int],
                          batches: list[dict[str, torch.Tensor]], layers: str = "norm",
-                         heads: str = "norm", channels: str = "activation") -> Selection:
-    return _select(model, targets, importance_scores(model, kinds, batches, targets, layers, heads, channels))
+                         heads: str = "norm", channels: str = "activation",
+                         layer_search: str = "drop-one") -> Selection:
+    return _select(model, targets, importance_scores(model, kinds, batches, targets, layers, heads, channels,
+                                                     layer_search))

@@ -14,6 +14,8 @@ Loss-based importance, computed with the model's gates (no weights change):
 - `importance.layers: loss` (drop-one): a sub-block scores the increase of the calibration LM loss when it alone
   is removed (gate 0, everything else kept): one forward over the calibration batches per sub-block. The mean
   output norm says how much a sub-block writes into the residual stream, not how much the model needs it.
+  `importance.layer_search: greedy` removes them one at a time instead, each round the sub-block whose removal,
+  with the ones removed before it, leaves the lowest loss (drop-one ranks each next to all the others kept).
 - `importance.heads: loss` (greedy search): the kept heads are chosen by the calibration loss of the model with
   only those heads, removing (or, when fewer than half are kept, adding) one head index at a time.
 - `importance.layers / heads: kl`: the same two searches, each candidate scored by the mean KL(p_full || p_candidate)
@@ -105,16 +107,20 @@ def channel_output_scale(model: CPMAnt) -> torch.Tensor:
 
 def importance_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, torch.Tensor]],
                       targets: dict[str, int], layers: str = "norm", heads: str = "norm",
-                      channels: str = "activation") -> dict[str, torch.Tensor]:
+                      channels: str = "activation", layer_search: str = "drop-one") -> dict[str, torch.Tensor]:
     """The activation importance of `kinds`; with layers="loss" / "kl" the sub-blocks scored by their drop-one
-    loss increase / KL, with heads="loss" / "kl" the heads by the greedy search (`greedy_head_scores`, needs the
-    target), with channels="output" the channels by the mean norm of their output."""
+    loss increase / KL (layer_search="greedy": by the greedy removal, `greedy_sub_block_scores`), with heads="loss"
+    / "kl" the heads by the greedy search (`greedy_head_scores`, needs the target), with channels="output" the
+    channels by the mean norm of their output."""
     scores = activation_scores(model, kinds, batches)
     if channels == "output" and "channels" in kinds:
         scores["channels"] = scores["channels"] * channel_output_scale(model)
     sub_blocks = [k for k in kinds if k in ("attention", "ffn")]
     if layers in ("loss", "kl") and sub_blocks:
-        scores.update(drop_one_scores(model, sub_blocks, batches, layers))
+        if layer_search == "greedy":
+            scores.update(greedy_sub_block_scores(model, sub_blocks, batches, targets, layers))
+        else:
+            scores.update(drop_one_scores(model, sub_blocks, batches, layers))
     if heads in ("loss", "kl") and "heads" in kinds:
         scores["heads"] = greedy_head_scores(model, batches, targets["heads"], heads)
     return scores
@@ -166,8 +172,7 @@ def drop_one_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, tor
     def drop(i: int, kind: str):
         return lambda: setattr(blocks[i], f"{kind}_gate", torch.zeros((), device=device))
 
-    has = {"attention": config.has_attention, "ffn": config.has_ffn}
-    layers = {k: [i for i in range(config.num_layers) if has[k](i)] for k in kinds}
+    layers = _sub_block_layers(config, kinds)
     candidates = [drop(i, k) for k in kinds for i in layers[k]]
     with _scoring(model, batches) as batches:
         values = candidate_values(model, batches, candidates + ([lambda: None] if score == "loss" else []), score)
@@ -177,6 +182,45 @@ def drop_one_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, tor
     for kind in kinds:
         scores[kind] = torch.tensor(values[at:at + len(layers[kind])], dtype=torch.float32)
         at += len(layers[kind])
+    return scores
+
+
+def _sub_block_layers(config, kinds: list[str]) -> dict[str, list[int]]:
+    """Per sub-block kind, the layers that have one."""
+    has = {"attention": config.has_attention, "ffn": config.has_ffn}
+    return {k: [i for i in range(config.num_layers) if has[k](i)] for k in kinds}
+
+
+@torch.no_grad()
+def greedy_sub_block_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, torch.Tensor]],
+                            targets: dict[str, int], score: str = "loss") -> dict[str, torch.Tensor]:
+    """Sub-blocks removed one at a time down to the target counts: each round, of the kinds still above their
+    target, the sub-block whose removal (with the ones removed in earlier rounds) leaves the lowest calibration
+    loss (score "loss") or KL from the whole model ("kl"). Removing r of n sub-blocks costs r rounds of at most n
+    forwards over the batches, against n for drop-one. Scores: the removal order (removed first = lowest), the
+    kept sub-blocks above every removed one, so the top-k per kind is the search's result."""
+    blocks = model.encoder.layers
+    device = model.input_embedding.weight.device
+    layers = _sub_block_layers(model.config, kinds)
+    to_remove = {k: len(layers[k]) - min(targets[k], len(layers[k])) for k in kinds}
+    removed: list[tuple[str, int]] = []
+    scores = {k: torch.ones(len(layers[k])) for k in kinds}
+
+    def without(extra: tuple[str, int]):
+        def set_gates():
+            for kind, i in removed + [extra]:
+                setattr(blocks[i], f"{kind}_gate", torch.zeros((), device=device))
+        return set_gates
+
+    total = sum(to_remove.values())
+    with _scoring(model, batches) as batches:
+        for step in range(total):
+            tried = [(k, i) for k in kinds if sum(r[0] == k for r in removed) < to_remove[k]
+                     for i in layers[k] if (k, i) not in removed]
+            values = candidate_values(model, batches, [without(c) for c in tried], score)
+            kind, i = tried[min(range(len(tried)), key=lambda c: (values[c], c))]
+            scores[kind][layers[kind].index(i)] = step - total
+            removed.append((kind, i))
     return scores
 
 
