@@ -11,8 +11,7 @@ from torch import nn
 
 from cpmctl import CpmctlError
 from cpmctl.generate.decode import beam_search, encode_prompt, greedy
-from cpmctl.generate.groups import GroupMember
-from cpmctl.generate.packed import ENV, PackedLinear, pack_linears, packing_applies, use_output_head
+from cpmctl.generate.packed import ENV, PackedLinear, pack_linears, packing_applies
 from cpmctl.model.ant import build_model
 from cpmctl.model.generation_config import GenerationConfig
 from cpmctl.model.inputs import build_inputs
@@ -64,34 +63,6 @@ def test_decode_step_equals_the_forward_bit_for_bit_when_packed(lengths):
     pack_linears(model)
     for plain, fast in _steps_of_both(model, _texts(lengths, 8)):
         assert torch.equal(fast, plain)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_packed_weights_give_the_same_numbers(dtype):
-    """q, k, v and w_0, w_1 packed as one weight each (groups.py): the logits of a prompt pass and of decode steps
-    equal those of one packed weight per linear bit for bit."""
-    base = build_model(tiny_config(VOCAB, num_layers=3, mask_modules=[[False, False], [True, False], [False, True]]),
-                       seed=8).to(dtype).eval()
-    grouped, single = copy.deepcopy(base), copy.deepcopy(base)
-    assert pack_linears(grouped) == sum(type(m) is nn.Linear for m in base.encoder.modules())
-    attention = grouped.encoder.layers[0].self_att.self_attention
-    assert isinstance(attention.project_k, GroupMember) and isinstance(grouped.encoder.layers[0].ffn.ffn.w_in.w_1,
-                                                                      GroupMember)
-    assert attention.project_q.group is attention.project_v.group
-    with torch.no_grad():  # the former packing: every linear a packed weight of its own
-        for block in single.encoder.layers:
-            for parent in list(block.modules()):
-                for name, child in list(parent.named_children()):
-                    if type(child) is nn.Linear:
-                        setattr(parent, name, PackedLinear(child.weight))
-        use_output_head(single, PackedLinear(single.input_embedding.weight))
-    texts = _texts([4, 12, 7], 6)
-    inputs = build_inputs(base, texts)
-    args = (inputs["input"], inputs["segment"], inputs["context"], inputs["span"])
-    with torch.no_grad():
-        assert torch.equal(grouped(*args), single(*args))
-    for (g_plain, g_fast), (s_plain, s_fast) in zip(_steps_of_both(grouped, texts), _steps_of_both(single, texts)):
-        assert torch.equal(g_fast, s_fast) and torch.equal(g_plain, s_plain) and torch.equal(g_fast, g_plain)
 
 
 def test_packed_decoding_gives_the_same_ids():

@@ -206,8 +206,7 @@ def test_grouped_dynamic_linears_give_the_same_numbers():
     prompt pass of several rows and for decode steps; an input changed in place is computed again."""
     import copy
 
-    from cpmctl.generate.groups import GroupMember, LinearGroup
-    from cpmctl.generate.quant import replace_linears, use_int8_activations
+    from cpmctl.generate.quant import DynamicInt8Group, GroupMember, replace_linears, use_int8_activations
     from tests.test_generate import _texts
 
     base = build_model(tiny_config(341, num_layers=2, mask_modules=[[False, True], [False, False]]), seed=6).eval()
@@ -228,7 +227,7 @@ def test_grouped_dynamic_linears_give_the_same_numbers():
         assert greedy(grouped, build_inputs(base, rows), cfg) == greedy(single, build_inputs(base, rows), cfg)
 
     attention = grouped.encoder.layers[1].self_att.self_attention
-    group: LinearGroup = attention.project_q.group
+    group: DynamicInt8Group = attention.project_q.group
     x = torch.randn(2, 64)
     with torch.no_grad():
         first = attention.project_v(x)

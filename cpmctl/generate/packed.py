@@ -6,10 +6,7 @@ what reading the weight allows (bench/generate.py; docs/generate.md). oneDNN's i
 reordered once into its blocked layout (`mkldnn._reorder_linear_weight`) streams the weight at the bandwidth for 1
 to 16 rows and is about twice as fast as MKL for the prompt pass as well. The packed weight has the same bytes as
 the dense one and replaces it; the tied output head gets a packed copy of the embedding matrix (the lookup keeps
-the dense rows), which costs vocab x dim_model more weight bytes. A block's q, k, v and its w_0, w_1 are packed as
-one weight each (groups.py): one product where there were three or two, the same numbers bit for bit
-(tests/test_packed.py), and larger products stream faster (bench model, one core: 12 layers' products 15.0 -> 14.4
-ms a step at one row, 22.2 -> 21.3 ms at eight; docs/generate.md).
+the dense rows), which costs vocab x dim_model more weight bytes.
 
 The sums run in another order than the BLAS's, so logits differ from the unpacked model in the last bits (greedy
 ids equal on the bench model and in the tests); a row's result does not depend on the other rows of the batch.
@@ -24,8 +21,6 @@ import types
 
 import torch
 from torch import nn
-
-from cpmctl.generate.groups import group_linears
 
 ROWS_HINT = 8  # oneDNN blocks for this many rows: in fp32 as fast as a pack for 1 or 64 rows at 1, 8 and 33 rows
 # (measured once); for bf16 a pack for 1 row was ~20% faster at 1-8 rows in one noisy run: not tuned per dtype
@@ -84,26 +79,15 @@ def use_output_head(model: nn.Module, head: nn.Module) -> None:
     model.logits = types.MethodType(_head_logits, model)  # an instance attribute shadows CPMAnt.logits
 
 
-def _is_plain(module: nn.Module) -> bool:
-    return type(module) is nn.Linear and module.bias is None
-
-
-def _packed_group(members: list[nn.Module]) -> PackedLinear | None:
-    """One packed weight for a set of plain linears reading the same input (groups.py)."""
-    return PackedLinear(torch.cat([m.weight.detach() for m in members])) if all(map(_is_plain, members)) else None
-
-
 def pack_linears(model: nn.Module) -> int:
-    """Replace every plain bias-free nn.Linear of the blocks by a PackedLinear (dropping the dense weight; q, k, v and
-    w_0, w_1 as one packed weight each) and compute the logits through a packed copy of the head, in place; returns
-    the number of linears packed."""
+    """Replace every plain bias-free nn.Linear of the blocks by a PackedLinear (dropping the dense weight) and
+    compute the logits through a packed copy of the head, in place; returns the number of linears packed."""
     packed = 0
     with torch.no_grad():
         for block in model.encoder.layers:
-            packed += group_linears(block, _packed_group)
             for parent in list(block.modules()):
                 for name, child in list(parent.named_children()):
-                    if _is_plain(child):
+                    if type(child) is nn.Linear and child.bias is None:
                         setattr(parent, name, PackedLinear(child.weight))
                         packed += 1
         use_output_head(model, PackedLinear(model.input_embedding.weight))
