@@ -35,6 +35,10 @@ The checks, in order (a check whose inputs failed is skipped; the last ones run 
   without int4), streamed int4 ids against resident int4 (must be equal) with the peak under the limit, and the
   planner's 10b plan at 4 GB in fp16 (int8 and int4).
 
+- prune_bench_wide (issue 19): bench/prune.py --ladder wide (the mini ladder at 4x the width, 98M parameters at
+  the top, pretrained 800 steps on the GPU), five stages, five arms, seeds 0-2 one at a time; needs a session of
+  its own: `--only prune_bench_wide --budget 540`.
+
 --small swaps every config for a tiny one (the mini ladder, short rows, a few steps) so the whole script runs on a
 CPU in minutes; its numbers only show that the plumbing works.
 """
@@ -78,6 +82,9 @@ def settings(small: bool, device: str) -> dict:
             memory_config="mini-3b", memory_dtype="fp32", memory_limit=0.014, memory_new_tokens=4,
             int4_dims=dict(vocab_size=2000, dim_model=128, dim_ff=256, num_layers=3, num_heads=2, dim_head=64),
             int4_new_tokens=6,
+            prune_bench=["--ladder", "micro", "--stages", "1", "--pretrain-steps", "4", "--mask-steps", "2",
+                         "--recovery-steps", "2", "--eval-batches", "2", "--train-rows", "200"],
+            prune_bench_arms="activation:loss-heads-c32,magnitude", prune_bench_seeds=2,
         )
     return dict(
         vocab_size=30720,
@@ -93,6 +100,9 @@ def settings(small: bool, device: str) -> dict:
         memory_new_tokens=16,
         int4_dims=dict(vocab_size=30720, dim_model=1024, dim_ff=2560, num_layers=8, num_heads=8, dim_head=128),
         int4_new_tokens=32,
+        # issue 19's ~100M run: the mini ladder at 4x the width (98M at the top), pretrained on the GPU
+        prune_bench=["--ladder", "wide", "--stages", "5", "--pretrain-steps", "800"],
+        prune_bench_arms="activation:loss-heads-c32,activation,learned,magnitude,random", prune_bench_seeds=3,
     )
 
 
@@ -455,6 +465,35 @@ class Checks:
             record["failed"] = "; ".join(f"{k}: {v}" for k, v in record["errors"].items())
         return record
 
+    def prune_bench(self, t):
+        """Issue 19 on a ~100M model: bench/prune.py on the GPU, once for seed 0, then for seeds 0-1, ... (each run
+        reuses the cached (arm, seed) runs of the one before), so a check cut short keeps the table of every seed
+        count it finished."""
+        s, deadline = self.s, time.monotonic() + t
+        work = self.work / "prune-bench"
+        argv = [self.py, "bench/prune.py", *s["prune_bench"], "--device", self.args.device, "--arms",
+                s["prune_bench_arms"], "--work", work]
+        record: dict = {"seeds_done": 0, "arms": s["prune_bench_arms"].split(",")}
+        for n in range(1, s["prune_bench_seeds"] + 1):
+            res = self.runner.run(f"prune_bench.seeds{n}", argv + ["--seeds", ",".join(map(str, range(n)))],
+                                  deadline - time.monotonic())
+            why = problem(res)
+            if why:
+                if n == 1:
+                    raise CheckFailed(why)
+                record["failed"] = why  # the tables of the seed counts before stay
+                break
+            found = sorted(work.glob("*/*/bench.json"))
+            if not found:
+                raise CheckFailed("bench/prune.py wrote no bench.json")
+            bench = json.loads(found[-1].read_text())
+            self.keep(work, "prune_bench", ["*/*/bench.json"])
+            record.update(seeds_done=n, base_loss=bench["base_loss"], floor=bench["floor"], stages=[
+                {"stage": row["stage"], "best": row["best"], "best_clear": row["best_clear"],
+                 "arms": {a: {"mean": round(v["mean"], 4), "ci95": v["ci95"] if n > 1 else None}
+                          for a, v in row["arms"].items()}} for row in bench["stages"]])
+        return record
+
     def keep(self, src: Path, name: str, patterns: list[str]) -> None:
         """Copy a run's small files (reports, metrics) into OUT/artifacts/NAME, keeping their relative paths."""
         for pattern in patterns:
@@ -488,6 +527,8 @@ class Checks:
             ("int4_decode", self.int4_decode, 90, 30, []),
             ("train_sdpa_compile", self.train_bench("sdpa", True), 240, 120, []),
             ("train_flex_compile", self.train_bench("flex", True), 240, 120, []),
+            # issue 19's ~100M run: a device session of its own (`--only prune_bench_wide --budget 540`)
+            ("prune_bench_wide", self.prune_bench, 540, 120, []),
         ]
 
 
@@ -850,6 +891,7 @@ def summary_line(name: str, r: dict) -> str:
         "env": ("gpu", "gpu_memory_gb", "missing"),
         "vocab": ("vocab_size",), "data": ("rows", "max_length"), "model_init": ("params_total",),
         "flex_pytest": ("passed", "failed", "skipped"),
+        "prune_bench_wide": ("seeds_done", "base_loss"),
         "generate_limit_4": ("decode_steps_per_s", "fraction_of_bound", "peak_mib", "peak_within_limit",
                              "streamed_blocks"),
         "generate_limit_half": ("limit_gb", "decode_steps_per_s", "streamed_gb_s", "h2d_pinned_gb_s",

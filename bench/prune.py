@@ -6,7 +6,8 @@
 2. A base model (`cpmctl pretrain`), CACHED under --work (default runs/bench-prune/, keyed by every setting that
    changes it): reruns skip data and pretraining, and finished (arm, seed, stage) runs are skipped too.
    --ladder micro (default): the mini ladder's layer / head / dim_ff counts at dim_model 64 (dim_ff / 4), sized
-   for a loaded 2-core CPU; --ladder mini: the mini ladder itself.
+   for a loaded 2-core CPU; --ladder mini: the mini ladder itself; --ladder wide: the mini counts at dim_model 1024,
+   dim_head 128, dim_ff x 4 (96.5M parameters at the top: the issue's ~100M run, for a GPU).
 3. For every arm and seed, the first --stages stages down the ladder, each arm pruning its own previous stage:
      learned     hard-concrete masks + weights for --mask-steps (LM + distillation + Lagrangian), then recovery;
      activation  activation importance (norm scores) on seeded calibration rows of the training data, then recovery;
@@ -28,6 +29,7 @@
     python bench/prune.py --arms learned,learned:init,learned:gate-lr --seeds 0,1,2
     python bench/prune.py --threads 1 --pretrain-steps 800 --seeds 0,1,2,3,4 --arms activation:loss-heads-c32,activation
     python bench/prune.py --ladder mini --device cuda --pretrain-steps 3000 --stages 5 --batch-size 32
+    python bench/prune.py --ladder wide --device cuda --pretrain-steps 800 --seeds 0,1,2   # ~100M (gpu_checks.py)
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-prune", help="Cache and work directory.")
-    p.add_argument("--ladder", choices=("micro", "mini"), default="micro")
+    p.add_argument("--ladder", choices=tuple(WIDTHS), default="micro")
     p.add_argument("--stages", type=int, default=5, help="How many stages down the ladder (1-5).")
     p.add_argument("--words", type=int, default=64, help="Markov-chain states of the synthetic corpus.")
     p.add_argument("--train-rows", type=int, default=3000)
@@ -143,13 +145,19 @@ def prepare_data(args, cache: Path) -> tuple[Path, Path, Path]:
     return vocab, packed / "train", packed / "valid"
 
 
+# Per --ladder: (dim_model, dim_head, dim_ff scale) applied to the mini ladder's layer / head / dim_ff counts.
+WIDTHS = {"micro": (64, 8, 1 / 4), "mini": (None, None, 1), "wide": (1024, 128, 4)}
+
+
 def ladder_configs(args, cache: Path, vocab_size: int) -> list[Path]:
-    """Config files of the ladder's first --stages + 1 rungs (micro: the mini counts at a quarter of the width)."""
+    """Config files of the ladder's first --stages + 1 rungs: the mini ladder's counts at the --ladder's width."""
     paths = []
+    dim_model, dim_head, ff_scale = WIDTHS[args.ladder]
     for name in MINI_LADDER[: args.stages + 1]:
         config = dataclasses.replace(resolve_config(name), vocab_size=vocab_size, half=False)
-        if args.ladder == "micro":
-            config = dataclasses.replace(config, dim_model=64, dim_head=8, dim_ff=max(1, round(config.dim_ff / 4)))
+        if dim_model is not None:
+            config = dataclasses.replace(config, dim_model=dim_model, dim_head=dim_head,
+                                         dim_ff=max(1, round(config.dim_ff * ff_scale)))
         path = cache / "configs" / f"{name.replace('mini', args.ladder)}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         config.save(path)
