@@ -405,7 +405,8 @@ class Checks:
             rows = json_lines(res["stdout"])
             if not rows:
                 raise CheckFailed("bench/train.py printed no JSON")
-            keep = ("cpmctl_tokens_per_s", "cpmctl_step_s", "mfu", "model_tflops_per_s", "params", "batch_size",
+            keep = ("cpmctl_tokens_per_s", "cpmctl_step_s", "mfu", "model_tflops_per_s", "fraction_of_limit",
+                    "matmul_limit_gflops", "params", "batch_size",
                     "seq_len", "attention", "precision")
             return {k: rows[-1].get(k) for k in keep}
         return check

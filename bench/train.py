@@ -10,7 +10,10 @@ cpmctl's loss applies the output head only at the positions that have a target (
 those of full logits); transformers computes logits at every text position. On a GPU the script also prints the
 model FLOPs utilisation (MFU): matmul FLOPs of forward + backward (3x forward: the linears and both attention
 products over the full context at every position, the tied head at the target positions) per second, divided by
-the GPU's dense bf16 peak.
+the GPU's dense bf16 peak. On every device it also measures the limit in the same run: one dense product of the
+step's largest linear shape, (batch x seq_len) x dim_model @ dim_model x dim_ff in the step's precision, best of
+several calls, and prints each contender's model FLOP/s as a fraction of it (the same FLOP count for both: the
+work of the step, not what each side chooses to compute).
 
     python bench/train.py                                    # mini-10b shape, CPU fp32, 1 thread, ~1-3 minutes
     python bench/train.py --threads 0 --batch-size 8         # all cores (on a machine nobody else is using)
@@ -211,6 +214,24 @@ def train_flops_per_step(config: CPMAntConfig, batch_size: int, seq_len: int, ta
     return 3.0 * (per_token * batch_size * seq_len + head * targets)
 
 
+def matmul_limit(config: CPMAntConfig, tokens: int, device: torch.device, precision: str, calls: int = 20) -> float:
+    """FLOP/s of one (tokens x dim_model) @ (dim_model x dim_ff) product in the step's precision on this device and
+    thread count, best of `calls` after a warm-up: what the step's matmuls can reach here at best."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(tokens, config.dim_model, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(config.dim_model, config.dim_ff, generator=gen).to(device=device, dtype=dtype)
+    best = float("inf")
+    for i in range(calls + 1):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return 2 * tokens * config.dim_model * config.dim_ff / best
+
+
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -277,10 +298,19 @@ def main():
                   f"{peer_cpu * 1e3:.0f} ms; steadier than wall time when other processes share the cores)")
     if args.profile:
         profile_step(model, batch, args, device)
+    targets = int((batch["target"] != -100).sum())
+    flops = train_flops_per_step(config, args.batch_size, args.seq_len, targets)
+    limit = matmul_limit(config, tokens, device, args.precision)
+    result.update(step_gflop=flops / 1e9, matmul_limit_gflops=limit / 1e9, fraction_of_limit=flops / ours_s / limit)
+    line = (f"limit: a {tokens} x {config.dim_model} @ {config.dim_model} x {config.dim_ff} {args.precision} matmul "
+            f"at {limit / 1e9:,.1f} GFLOP/s (measured here); model FLOPs {flops / 1e9:.2f} GFLOP/step: cpmctl "
+            f"{flops / ours_s / 1e9:,.1f} GFLOP/s = {flops / ours_s / limit:.2f} of the limit")
+    if peer:
+        result.update(hf_fraction_of_limit=flops / peer_s / limit)
+        line += f", transformers {flops / peer_s / 1e9:,.1f} = {flops / peer_s / limit:.2f}"
+    print(line)
     peak = peak_flops(device)
     if peak:
-        targets = int((batch["target"] != -100).sum())
-        flops = train_flops_per_step(config, args.batch_size, args.seq_len, targets)
         result.update(model_tflops_per_s=flops / ours_s / 1e12, mfu=flops / ours_s / peak)
         print(f"model FLOPs: {flops / ours_s / 1e12:.1f} TFLOP/s = MFU {100 * flops / ours_s / peak:.1f}% of "
               f"{peak / 1e12:.0f} TFLOP/s ({torch.cuda.get_device_name(device)})")
