@@ -120,6 +120,32 @@ def test_original_and_fp16_checkpoints_load_lazily(checkpoint, tmp_path):
         offloaded.close()
 
 
+@pytest.mark.parametrize("source", [torch.float32, torch.float16])
+def test_fold_into_writes_the_folded_tensor(checkpoint, tmp_path, source):
+    """What a streamed CPU block is filled with (fold_into, one pass into its buffer) equals folded() bit for bit,
+    for every tensor of the checkpoint, from an fp32 and an fp16 file, into fp32, bf16 and fp16 buffers; and a
+    streamed fp16 original-format checkpoint gives the resident model's logits."""
+    path = checkpoint
+    if source == torch.float16:
+        path, _ = save_original(load_model(checkpoint)[0], tmp_path / "orig" / "model.pt", dtype=torch.float16)
+    ckpt = MappedCheckpoint(path)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for key in ckpt.keys():
+            out = torch.full(ckpt.raw(key).shape, float("nan"), dtype=dtype)
+            ckpt.fold_into(key, out)
+            assert torch.equal(out, ckpt.folded(key, dtype)), (key, dtype)
+    reference, _ = load_model(path, dtype=torch.float32)
+    offloaded = load_offloaded(path, budget=cpu_budget(reference.config, 1.5), batch_rows=6)
+    try:
+        assert offloaded.plan.streamed
+        inputs = build_inputs(reference, PROMPTS)
+        args = (inputs["input"], inputs["segment"], inputs["context"], inputs["span"])
+        with torch.no_grad():
+            assert torch.equal(reference(*args), offloaded.model(*args))
+    finally:
+        offloaded.close()
+
+
 def test_mapped_tensors_are_views_not_copies(checkpoint):
     ckpt = MappedCheckpoint(checkpoint)
     t = ckpt.raw("input_embedding.weight")

@@ -26,6 +26,7 @@ from cpmctl.model.checkpoint import (
     check_state_dict,
     detect_format,
     fold,
+    fold_factor,
     read_config,
 )
 from cpmctl.model.config import CPMAntConfig
@@ -166,3 +167,13 @@ class MappedCheckpoint:
 
     def folded(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         return fold({key: self._tensors[key]}, self.config, dtype=dtype)[key]
+
+    def fold_into(self, key: str, out: torch.Tensor) -> None:
+        """folded(key, out.dtype) written straight into `out`: the same numbers (the fp32 product, then the cast) in
+        one pass over the mapping, with no temporary for an fp32 tensor (one fp32 copy for an fp16 one)."""
+        t = self._tensors[key]
+        f = fold_factor(key, t.shape, self.config)
+        if f == 1.0:
+            out.copy_(t)
+        else:
+            torch.mul(t.float(), f, out=out)
