@@ -446,7 +446,8 @@ class Checks:
             if "contender" not in r:
                 continue
             row = {k: r.get(k) for k in ("tokens_per_s", "peak", "load_s", "prefill_s", "note", "planned",
-                                         "streamed_gb_per_token", "error") if k in r}
+                                         "streamed_gb_per_token", "copy_gb_s", "fraction_of_copy",
+                                         "bound_tokens_per_s", "fraction_of_bound", "error") if k in r}
             if r.get("streamed_gb_per_token") and r.get("tokens_per_s"):
                 row["streamed_gb_s"] = round(r["streamed_gb_per_token"] * r["tokens_per_s"], 2)
             contenders[r["contender"]] = row
