@@ -1,5 +1,5 @@
 """Cluster logs: with stderr piped (Slurm, nohup), a long command prints plain timestamped progress lines on stderr
-while it runs (at CPMCTL_LOG_INTERVAL seconds, here 0.2 s), stdout stays JSON-only, metrics rows carry a time."""
+while it runs (at CPMCTL_LOG_INTERVAL seconds, here 0.05 s), stdout stays JSON-only, metrics rows carry a time."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def test_pretrain_with_stderr_piped_prints_timestamped_lines_while_running(tmp_p
     data = write_synthetic_packed(tmp_path / "data", vocab_size, 16, max_length=64, seed=0, words=40)
     config = tmp_path / "tiny.json"
     tiny_config(vocab_size, num_layers=1).save(config)
-    steps = 60
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CPMCTL_LOG_INTERVAL": "0.2"}
+    steps = 200  # long enough for several intervals on a fast machine (60 steps once ran in under 0.2 s)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CPMCTL_LOG_INTERVAL": "0.05"}
     command = [sys.executable, "-m", "cpmctl", "pretrain", f"model.init={config}", f"model.vocab={tiny_vocab}",
                f"data.train={data}", f"out_dir={tmp_path / 'run'}", "train.device=cpu", f"train.steps={steps}",
                "train.batch_size=2", "train.log_every=1000", "train.save_every=1000", "train.valid_batches=0", "--json"]
