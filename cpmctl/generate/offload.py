@@ -184,7 +184,14 @@ class MappedStore:
             # Folded straight into the buffer: one pass per tensor and no fresh temporary to fault in (bench/memory.py,
             # CPU, 7 of 8 blocks streamed: 5.7-13.4 -> 16.9-17.1 tok/s; docs/memory.md)
             for entry, view in zip(layout, views):
-                self.ckpt.fold_into(f"{BLOCK_PREFIX}.{layer}.{entry.name}", view)
+                key = f"{BLOCK_PREFIX}.{layer}.{entry.name}"
+                raw = self.ckpt.raw(key)
+                staged = 0 if raw.dtype == torch.float32 else raw.numel() * 4  # the fp32 copy of an fp16 tensor
+                self.ledger.charge("staging", staged)
+                try:
+                    self.ckpt.fold_into(key, view)
+                finally:
+                    self.ledger.release("staging", staged)
             return
         tensors = block_tensors(self.ckpt, layer, layout, self.dtype, self.ledger, release=False)
         for (entry, t), view in zip(tensors, views):
