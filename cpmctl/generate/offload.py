@@ -12,125 +12,27 @@ the same as the fully resident model's, so the outputs are bit-identical.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
 from cpmctl import CpmctlError
-from cpmctl.model.mapped import MappedCheckpoint
-from cpmctl.generate.plan import (
-    GB,
-    LayoutEntry,
-    MemoryPlan,
-    block_layout,
-    format_blocks,
-    layout_bytes,
-    plan_memory,
-    staging_per_weight,
+from cpmctl.generate.block_source import (
+    BLOCK_PREFIX,
+    MappedStore,
+    MemoryLedger,
+    PinnedHostStore,
+    block_tensors,
+    buffer_views,
 )
-from cpmctl.generate.int4 import pack_int4, quantize_int4
-from cpmctl.generate.quant import (
-    check_quantize_name,
-    check_quantize_support,
-    quantize_weight,
-    replace_linears,
-    scale_dtype,
-)
+from cpmctl.generate.plan import GB, MemoryPlan, block_layout, format_blocks, layout_bytes, plan_memory
+from cpmctl.generate.quant import check_quantize_name, check_quantize_support, replace_linears, scale_dtype
 from cpmctl.model.ant import CPMAnt, build_model
 from cpmctl.model.checkpoint import CheckpointInfo
-
-BLOCK_PREFIX = "encoder.layers"
-
-
-# ----- accounting ----------------------------------------------------------------------------------------------
-class MemoryLedger:
-    """Bytes of weights the executor holds on the device, by kind (fixed, resident, buffers, staging), with the
-    peak. Thread-safe, so a store may charge from a copy thread."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.current = 0
-        self.peak = 0
-        self.by_kind: dict[str, int] = {}
-
-    def charge(self, kind: str, nbytes: int) -> None:
-        with self._lock:
-            self.current += nbytes
-            self.by_kind[kind] = self.by_kind.get(kind, 0) + nbytes
-            self.peak = max(self.peak, self.current)
-
-    def release(self, kind: str, nbytes: int) -> None:
-        with self._lock:
-            self.current -= nbytes
-            self.by_kind[kind] -= nbytes
-
-
-# ----- producing a block's tensors -----------------------------------------------------------------------------
-QUANTIZED_SUFFIXES = ("_int8", "_int4")  # weight_int8 / weight_int4: one checkpoint weight, quantized
-COMPANIONS = (".scale", ".scales_zeros")  # produced with their quantized weight
-
-
-def _stem(name: str) -> str:
-    """The checkpoint name of a layout entry: project_q.weight_int4 -> project_q.weight."""
-    for suffix in QUANTIZED_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def block_tensors(ckpt: MappedCheckpoint, layer: int, layout: list[LayoutEntry], dtype: torch.dtype,
-                  ledger: MemoryLedger | None = None, release: bool = True, pack_device: torch.device | str = "cpu"
-                  ) -> Iterator[tuple[LayoutEntry, torch.Tensor]]:
-    """(entry, tensor) for every tensor of block `layer`: folded from the mapping into `dtype`, and quantized to
-    int8 + scales, or int4 packed for `pack_device`'s kernel (on that device) + scales and zeros, where the layout
-    asks for it (from the folded `dtype` weight, as quantize_model does).
-
-    While a tensor is produced and consumed, its temporaries are charged to `ledger` as staging. With
-    `release`, its mapped pages leave the process once consumed (loading); streaming keeps them mapped, as page
-    cache the OS may reclaim, so that the next step does not fault them in again."""
-    by_name = {e.name: e for e in layout}
-    int4 = any(e.name.endswith(".weight_int4") for e in layout)
-    for entry in layout:
-        if entry.name.endswith(COMPANIONS):
-            continue  # produced with its quantized weight
-        stem = _stem(entry.name)
-        key = f"{BLOCK_PREFIX}.{layer}.{stem}"
-        staged = ckpt.raw(key).numel() * staging_per_weight("int4" if int4 else None)
-        if ledger is not None:
-            ledger.charge("staging", staged)
-        try:
-            if entry.name.endswith(".weight_int8"):
-                scale_entry = by_name[stem[: -len(".weight")] + ".scale"]
-                q, scale = quantize_weight(ckpt.folded(key, dtype), scale_entry.dtype)
-                yield entry, q
-                yield scale_entry, scale
-            elif entry.name.endswith(".weight_int4"):
-                codes, scales_zeros = quantize_int4(ckpt.folded(key, dtype))
-                yield entry, pack_int4(codes, pack_device)
-                yield by_name[stem[: -len(".weight")] + ".scales_zeros"], scales_zeros
-            else:
-                yield entry, ckpt.folded(key, dtype)
-        finally:
-            if release:
-                ckpt.release(key)
-            if ledger is not None:
-                ledger.release("staging", staged)
-
-
-def block_keys(layer: int, layout: list[LayoutEntry]) -> list[str]:
-    """Checkpoint keys of a block's layout (a quantized weight and its scales come from one key)."""
-    stems = [_stem(e.name) for e in layout if not e.name.endswith(COMPANIONS)]
-    return [f"{BLOCK_PREFIX}.{layer}.{stem}" for stem in stems]
-
-
-def buffer_views(flat: torch.Tensor, layout: list[LayoutEntry]) -> list[torch.Tensor]:
-    """Typed, shaped views of a flat uint8 buffer, one per layout entry."""
-    return [flat[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape) for e in layout]
-
+from cpmctl.model.mapped import MappedCheckpoint
 
 def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Put `tensor` in place of the parameter or buffer `name` (dotted) without copying it."""
@@ -140,62 +42,6 @@ def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
     else:
         owner._buffers[attr] = tensor
-
-
-# ----- where streamed blocks come from -------------------------------------------------------------------------
-class PinnedHostStore:
-    """CUDA: each streamed block packed once, in its buffer layout, in pinned host memory (the one host copy of
-    these weights); a transfer is one asynchronous copy of the block's bytes."""
-
-    def __init__(self, ckpt: MappedCheckpoint, layers: list[int], layouts: dict, dtype: torch.dtype,
-                 device: torch.device):
-        self.packed: dict[int, torch.Tensor] = {}
-        for layer in layers:
-            flat = torch.empty(layout_bytes(layouts[layer]), dtype=torch.uint8, pin_memory=True)
-            views = buffer_views(flat, layouts[layer])
-            # int4 packs in the GPU's layout, on the GPU (one weight at a time), then comes back to the host copy.
-            tensors = block_tensors(ckpt, layer, layouts[layer], dtype, pack_device=device)
-            for (entry, t), view in zip(tensors, views):
-                view.copy_(t)
-            self.packed[layer] = flat
-
-    def fill(self, layer: int, slot: torch.Tensor) -> None:
-        src = self.packed[layer]
-        slot[: src.numel()].copy_(src, non_blocking=True)
-
-
-class MappedStore:
-    """CPU device: a streamed block is folded (and quantized) straight out of the memory-mapped checkpoint into
-    its buffer when it runs; its weights are otherwise never in memory. Prefetching asks the OS to read the
-    block's pages ahead (MADV_WILLNEED), so disk reads overlap compute without a second thread competing for the
-    cores."""
-
-    def __init__(self, ckpt: MappedCheckpoint, layouts: dict, dtype: torch.dtype, ledger: MemoryLedger):
-        self.ckpt, self.layouts, self.dtype, self.ledger = ckpt, layouts, dtype, ledger
-
-    def prefetch(self, layer: int) -> None:
-        for key in block_keys(layer, self.layouts[layer]):
-            self.ckpt.prefetch(key)
-
-    def fill(self, layer: int, slot: torch.Tensor) -> None:
-        layout = self.layouts[layer]
-        views = buffer_views(slot, layout)
-        if not any(e.name.endswith(QUANTIZED_SUFFIXES) for e in layout):
-            # Folded straight into the buffer: one pass per tensor and no fresh temporary to fault in (bench/memory.py,
-            # CPU, 7 of 8 blocks streamed: 5.7-13.4 -> 16.9-17.1 tok/s; docs/memory.md)
-            for entry, view in zip(layout, views):
-                key = f"{BLOCK_PREFIX}.{layer}.{entry.name}"
-                raw = self.ckpt.raw(key)
-                staged = 0 if raw.dtype == torch.float32 else raw.numel() * 4  # the fp32 copy of an fp16 tensor
-                self.ledger.charge("staging", staged)
-                try:
-                    self.ckpt.fold_into(key, view)
-                finally:
-                    self.ledger.release("staging", staged)
-            return
-        tensors = block_tensors(self.ckpt, layer, layout, self.dtype, self.ledger, release=False)
-        for (entry, t), view in zip(tensors, views):
-            view.copy_(t)
 
 
 # ----- the executor --------------------------------------------------------------------------------------------
