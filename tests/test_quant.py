@@ -97,6 +97,38 @@ def test_streamed_int8_equals_resident_int8(checkpoint):
         offloaded.close()
 
 
+def test_streamed_int8_blocks_are_quantized_once_into_a_deleted_scratch_file(checkpoint, tmp_path, monkeypatch):
+    """CPU streaming with int8: the blocks come from a scratch file written at load and unlinked at once (nothing
+    left in the directory), with the resident int8 model's logits; where no scratch file can be written, one
+    warning and the per-use quantization, with the same logits."""
+    from cpmctl.generate.block_source import MappedStore, ScratchStore
+
+    resident = quantize_model(load_model(checkpoint)[0])
+    config = resident.config
+    minimum = plan_memory(config, device_type="cpu", dtype=torch.float32, budget=None, quantize="int8").minimum_bytes
+    inputs = build_inputs(resident, [[6, 20, 31, 42], [6, 90]])
+    args = (inputs["input"], inputs["segment"], inputs["context"], inputs["span"])
+    with torch.no_grad():
+        expected = resident(*args)
+    scratch, blocked = tmp_path / "scratch", tmp_path / "not-a-directory"
+    blocked.write_text("a file where the scratch directory would go\n")
+    for directory, store in ((scratch, ScratchStore), (blocked, MappedStore)):
+        monkeypatch.setenv("CPMCTL_SCRATCH_DIR", str(directory))
+        if store is MappedStore:
+            with pytest.warns(UserWarning, match="quantized again at every use .* set CPMCTL_SCRATCH_DIR"):
+                offloaded = load_offloaded(checkpoint, budget=minimum + minimum // 4, quantize="int8")
+        else:
+            offloaded = load_offloaded(checkpoint, budget=minimum + minimum // 4, quantize="int8")
+        try:
+            assert offloaded.plan.streamed and type(offloaded.streamer.store) is store
+            with torch.no_grad():
+                assert torch.equal(offloaded.model(*args), expected)
+        finally:
+            offloaded.close()
+    assert scratch.is_dir() and not list(scratch.iterdir())  # unlinked when created
+    assert blocked.read_text() == "a file where the scratch directory would go\n"  # untouched
+
+
 def test_unsupported_devices_are_refused(capsys):
     with pytest.raises(CpmctlError, match="not supported on device 'meta'"):
         check_int8_support(torch.device("meta"), torch.float32)

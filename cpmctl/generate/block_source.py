@@ -1,10 +1,15 @@
 """Where the blocks of a memory-limited model come from: a block's tensors folded (and quantized) out of the mapped
 checkpoint in its buffer layout, the stores that hold streamed blocks between uses (CUDA: pinned host memory; CPU:
-the mapped file itself), and the ledger of the bytes the executor holds (offload.py runs them)."""
+the mapped file itself; CPU with int8 / int4 linears: a scratch file quantized once), and the ledger of the bytes
+the executor holds (offload.py runs them)."""
 
 from __future__ import annotations
 
+import mmap
+import os
+import tempfile
 import threading
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -12,9 +17,10 @@ import torch
 from cpmctl.generate.int4 import pack_int4, quantize_int4
 from cpmctl.generate.plan import LayoutEntry, layout_bytes, staging_per_weight
 from cpmctl.generate.quant import quantize_weight
-from cpmctl.model.mapped import MappedCheckpoint
+from cpmctl.model.mapped import MappedCheckpoint, advise
 
 BLOCK_PREFIX = "encoder.layers"
+SCRATCH_ENV = "CPMCTL_SCRATCH_DIR"
 
 # ----- accounting ----------------------------------------------------------------------------------------------
 class MemoryLedger:
@@ -156,3 +162,59 @@ class MappedStore:
         tensors = block_tensors(self.ckpt, layer, layout, self.dtype, self.ledger, release=False)
         for (entry, t), view in zip(tensors, views):
             view.copy_(t)
+
+
+def scratch_dir() -> Path:
+    """Where ScratchStore writes: $CPMCTL_SCRATCH_DIR, else the user's cache directory (on disk: /tmp is memory on
+    many hosts, and a scratch file in memory would hold the very bytes the limit keeps out of it)."""
+    if os.environ.get(SCRATCH_ENV):
+        return Path(os.environ[SCRATCH_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cpmctl"
+
+
+class ScratchStore:
+    """CPU device with int8 / int4 linears: every streamed block is folded and quantized once, at load, in its
+    buffer layout, into a scratch file that is then mapped; a use is one copy of the block's bytes, where
+    MappedStore would fold and quantize it again for every token (docs/memory.md). The file is unlinked as soon as
+    it is created, so nothing stays on disk however the process ends; its pages are page cache, as the
+    checkpoint's are. Each block starts on a page, so prefetching one advises only its own pages."""
+
+    def __init__(self, ckpt: MappedCheckpoint, layers: list[int], layouts: dict, dtype: torch.dtype,
+                 ledger: MemoryLedger, directory: Path):
+        sizes = {layer: layout_bytes(layouts[layer]) for layer in layers}
+        self.regions: dict[int, tuple[int, int]] = {}
+        end = 0
+        for layer in layers:
+            self.regions[layer] = (end, sizes[layer])
+            end += -(-sizes[layer] // mmap.PAGESIZE) * mmap.PAGESIZE
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory, prefix="cpmctl-stream-") as f:
+            os.ftruncate(f.fileno(), end)
+            staging = torch.empty(max(sizes.values()), dtype=torch.uint8)  # one block at a time
+            ledger.charge("staging", staging.numel())
+            try:
+                for layer in layers:
+                    start, size = self.regions[layer]
+                    flat = staging[:size]
+                    for (entry, t), view in zip(block_tensors(ckpt, layer, layouts[layer], dtype, ledger),
+                                                buffer_views(flat, layouts[layer])):
+                        view.copy_(t)
+                    data = memoryview(flat.numpy())
+                    while data:  # a full disk raises OSError here, before anything is mapped
+                        written = os.pwrite(f.fileno(), data, start)
+                        data, start = data[written:], start + written
+            finally:
+                ledger.release("staging", staging.numel())
+            self.map = mmap.mmap(f.fileno(), end, access=mmap.ACCESS_COPY)  # the mapping outlives the descriptor
+        self.flat = torch.frombuffer(self.map, dtype=torch.uint8)
+
+    def _region(self, layer: int) -> torch.Tensor:
+        start, size = self.regions[layer]
+        return self.flat[start : start + size]
+
+    def prefetch(self, layer: int) -> None:
+        advise(self._region(layer), getattr(mmap, "MADV_WILLNEED", 3))
+
+    def fill(self, layer: int, slot: torch.Tensor) -> None:
+        src = self._region(layer)
+        slot[: src.numel()].copy_(src)

@@ -12,6 +12,7 @@ the same as the fully resident model's, so the outputs are bit-identical.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,11 +23,14 @@ from torch import nn
 from cpmctl import CpmctlError
 from cpmctl.generate.block_source import (
     BLOCK_PREFIX,
+    SCRATCH_ENV,
     MappedStore,
     MemoryLedger,
     PinnedHostStore,
+    ScratchStore,
     block_tensors,
     buffer_views,
+    scratch_dir,
 )
 from cpmctl.generate.plan import GB, MemoryPlan, block_layout, format_blocks, layout_bytes, plan_memory
 from cpmctl.generate.quant import check_quantize_name, check_quantize_support, replace_linears, scale_dtype
@@ -226,11 +230,27 @@ def load_planned(
     if plan.streamed:
         if device.type == "cuda":
             store = PinnedHostStore(ckpt, plan.streamed, layouts, dtype, device)
+        elif plan.quantize:
+            store = _scratch_or_mapped(ckpt, plan, layouts, dtype, ledger)
         else:
             store = MappedStore(ckpt, layouts, dtype, ledger)
         streamer = BlockStreamer(model, plan, store, layouts, device, ledger)
     model.eval()
     return OffloadedModel(model, plan, ckpt.info, ledger, streamer)
+
+
+def _scratch_or_mapped(ckpt: MappedCheckpoint, plan: MemoryPlan, layouts: dict, dtype: torch.dtype,
+                       ledger: MemoryLedger):
+    """CPU, quantized: the streamed blocks quantized once into a scratch file, or, where none can be written,
+    quantized again at every use (slower, the same numbers), said in one warning."""
+    directory = scratch_dir()
+    try:
+        return ScratchStore(ckpt, plan.streamed, layouts, dtype, ledger, directory)
+    except OSError as e:
+        warnings.warn(f"--quantize {plan.quantize}: streamed blocks are quantized again at every use (slower): no "
+                      f"scratch file in {directory} ({e.strerror or e}); set {SCRATCH_ENV} to a writable directory",
+                      stacklevel=2)
+        return MappedStore(ckpt, layouts, dtype, ledger)
 
 
 def load_offloaded(
