@@ -129,6 +129,28 @@ def test_streamed_int8_blocks_are_quantized_once_into_a_deleted_scratch_file(che
     assert blocked.read_text() == "a file where the scratch directory would go\n"  # untouched
 
 
+def test_cli_says_in_one_line_when_streamed_int8_has_no_scratch(checkpoint, tmp_path, monkeypatch, capsys):
+    """`generate --memory-limit --quantize int8` with no writable scratch directory: one `warning:` line on stderr
+    (not Python's two-line warning), the same ids as with a scratch file, stdout only the JSON result."""
+    from cpmctl.generate.plan import GB
+
+    config = load_model(checkpoint)[0].config
+    minimum = plan_memory(config, device_type="cpu", dtype=torch.float32, budget=None, quantize="int8").minimum_bytes
+    base = ["generate", "今天天气", "--model", checkpoint, "--device", "cpu", "--decode", "greedy", "--quantize",
+            "int8", "--memory-limit", f"{(minimum + minimum // 4) / GB:.9f}", "--max-new-tokens", "6", "--json"]
+    code, with_scratch, err = run_cli(capsys, *base)
+    assert code == 0 and "streamed" in err and "warning" not in err, err
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    monkeypatch.setenv("CPMCTL_SCRATCH_DIR", str(blocked))
+    code, without, err = run_cli(capsys, *base)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "quantized again at every use" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: --quantize int8: streamed blocks"), err
+    assert "UserWarning" not in err
+    assert json.loads(without)["token_ids"] == json.loads(with_scratch)["token_ids"]
+
+
 def test_unsupported_devices_are_refused(capsys):
     with pytest.raises(CpmctlError, match="not supported on device 'meta'"):
         check_int8_support(torch.device("meta"), torch.float32)

@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import sys
 import warnings
+from pathlib import Path
 
 import click
 import typer
@@ -118,8 +119,22 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
+_PACKAGE = Path(__file__).resolve().parent.parent
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """cpmctl's own warnings as one plain line (`warning: ...`), not Python's location and source line."""
+    if Path(filename).resolve().is_relative_to(_PACKAGE):
+        common.err.print(f"[yellow]warning:[/yellow] {escape(str(message))}", markup=True, highlight=False,
+                         soft_wrap=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*pkg_resources.*")
+    warnings.showwarning = _show_warning
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         rv = app(args=args, standalone_mode=False)
