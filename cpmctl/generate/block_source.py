@@ -22,6 +22,7 @@ from cpmctl.model.mapped import MappedCheckpoint, advise
 BLOCK_PREFIX = "encoder.layers"
 SCRATCH_ENV = "CPMCTL_SCRATCH_DIR"
 
+
 # ----- accounting ----------------------------------------------------------------------------------------------
 class MemoryLedger:
     """Bytes of weights the executor holds on the device, by kind (fixed, resident, buffers, staging), with the

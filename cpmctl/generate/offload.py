@@ -6,8 +6,9 @@ block's parameters are placeholders on the meta device; a forward pre-hook binds
 holds the block, and starts copying the next streamed block into the other buffer; a forward hook unbinds them and
 marks the buffer free. On CUDA the copy runs on a side stream from pinned host memory (one flat copy per block) and
 the compute stream waits on an event; on the CPU device prefetching asks the OS to read the block's pages of the
-memory-mapped checkpoint ahead, and the block is folded into its buffer when it runs. Either way the arithmetic is
-the same as the fully resident model's, so the outputs are bit-identical.
+memory-mapped checkpoint ahead, and the block is folded into its buffer when it runs (with int8 / int4 linears it
+is quantized once at load into a mapped scratch file and copied from there). Either way the arithmetic is the
+same as the fully resident model's, so the outputs are bit-identical. Where blocks come from: block_source.py.
 """
 
 from __future__ import annotations
