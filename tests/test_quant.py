@@ -128,6 +128,21 @@ def test_streamed_int8_blocks_are_quantized_once_into_a_deleted_scratch_file(che
     assert scratch.is_dir() and not list(scratch.iterdir())  # unlinked when created
     assert blocked.read_text() == "a file where the scratch directory would go\n"  # untouched
 
+    # Too little free space: refused before any block is quantized, and the per-use path takes over.
+    import shutil
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("CPMCTL_SCRATCH_DIR", str(scratch))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9, free=4096))
+    with pytest.warns(UserWarning, match=r"GiB needed, 0.00 GiB free"):
+        offloaded = load_offloaded(checkpoint, budget=minimum + minimum // 4, quantize="int8")
+    try:
+        assert type(offloaded.streamer.store) is MappedStore
+        with torch.no_grad():
+            assert torch.equal(offloaded.model(*args), expected)
+    finally:
+        offloaded.close()
+
 
 def test_cli_says_in_one_line_when_streamed_int8_has_no_scratch(checkpoint, tmp_path, monkeypatch, capsys):
     """`generate --memory-limit --quantize int8` with no writable scratch directory: one `warning:` line on stderr

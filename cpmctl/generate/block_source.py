@@ -5,8 +5,10 @@ the executor holds (offload.py runs them)."""
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -189,6 +191,9 @@ class ScratchStore:
             self.regions[layer] = (end, sizes[layer])
             end += -(-sizes[layer] // mmap.PAGESIZE) * mmap.PAGESIZE
         directory.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(directory).free
+        if free < end:  # found before any block is quantized, not after a full disk stops the writes
+            raise OSError(errno.ENOSPC, f"{end / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free")
         with tempfile.TemporaryFile(dir=directory, prefix="cpmctl-stream-") as f:
             os.ftruncate(f.fileno(), end)
             staging = torch.empty(max(sizes.values()), dtype=torch.uint8)  # one block at a time
