@@ -173,7 +173,8 @@ def run_cpmctl(path, args, device, dtype, prompt, budget, int8=False):
     ids, secs, prefill_s = decode(loaded.model, prompt, args.new_tokens, device, args.repeats)
     plan = loaded.plan
     result = dict(load_s=load_s, ids=ids, seconds=secs, prefill_s=prefill_s, peak=peak_bytes(device, max(measured)),
-                  note=describe_plan(plan), planned=plan.charged_bytes, streamed_gb_per_token=plan.streamed_bytes / GB)
+                  note=describe_plan(plan), planned=plan.charged_bytes, streamed_gb_per_token=plan.streamed_bytes / GB,
+                  streamed_blocks=len(plan.streamed))
     loaded.close()
     del loaded
     return result
@@ -414,7 +415,7 @@ def run(args, tmp: Path):
                 print(f"  {name} / {peer}: {ratio:.2f}x tokens/s")
     ours = results.get("cpmctl", {})
     if ours.get("streamed_gb_per_token"):
-        block = weight_bytes // max(1, config.num_layers)
+        block = int(ours["streamed_gb_per_token"] * GB / ours["streamed_blocks"])  # one streamed block's bytes
         limit = copy_bandwidth(block, device)
         rate = ours["streamed_gb_per_token"] * GB * ours["tokens_per_s"]
         ours.update(copy_gb_s=limit / GB, streamed_gb_s=rate / GB, fraction_of_copy=rate / limit)

@@ -15,13 +15,13 @@ import torch
 # barriers for a descheduled second thread.
 torch.set_num_threads(1)
 
+
 @pytest.fixture(autouse=True, scope="session")
 def _scratch_in_tmp(tmp_path_factory):
-    """Memory-limited int8 / int4 runs write a (deleted-at-once) scratch file: in the test's tmp, not ~/.cache."""
-    import os
-
-    os.environ["CPMCTL_SCRATCH_DIR"] = str(tmp_path_factory.mktemp("scratch"))
-    yield
+    """Memory-limited int8 / int4 runs write a (deleted-at-once) scratch file: in the session's tmp, not ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CPMCTL_SCRATCH_DIR", str(tmp_path_factory.mktemp("scratch")))
+        yield
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -111,6 +111,33 @@ def buffer_views(flat: torch.Tensor, layout: list[LayoutEntry]) -> list[torch.Te
     return [flat[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape) for e in layout]
 
 
+def fill_block(ckpt: MappedCheckpoint, layer: int, layout: list[LayoutEntry], dtype: torch.dtype, flat: torch.Tensor,
+               ledger: MemoryLedger | None = None, release: bool = True, pack_device: torch.device | str = "cpu"
+               ) -> None:
+    """Block `layer` written into the flat buffer `flat` in its layout: what block_tensors yields (same arguments),
+    except that a block with no quantized weight is folded straight into the buffer, one pass per tensor and no
+    temporary to allocate and fault in (fold_into: the same numbers; bench/memory.py, CPU, 7 of 8 blocks streamed:
+    5.7-13.4 -> 16.9-17.1 tok/s; docs/memory.md)."""
+    views = buffer_views(flat, layout)
+    if any(e.name.endswith(QUANTIZED_SUFFIXES) for e in layout):
+        for (entry, t), view in zip(block_tensors(ckpt, layer, layout, dtype, ledger, release, pack_device), views):
+            view.copy_(t)
+        return
+    for entry, view in zip(layout, views):
+        key = f"{BLOCK_PREFIX}.{layer}.{entry.name}"
+        raw = ckpt.raw(key)
+        staged = 0 if raw.dtype == torch.float32 else raw.numel() * 4  # the fp32 copy of an fp16 tensor
+        if ledger is not None:
+            ledger.charge("staging", staged)
+        try:
+            ckpt.fold_into(key, view)
+        finally:
+            if release:
+                ckpt.release(key)
+            if ledger is not None:
+                ledger.release("staging", staged)
+
+
 # ----- where streamed blocks come from -------------------------------------------------------------------------
 class PinnedHostStore:
     """CUDA: each streamed block packed once, in its buffer layout, in pinned host memory (the one host copy of
@@ -121,11 +148,8 @@ class PinnedHostStore:
         self.packed: dict[int, torch.Tensor] = {}
         for layer in layers:
             flat = torch.empty(layout_bytes(layouts[layer]), dtype=torch.uint8, pin_memory=True)
-            views = buffer_views(flat, layouts[layer])
             # int4 packs in the GPU's layout, on the GPU (one weight at a time), then comes back to the host copy.
-            tensors = block_tensors(ckpt, layer, layouts[layer], dtype, pack_device=device)
-            for (entry, t), view in zip(tensors, views):
-                view.copy_(t)
+            fill_block(ckpt, layer, layouts[layer], dtype, flat, pack_device=device)
             self.packed[layer] = flat
 
     def fill(self, layer: int, slot: torch.Tensor) -> None:
@@ -147,24 +171,7 @@ class MappedStore:
             self.ckpt.prefetch(key)
 
     def fill(self, layer: int, slot: torch.Tensor) -> None:
-        layout = self.layouts[layer]
-        views = buffer_views(slot, layout)
-        if not any(e.name.endswith(QUANTIZED_SUFFIXES) for e in layout):
-            # Folded straight into the buffer: one pass per tensor and no fresh temporary to fault in (bench/memory.py,
-            # CPU, 7 of 8 blocks streamed: 5.7-13.4 -> 16.9-17.1 tok/s; docs/memory.md)
-            for entry, view in zip(layout, views):
-                key = f"{BLOCK_PREFIX}.{layer}.{entry.name}"
-                raw = self.ckpt.raw(key)
-                staged = 0 if raw.dtype == torch.float32 else raw.numel() * 4  # the fp32 copy of an fp16 tensor
-                self.ledger.charge("staging", staged)
-                try:
-                    self.ckpt.fold_into(key, view)
-                finally:
-                    self.ledger.release("staging", staged)
-            return
-        tensors = block_tensors(self.ckpt, layer, layout, self.dtype, self.ledger, release=False)
-        for (entry, t), view in zip(tensors, views):
-            view.copy_(t)
+        fill_block(self.ckpt, layer, self.layouts[layer], self.dtype, slot, self.ledger, release=False)
 
 
 def scratch_dir() -> Path:
@@ -202,9 +209,7 @@ class ScratchStore:
                 for layer in layers:
                     start, size = self.regions[layer]
                     flat = staging[:size]
-                    for (entry, t), view in zip(block_tensors(ckpt, layer, layouts[layer], dtype, ledger),
-                                                buffer_views(flat, layouts[layer])):
-                        view.copy_(t)
+                    fill_block(ckpt, layer, layouts[layer], dtype, flat, ledger)
                     data = memoryview(flat.numpy())
                     while data:  # a full disk raises OSError here, before anything is mapped
                         written = os.pwrite(f.fileno(), data, start)

@@ -12,7 +12,8 @@
     out_dir/latest                                   name of the newest complete checkpoint
 
 A checkpoint is written to `.step-XXXXXXX.tmp` and renamed into place, so an interrupted save leaves the previous
-checkpoints untouched (and the next save removes it). state.pt holds only tensors and plain containers: it is read with weights_only=True.
+checkpoints untouched (and the next save removes it). state.pt holds only tensors and plain containers: it is read
+with weights_only=True.
 """
 
 from __future__ import annotations
