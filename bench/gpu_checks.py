@@ -84,7 +84,7 @@ def settings(small: bool, device: str) -> dict:
             int4_new_tokens=6,
             prune_bench=["--ladder", "micro", "--stages", "1", "--pretrain-steps", "4", "--mask-steps", "2",
                          "--recovery-steps", "2", "--eval-batches", "2", "--train-rows", "200"],
-            prune_bench_arms="activation:loss-heads-c32,magnitude", prune_bench_seeds=2,
+            prune_bench_arms="activation:joint-width,magnitude", prune_bench_seeds=2,
         )
     return dict(
         vocab_size=30720,
@@ -102,7 +102,7 @@ def settings(small: bool, device: str) -> dict:
         int4_new_tokens=32,
         # issue 19's ~100M run: the mini ladder at 4x the width (98M at the top), pretrained on the GPU
         prune_bench=["--ladder", "wide", "--stages", "5", "--pretrain-steps", "800"],
-        prune_bench_arms="activation:loss-heads-c32,activation,learned,magnitude,random", prune_bench_seeds=3,
+        prune_bench_arms="activation:joint-width,activation,learned,magnitude,random", prune_bench_seeds=3,
     )
 
 

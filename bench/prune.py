@@ -27,7 +27,7 @@
 
     python bench/prune.py --threads 1                                  # micro ladder, all 5 stages, 3 seeds
     python bench/prune.py --arms learned,learned:init,learned:gate-lr --seeds 0,1,2
-    python bench/prune.py --threads 1 --pretrain-steps 800 --seeds 0,1,2,3,4 --arms activation:loss-heads-c32,activation
+    python bench/prune.py --threads 1 --pretrain-steps 800 --seeds 0,1,2,3,4 --arms activation:joint-width,activation
     python bench/prune.py --ladder mini --device cuda --pretrain-steps 3000 --stages 5 --batch-size 32
     python bench/prune.py --ladder wide --device cuda --pretrain-steps 800 --seeds 0,1,2   # ~100M (gpu_checks.py)
 """
@@ -79,6 +79,12 @@ VARIANTS = {
     # The default with the sub-blocks removed one at a time, each round re-scored (greedy) instead of drop-one.
     "activation:greedy-layers": ["importance.layers=loss", "importance.heads=loss", "data.calibration_batches=32",
                                  "importance.layer_search=greedy"],
+    # The default's sub-blocks with Minitron's head norms: the head stages from the same models as the default's.
+    "activation:loss-layers-norm-heads": ["importance.layers=loss", "importance.heads=norm",
+                                          "data.calibration_batches=32"],
+    # The default: loss-heads-c32 with the head search run with the stage's channel cut in place.
+    "activation:joint-width": ["importance.layers=loss", "importance.heads=loss", "data.calibration_batches=32",
+                               "importance.width_search=joint"],
     # The default with channels scored by the mean norm of their output (mean |h_j| x ||w_out[:, j]||).
     "activation:loss-heads-c32-out": ["importance.layers=loss", "importance.heads=loss", "data.calibration_batches=32",
                                       "importance.channels=output"],
@@ -234,6 +240,7 @@ def run_arm(arm: str, seed: int, args, work: Path, base: Path, configs: list[Pat
         "recovery.valid_batches=0", f"recovery.seed={seed}",
         f"gates.lr={args.gate_lr}", f"gates.lambda_lr={args.gate_lr}", f"distill.weight={args.distill}",
         f"distill.recovery={'true' if args.distill > 0 else 'false'}", *ARM_PINS.get(method, []),
+        "importance.width_search=separate",  # what every arm measured before joint was the default; variants set it
         *VARIANTS.get(arm, []),
     ]
     recipe = load_prune_recipe(ROOT / "recipes" / "prune" / "mini.yaml", overrides)

@@ -274,6 +274,38 @@ def test_greedy_head_search_matches_a_hand_computation(setup):
     assert sorted(torch.topk(greedy_head_scores(model, batches, 2, "kl"), 2).indices.tolist()) == kept
 
 
+def test_joint_width_search_matches_a_hand_search(setup):
+    """width_search joint: the channel cut from the whole model's mean activations, the greedy head search on a copy
+    with the other channels' w_out columns zeroed; the channel scores are the whole model's."""
+    root, n = setup
+    model = build_model(tiny_config(n, num_layers=2, num_heads=4, dim_ff=48), seed=1).eval()
+    reader = PackedReader(PackedDataset(root / "data"), 4, seed=3)
+    batches = [reader.next_batch() for _ in range(2)]
+    targets = {"heads": 2, "channels": 12}
+    joint = importance_scores(model, ["heads", "channels"], batches, targets, "loss", "loss", width_search="joint")
+    separate = importance_scores(model, ["heads", "channels"], batches, targets, "loss", "loss",
+                                 width_search="separate")
+    assert all(b.self_att.self_attention.head_gate is None and b.ffn.ffn.channel_gate is None
+               for b in model.encoder.layers)  # gates cleared
+
+    cut = copy.deepcopy(model)
+    keep = torch.topk(activation_scores(model, ["channels"], batches)["channels"], 12, dim=1).indices
+    with torch.no_grad():
+        for row, block in zip(keep, cut.encoder.layers):
+            dropped = torch.ones(48, dtype=torch.bool)
+            dropped[row] = False
+            block.ffn.ffn.w_out.weight[:, dropped] = 0
+    kept = [0, 1, 2, 3]
+    for _ in range(2):
+        kept.remove(min(kept, key=lambda j: _hand_loss(_without_heads(cut, [i for i in range(4) if i not in kept]
+                                                                      + [j]), batches)))
+    assert sorted(torch.topk(joint["heads"], 2).indices.tolist()) == kept
+    assert sorted(torch.topk(separate["heads"], 2).indices.tolist()) != kept  # the cut changes the choice here
+    assert torch.equal(joint["channels"], separate["channels"])
+    assert load_prune_recipe(None).importance.width_search == "joint"  # the default
+    assert all(load_prune_recipe(RECIPES / name).importance.width_search == "joint" for name in ("mini.yaml", "10b-7b.yaml"))
+
+
 def test_importance_options_are_read_and_checked_from_a_recipe(tmp_path):
     default = load_prune_recipe(None).importance
     assert (default.layers, default.heads) == ("loss", "loss")
@@ -311,7 +343,10 @@ def test_default_importance_keeps_the_top_drop_one_sub_blocks_and_the_greedy_hea
     scores = drop_one_scores(model, ["attention", "ffn"], batches)
     assert report["kept"]["attention_layers"] == sorted(torch.topk(scores["attention"], 3).indices.tolist())
     assert report["kept"]["ffn_layers"] == sorted(torch.topk(scores["ffn"], 2).indices.tolist())
-    assert report["kept"]["heads"] == sorted(torch.topk(greedy_head_scores(model, batches, 2), 2).indices.tolist())
+    # heads: the greedy search with the stage's channel cut in place (width_search joint, hand-checked above)
+    heads = importance_scores(model, ["heads", "channels"], batches, {"heads": 2, "channels": 20}, "loss", "loss",
+                              width_search="joint")["heads"]
+    assert report["kept"]["heads"] == sorted(torch.topk(heads, 2).indices.tolist())
 
 
 def test_gates_start_from_the_recipes_importance_scores(setup, capsys, tmp_path, monkeypatch):

@@ -90,6 +90,6 @@ def magnitude_selection(model: CPMAnt, kinds: list[str], targets: dict[str, int]
 def activation_selection(model: CPMAnt, kinds: list[str], targets: dict[str, int],
                          batches: list[dict[str, torch.Tensor]], layers: str = "norm",
                          heads: str = "norm", channels: str = "activation",
-                         layer_search: str = "drop-one") -> Selection:
+                         layer_search: str = "drop-one", width_search: str = "joint") -> Selection:
     return _select(model, targets, importance_scores(model, kinds, batches, targets, layers, heads, channels,
-                                                     layer_search))
+                                                     layer_search, width_search))

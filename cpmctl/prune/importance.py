@@ -17,7 +17,9 @@ Loss-based importance, computed with the model's gates (no weights change):
   `importance.layer_search: greedy` removes them one at a time instead, each round the sub-block whose removal,
   with the ones removed before it, leaves the lowest loss (drop-one ranks each next to all the others kept).
 - `importance.heads: loss` (greedy search): the kept heads are chosen by the calibration loss of the model with
-  only those heads, removing (or, when fewer than half are kept, adding) one head index at a time.
+  only those heads, removing (or, when fewer than half are kept, adding) one head index at a time; at a stage that
+  also cuts dim_ff (`importance.width_search: joint`, the default), with that cut in place, so every candidate is
+  the model the extraction would make (`separate`: with the whole FFN, which chose worse heads in bench/prune.py).
 - `importance.layers / heads: kl`: the same two searches, each candidate scored by the mean KL(p_full || p_candidate)
   of the next-token distributions (temperature 1) over the target positions instead of the loss change: the
   expected loss change under the full model's own predictions, without the sampled labels' noise, and the teacher
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 from cpmctl.data.packed_format import PackedReader
 from cpmctl.model.ant import CPMAnt
 from cpmctl.model.inputs import IGNORE
-from cpmctl.prune.gates import clear_gates
+from cpmctl.prune.gates import clear_gates, top_k_mask
 from cpmctl.train.objectives import token_losses
 
 
@@ -107,11 +109,14 @@ def channel_output_scale(model: CPMAnt) -> torch.Tensor:
 
 def importance_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, torch.Tensor]],
                       targets: dict[str, int], layers: str = "norm", heads: str = "norm",
-                      channels: str = "activation", layer_search: str = "drop-one") -> dict[str, torch.Tensor]:
+                      channels: str = "activation", layer_search: str = "drop-one",
+                      width_search: str = "joint") -> dict[str, torch.Tensor]:
     """The activation importance of `kinds`; with layers="loss" / "kl" the sub-blocks scored by their drop-one
     loss increase / KL (layer_search="greedy": by the greedy removal, `greedy_sub_block_scores`), with heads="loss"
     / "kl" the heads by the greedy search (`greedy_head_scores`, needs the target), with channels="output" the
-    channels by the mean norm of their output."""
+    channels by the mean norm of their output. width_search="joint" (heads by loss / kl and channels in one
+    stage): the head search runs on the model with the stage's channel cut in place, so each candidate head set is
+    judged as the extracted model will have it (the channels keep their scores from the whole model)."""
     scores = activation_scores(model, kinds, batches)
     if channels == "output" and "channels" in kinds:
         scores["channels"] = scores["channels"] * channel_output_scale(model)
@@ -122,8 +127,21 @@ def importance_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, t
         else:
             scores.update(drop_one_scores(model, sub_blocks, batches, layers))
     if heads in ("loss", "kl") and "heads" in kinds:
-        scores["heads"] = greedy_head_scores(model, batches, targets["heads"], heads)
+        joint = width_search == "joint" and "channels" in kinds
+        cut = _channel_cut(model, top_k_mask(scores["channels"], targets["channels"])) if joint else None
+        scores["heads"] = greedy_head_scores(model, batches, targets["heads"], heads, context=cut)
     return scores
+
+
+def _channel_cut(model: CPMAnt, keep: torch.Tensor):
+    """Sets each FFN layer's channel gate to `keep`'s row (FFN layers, dim_ff): the stage's channel cut."""
+    layers = _sub_block_layers(model.config, ["ffn"])["ffn"]
+    device = model.input_embedding.weight.device
+
+    def set_gates():
+        for row, i in zip(keep, layers):
+            model.encoder.layers[i].ffn.ffn.channel_gate = row.float().to(device)
+    return set_gates
 
 
 def _target_log_probs(model: CPMAnt, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -238,9 +256,12 @@ def _scoring(model: CPMAnt, batches: list[dict[str, torch.Tensor]]):
         model.train(was_training)
 
 
-def _keep_heads(model: CPMAnt, keep: list[int]):
-    """A candidate of the head search: only the heads `keep` (the same in every layer: the head mask is shared)."""
+def _keep_heads(model: CPMAnt, keep: list[int], context=None):
+    """A candidate of the head search: only the heads `keep` (the same in every layer: the head mask is shared),
+    with the gates `context` sets (the stage's channel cut) besides."""
     def set_gates():
+        if context is not None:
+            context()
         gate = torch.zeros(model.config.num_heads, device=model.input_embedding.weight.device)
         gate[keep] = 1
         for block in model.encoder.layers:
@@ -251,18 +272,19 @@ def _keep_heads(model: CPMAnt, keep: list[int]):
 
 @torch.no_grad()
 def greedy_head_scores(model: CPMAnt, batches: list[dict[str, torch.Tensor]], k: int,
-                       score: str = "loss") -> torch.Tensor:
+                       score: str = "loss", context=None) -> torch.Tensor:
     """Heads chosen by the calibration loss (score "loss") or the KL from the whole model ("kl") of the pruned
     model itself, one at a time: keeping k of h heads, from all heads remove, h - k times, the one whose removal
     leaves the lowest value (k >= h / 2); or from none add, k times, the one whose addition gives the lowest
     (k < h / 2). Drop-one scores alone would keep the heads that matter most next to all the others, not the ones
     that do best on their own (4 -> 1 heads). min(k, h - k) rounds of at most h forwards (one more per batch and
-    round for "kl"). Scores: the k chosen heads above the others (top-k = the search)."""
+    round for "kl"). `context` sets other gates in every candidate (the stage's channel cut).
+    Scores: the k chosen heads above the others (top-k = the search)."""
     h = model.config.num_heads
     scores = torch.zeros(h)
 
     def best(tried: list[int], keep) -> int:  # the tried head whose candidate head set scores lowest
-        values = candidate_values(model, batches, [_keep_heads(model, keep(j)) for j in tried], score)
+        values = candidate_values(model, batches, [_keep_heads(model, keep(j), context) for j in tried], score)
         return min(zip(values, tried))[1]
 
     with _scoring(model, batches) as batches:

@@ -13,6 +13,7 @@ from cpmctl.train.recipe import TrainConfig
 Method = Literal["learned", "activation", "magnitude", "random"]  # hard-concrete masks | the baselines (no mask phase)
 GateInit = Literal["constant", "activation"]  # log_alpha start: N(init_mean, init_std) | ranked activation importance
 LayerSearch = Literal["drop-one", "greedy"]  # sub-blocks scored each alone | removed one at a time, re-scored
+WidthSearch = Literal["joint", "separate"]  # heads searched under the stage's channel cut | on the whole FFN
 ChannelScore = Literal["activation", "output"]  # mean |h_j| | mean |h_j| x ||w_out[:, j]||: what channel j writes
 Score = Literal["norm", "loss", "kl"]  # mean activation norm | calibration loss increase when the structure alone is
 # dropped | KL(full || without it) of the next-token distributions (the same searches)
@@ -70,6 +71,8 @@ class ImportanceConfig:
     heads: Score = "loss"  # heads: greedy search on the calibration loss | output norm summed over layers (Minitron)
     channels: ChannelScore = "activation"  # FFN channels: mean |activation| | the mean norm of the channel's output
     layer_search: LayerSearch = "drop-one"  # layers loss / kl: each sub-block alone | greedy removal, re-scored
+    # heads loss / kl at a width stage: the head search with the stage's channel cut in place | on the whole FFN
+    width_search: WidthSearch = "joint"
 
     def check(self, at: str) -> None:
         if self.layer_search == "greedy" and self.layers == "norm":
