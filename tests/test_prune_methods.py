@@ -303,7 +303,8 @@ def test_joint_width_search_matches_a_hand_search(setup):
     assert sorted(torch.topk(separate["heads"], 2).indices.tolist()) != kept  # the cut changes the choice here
     assert torch.equal(joint["channels"], separate["channels"])
     assert load_prune_recipe(None).importance.width_search == "joint"  # the default
-    assert all(load_prune_recipe(RECIPES / name).importance.width_search == "joint" for name in ("mini.yaml", "10b-7b.yaml"))
+    for name in ("mini.yaml", "10b-7b.yaml"):
+        assert load_prune_recipe(RECIPES / name).importance.width_search == "joint", name
 
 
 def test_importance_options_are_read_and_checked_from_a_recipe(tmp_path):
