@@ -91,6 +91,9 @@ VARIANTS = {
     # learned:init with the weights frozen during the mask phase: only the gates move, recovery trains the weights.
     "learned:init-frozen": ["gates.init=activation", "importance.layers=loss", "importance.heads=loss",
                             "data.calibration_batches=32", "gates.train_weights=false"],
+    # learned:init from the default's scores as they are now (the head search with the channel cut in place).
+    "learned:init-joint": ["gates.init=activation", "importance.layers=loss", "importance.heads=loss",
+                           "data.calibration_batches=32", "importance.width_search=joint"],
     "learned:init-kl": ["gates.init=activation", "importance.layers=kl", "importance.heads=kl",
                         "data.calibration_batches=32"],
 }
