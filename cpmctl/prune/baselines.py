@@ -88,8 +88,6 @@ def magnitude_selection(model: CPMAnt, kinds: list[str], targets: dict[str, int]
 
 
 def activation_selection(model: CPMAnt, kinds: list[str], targets: dict[str, int],
-                         batches: list[dict[str, torch.Tensor]], layers: str = "norm",
-                         heads: str = "norm", channels: str = "activation",
-                         layer_search: str = "drop-one", width_search: str = "joint") -> Selection:
-    return _select(model, targets, importance_scores(model, kinds, batches, targets, layers, heads, channels,
-                                                     layer_search, width_search))
+                         batches: list[dict[str, torch.Tensor]], **options: str) -> Selection:
+    """Top-k of `importance_scores`; `options` are its scoring choices (a recipe's importance section)."""
+    return _select(model, targets, importance_scores(model, kinds, batches, targets, **options))

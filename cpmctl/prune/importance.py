@@ -108,7 +108,7 @@ def channel_output_scale(model: CPMAnt) -> torch.Tensor:
 
 
 def importance_scores(model: CPMAnt, kinds: list[str], batches: list[dict[str, torch.Tensor]],
-                      targets: dict[str, int], layers: str = "norm", heads: str = "norm",
+                      targets: dict[str, int], layers: str = "norm", heads: str = "norm",  # named as ImportanceConfig
                       channels: str = "activation", layer_search: str = "drop-one",
                       width_search: str = "joint") -> dict[str, torch.Tensor]:
     """The activation importance of `kinds`; with layers="loss" / "kl" the sub-blocks scored by their drop-one

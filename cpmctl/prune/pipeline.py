@@ -115,8 +115,7 @@ def learn_selection(stage: Stage, model: CPMAnt, source_path: Path, stage_dir: P
     phase = MaskPhase(stage, model.config, recipe, teacher).to(device)
     if recipe.gates.init == "activation":  # start the gates in the order of the importance the recipe asks for
         scores = importance_scores(model, stage.kinds, _calibration(stage, ctx), stage.target_counts(),
-                                   recipe.importance.layers, recipe.importance.heads, recipe.importance.channels,
-                                   recipe.importance.layer_search, recipe.importance.width_search)
+                                   **dataclasses.asdict(recipe.importance))
         phase.masks.init_from_scores(scores, recipe.gates.init_mean, recipe.gates.init_spread)
     model.to(device)
     frozen = not recipe.gates.train_weights  # one process only: checked by run_prune before any stage
@@ -150,9 +149,7 @@ def choose_selection(stage: Stage, model: CPMAnt, source_path: Path, stage_dir: 
         return {"selection": random_selection(model, stage.kinds, stage.target_counts(), seed=recipe.seed + stage.index)}
     if recipe.method == "activation":
         return {"selection": activation_selection(model, stage.kinds, stage.target_counts(), _calibration(stage, ctx),
-                                                  recipe.importance.layers, recipe.importance.heads,
-                                                  recipe.importance.channels, recipe.importance.layer_search,
-                                                  recipe.importance.width_search)}
+                                                  **dataclasses.asdict(recipe.importance))}
     return {"selection": magnitude_selection(model, stage.kinds, stage.target_counts())}
 
 
