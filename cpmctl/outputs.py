@@ -282,6 +282,9 @@ class RunDir:
         return False
 
 
+_CLAIM_WAIT_S = 30.0  # how long a non-writer rank waits for the writer's marker (run_dir)
+
+
 def run_dir(path: str | Path, command: str, *, force: bool = False, inputs: Iterable = (), what: str = "--out",
             accept: Callable[[Path], bool] | None = None, writer: bool = True) -> RunDir:
     """Check and lock a resumable run directory before any work. `writer=False` (the other ranks of a
@@ -295,8 +298,19 @@ def run_dir(path: str | Path, command: str, *, force: bool = False, inputs: Iter
         sweep(path)
     present = path.is_dir() and not _is_empty_dir(path)
     _refuse_inputs(path, list(inputs), what, containing=force and present)
-    owner = owner_of(path) if present else None
-    ours = not present or owner == command or (owner is None and accept is not None and _accepts(accept, path))
+
+    def ownership() -> tuple[str | None, bool]:
+        owner = owner_of(path) if present else None
+        accepted = owner is None and accept is not None and _accepts(accept, path)
+        return owner, not present or owner == command or accepted
+
+    owner, ours = ownership()
+    # Another rank may see the writer's lock before its marker (it locks, then writes the marker): wait for the
+    # marker a moment rather than refuse the directory the writer is creating right now.
+    deadline = time.monotonic() + _CLAIM_WAIT_S
+    while not writer and not ours and not force and (path / LOCK).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+        owner, ours = ownership()
     if not ours and not force:
         raise _refusal(path, what, command, owner, "dir")
     if not writer:

@@ -387,3 +387,32 @@ def test_a_stopped_run_driver_leaves_no_stage_child(tmp_path, how):
         assert driver.returncode == 130, log.read_text()
     assert not (run_dir / "data" / "batch1.filtered.jsonl").exists()  # no partial output
     lock(run_dir, "run_dir").release()  # nobody holds the run any more
+
+
+def test_a_non_writer_rank_waits_for_the_writers_marker(tmp_path, monkeypatch):
+    """Another rank of a distributed run may check --out between the writer's lock and its marker: it waits for
+    the marker instead of refusing the directory being created; a locked directory that never gets one is refused."""
+    import threading
+
+    from cpmctl import CpmctlError
+
+    from cpmctl import outputs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / outputs.LOCK).write_text("123")  # the writer has locked, its marker is not there yet
+    timer = threading.Timer(0.3, outputs.write_marker, (out, "prune"))
+    timer.start()
+    try:
+        rd = outputs.run_dir(out, "prune", writer=False)
+    finally:
+        timer.join()
+    assert rd.work == out and rd.locks == []
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / outputs.LOCK).write_text("123")
+    (other / "notes.txt").write_text("a user's file")
+    monkeypatch.setattr(outputs, "_CLAIM_WAIT_S", 0.2)
+    with pytest.raises(CpmctlError, match="not written by cpmctl"):
+        outputs.run_dir(other, "prune", writer=False)
+    assert (other / "notes.txt").read_text() == "a user's file"
