@@ -119,6 +119,8 @@ def parse_args():
     p.add_argument("--recovery-steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--gate-lr", type=float, default=0.5)
+    p.add_argument("--weight-lr", type=float, default=None,
+                   help="lr of the weights in the mask phase and in recovery (default: the recipe's, 2e-3).")
     p.add_argument("--distill", type=float, default=0.5, help="distill.weight (mask phase and every recovery).")
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--calibration-batches", type=int, default=4)
@@ -242,6 +244,7 @@ def run_arm(arm: str, seed: int, args, work: Path, base: Path, configs: list[Pat
         f"recovery.save_every={recovery_steps}", f"recovery.warmup_steps={max(1, recovery_steps // 10)}",
         "recovery.valid_batches=0", f"recovery.seed={seed}",
         f"gates.lr={args.gate_lr}", f"gates.lambda_lr={args.gate_lr}", f"distill.weight={args.distill}",
+        *([f"mask.lr={args.weight_lr}", f"recovery.lr={args.weight_lr}"] if args.weight_lr is not None else []),
         f"distill.recovery={'true' if args.distill > 0 else 'false'}", *ARM_PINS.get(method, []),
         "importance.width_search=separate",  # what every arm measured before joint was the default; variants set it
         *VARIANTS.get(arm, []),
@@ -305,7 +308,8 @@ def main() -> None:
     if reference not in arms:
         raise SystemExit(f"--reference {reference}: not among --arms ({', '.join(arms)})")
     work = cache / (f"m{args.mask_steps}-r{args.recovery_steps}-b{args.batch_size}-g{args.gate_lr}-d{args.distill}"
-                    f"-c{args.calibration_batches}-e{args.eval_batches}")
+                    f"-c{args.calibration_batches}-e{args.eval_batches}"
+                    + (f"-w{args.weight_lr}" if args.weight_lr is not None else ""))
     results = {arm: [run_arm(arm, s, args, work, base, configs, vocab, train, valid) for s in seeds] for arm in arms}
 
     base_loss = results[arms[0]][0][0]["loss"]["before"]

@@ -73,7 +73,9 @@ def _marker(command: str) -> dict:
 
 
 def write_marker(directory: str | Path, command: str) -> None:
-    (Path(directory) / MARKER).write_text(json.dumps(_marker(command)) + "\n", encoding="utf-8")
+    # Atomic: a rank that waits for the marker (run_dir) must never read a half-written one.
+    with atomic_file(Path(directory) / MARKER, encoding="utf-8") as f:
+        f.write(json.dumps(_marker(command)) + "\n")
 
 
 # ----- checks --------------------------------------------------------------------------------------------------
