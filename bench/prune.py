@@ -120,7 +120,8 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--gate-lr", type=float, default=0.5)
     p.add_argument("--weight-lr", type=float, default=None,
-                   help="lr of the weights in the mask phase and in recovery (default: the recipe's, 2e-3).")
+                   help="lr of the weights in the mask phase and in recovery (default: the recipe's recovery.lr; "
+                        "the work dir is keyed by it, so caches from another lr are never reused).")
     p.add_argument("--distill", type=float, default=0.5, help="distill.weight (mask phase and every recovery).")
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--calibration-batches", type=int, default=4)
@@ -131,6 +132,8 @@ def parse_args():
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     args = p.parse_args()
+    if args.weight_lr is None:
+        args.weight_lr = load_prune_recipe(ROOT / "recipes" / "prune" / "mini.yaml").recovery.lr
     if not 1 <= args.stages <= len(MINI_LADDER) - 1:
         p.error(f"--stages {args.stages}: the ladder has {len(MINI_LADDER) - 1} stages (1-{len(MINI_LADDER) - 1})")
     return args
@@ -244,7 +247,7 @@ def run_arm(arm: str, seed: int, args, work: Path, base: Path, configs: list[Pat
         f"recovery.save_every={recovery_steps}", f"recovery.warmup_steps={max(1, recovery_steps // 10)}",
         "recovery.valid_batches=0", f"recovery.seed={seed}",
         f"gates.lr={args.gate_lr}", f"gates.lambda_lr={args.gate_lr}", f"distill.weight={args.distill}",
-        *([f"mask.lr={args.weight_lr}", f"recovery.lr={args.weight_lr}"] if args.weight_lr is not None else []),
+        f"mask.lr={args.weight_lr}", f"recovery.lr={args.weight_lr}",
         f"distill.recovery={'true' if args.distill > 0 else 'false'}", *ARM_PINS.get(method, []),
         "importance.width_search=separate",  # what every arm measured before joint was the default; variants set it
         *VARIANTS.get(arm, []),
@@ -309,7 +312,7 @@ def main() -> None:
         raise SystemExit(f"--reference {reference}: not among --arms ({', '.join(arms)})")
     work = cache / (f"m{args.mask_steps}-r{args.recovery_steps}-b{args.batch_size}-g{args.gate_lr}-d{args.distill}"
                     f"-c{args.calibration_batches}-e{args.eval_batches}"
-                    + (f"-w{args.weight_lr}" if args.weight_lr is not None else ""))
+                    f"-w{args.weight_lr}")
     results = {arm: [run_arm(arm, s, args, work, base, configs, vocab, train, valid) for s in seeds] for arm in arms}
 
     base_loss = results[arms[0]][0][0]["loss"]["before"]
